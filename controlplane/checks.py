@@ -1,0 +1,124 @@
+"""System checks for the control plane's settings.
+
+They run with every management command (``manage.py check`` shows them) and when the WSGI/ASGI
+application starts, so misconfiguration stops the process at start-up, naming the setting,
+instead of failing at the first request or the first migration.
+"""
+
+import os
+
+from django.conf import settings
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+
+VAULT_AUTH_METHODS = ("token", "approle", "kubernetes")
+
+
+@checks.register("controlplane")
+def check_settings(app_configs=None, **kwargs):
+    errors = []
+    try:
+        settings.SECRET_KEY  # noqa: B018 - Django raises when it is empty
+    except ImproperlyConfigured:
+        errors.append(
+            checks.Error(
+                "SECRET_KEY is not set.",
+                hint="Set the SECRET_KEY environment variable to a long random value "
+                "(python -c 'import secrets; print(secrets.token_urlsafe(50))'), "
+                "or set DEBUG=true to use the development default.",
+                id="controlplane.E001",
+            )
+        )
+    method = settings.VAULT_AUTH_METHOD
+    if method not in VAULT_AUTH_METHODS:
+        errors.append(
+            checks.Error(
+                f"VAULT_AUTH_METHOD is {method!r}; it must be one of: "
+                f"{', '.join(VAULT_AUTH_METHODS)}.",
+                id="controlplane.E002",
+            )
+        )
+    elif method == "approle":
+        if not settings.VAULT_ROLE_ID:
+            errors.append(
+                checks.Error(
+                    "VAULT_AUTH_METHOD is 'approle' but VAULT_ROLE_ID is not set.",
+                    id="controlplane.E003",
+                )
+            )
+        if not (settings.VAULT_SECRET_ID or settings.VAULT_SECRET_ID_FILE):
+            errors.append(
+                checks.Error(
+                    "VAULT_AUTH_METHOD is 'approle' but neither VAULT_SECRET_ID nor "
+                    "VAULT_SECRET_ID_FILE is set.",
+                    id="controlplane.E004",
+                )
+            )
+        elif settings.VAULT_SECRET_ID_FILE and not os.path.isfile(settings.VAULT_SECRET_ID_FILE):
+            errors.append(
+                checks.Error(
+                    f"VAULT_SECRET_ID_FILE points to {settings.VAULT_SECRET_ID_FILE!r}, "
+                    "which is not a file.",
+                    id="controlplane.E005",
+                )
+            )
+    elif method == "kubernetes" and not settings.VAULT_KUBERNETES_ROLE:
+        errors.append(
+            checks.Error(
+                "VAULT_AUTH_METHOD is 'kubernetes' but VAULT_KUBERNETES_ROLE is not set.",
+                id="controlplane.E006",
+            )
+        )
+    elif method == "token" and not settings.VAULT_TOKEN:
+        errors.append(
+            checks.Warning(
+                "VAULT_AUTH_METHOD is 'token' but VAULT_TOKEN is not set: no migration can "
+                "read its credentials until it is.",
+                id="controlplane.W001",
+            )
+        )
+    if not settings.VAULT_ADDR.startswith(("http://", "https://")):
+        errors.append(
+            checks.Error(
+                f"VAULT_ADDR is {settings.VAULT_ADDR!r}; it must be an http:// or https:// URL.",
+                id="controlplane.E007",
+            )
+        )
+    if settings.VAULT_CACERT and not os.path.exists(settings.VAULT_CACERT):
+        errors.append(
+            checks.Error(
+                f"VAULT_CACERT points to {settings.VAULT_CACERT!r}, which does not exist.",
+                id="controlplane.E008",
+            )
+        )
+    for name in ("VAULT_CACHE_SECONDS",):
+        if getattr(settings, name) < 0:
+            errors.append(checks.Error(f"{name} must be 0 or more.", id="controlplane.E009"))
+    for name in ("DATABASE_CONNECT_TIMEOUT", "MIGRATION_TASK_TIMEOUT", "VAULT_TIMEOUT"):
+        if getattr(settings, name) <= 0:
+            errors.append(checks.Error(f"{name} must be more than 0.", id="controlplane.E010"))
+    if not os.path.isfile(os.path.join(settings.TENANT_MIGRATIONS_DIR, "env.py")):
+        errors.append(
+            checks.Error(
+                f"TENANT_MIGRATIONS_DIR is {settings.TENANT_MIGRATIONS_DIR!r}, which is not an "
+                "Alembic script directory (no env.py in it).",
+                id="controlplane.E011",
+            )
+        )
+    return errors
+
+
+def raise_on_misconfiguration():
+    """Run the control plane's checks and raise ImproperlyConfigured if any is an error.
+
+    Called by the WSGI/ASGI entry points: application servers do not run system checks.
+    """
+    problems = [
+        message
+        for message in checks.run_checks(tags=["controlplane"])
+        if message.level >= checks.ERROR
+    ]
+    if problems:
+        raise ImproperlyConfigured(
+            "The control plane is misconfigured:\n" + "\n".join(str(p) for p in problems)
+        )

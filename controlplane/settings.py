@@ -1,0 +1,205 @@
+"""Settings for the control plane, read from the environment (twelve-factor) with django-environ.
+
+Every setting has a safe default for local use; the README's settings table documents each one.
+Values are read here and nowhere else; misconfiguration is reported by the system checks in
+``controlplane.checks`` (``manage.py check``), which also run when the WSGI/ASGI app starts.
+"""
+
+from pathlib import Path
+
+import environ
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+# An optional .env file for local work; real environment variables win.
+environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+
+DATA_DIR = Path(env.str("DATA_DIR", default=str(BASE_DIR / "var")))
+
+DEBUG = env.bool("DEBUG", default=False)
+
+# Only a development default, and only with DEBUG on. Without DEBUG and without SECRET_KEY the
+# value stays empty: Django refuses to use it and the check controlplane.E001 names the setting.
+_DEV_SECRET_KEY = "django-insecure-dev-only-never-use-in-production"  # noqa: S105
+SECRET_KEY = env.str("SECRET_KEY", default=_DEV_SECRET_KEY if DEBUG else "")
+
+ALLOWED_HOSTS = env.list(
+    "ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"] if DEBUG else []
+)
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "django_q",
+    "controlplane.apps.ControlPlaneConfig",
+    "tenants",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "controlplane.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "controlplane" / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+WSGI_APPLICATION = "controlplane.wsgi.application"
+ASGI_APPLICATION = "controlplane.asgi.application"
+
+# The control plane's own database (not a tenant database). SQLite by default, in WAL mode with
+# immediate transactions so the web process and the django-q2 workers can share it.
+DATABASES = {
+    "default": env.db_url(
+        "DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'controlplane.sqlite3'}"
+    ),
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {
+            "timeout": 30,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        }
+    )
+    # Tests with worker processes need a file the workers can open, not an in-memory database.
+    DATABASES["default"].setdefault("TEST", {})["NAME"] = str(DATA_DIR / "test-controlplane.sqlite3")
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+
+LOGIN_URL = "admin:login"
+
+# --- HashiCorp Vault (or OpenBao): Vault's own environment names -------------------------------
+VAULT_ADDR = env.str("VAULT_ADDR", default="http://127.0.0.1:8200")
+VAULT_TOKEN = env.str("VAULT_TOKEN", default="")
+VAULT_NAMESPACE = env.str("VAULT_NAMESPACE", default="")
+VAULT_CACERT = env.str("VAULT_CACERT", default="")
+VAULT_AUTH_METHOD = env.str("VAULT_AUTH_METHOD", default="token").strip().lower()
+VAULT_ROLE_ID = env.str("VAULT_ROLE_ID", default="")
+VAULT_SECRET_ID = env.str("VAULT_SECRET_ID", default="")
+VAULT_SECRET_ID_FILE = env.str("VAULT_SECRET_ID_FILE", default="")
+VAULT_APPROLE_MOUNT_POINT = env.str("VAULT_APPROLE_MOUNT_POINT", default="approle")
+VAULT_KUBERNETES_ROLE = env.str("VAULT_KUBERNETES_ROLE", default="")
+VAULT_KUBERNETES_JWT_FILE = env.str(
+    "VAULT_KUBERNETES_JWT_FILE", default="/var/run/secrets/kubernetes.io/serviceaccount/token"
+)
+VAULT_KUBERNETES_MOUNT_POINT = env.str("VAULT_KUBERNETES_MOUNT_POINT", default="kubernetes")
+VAULT_MOUNT_POINT = env.str("VAULT_MOUNT_POINT", default="secret")
+VAULT_DATABASE_SECRETS_PATH = env.str("VAULT_DATABASE_SECRETS_PATH", default="database")
+VAULT_CACHE_SECONDS = env.int("VAULT_CACHE_SECONDS", default=300)
+VAULT_TIMEOUT = env.int("VAULT_TIMEOUT", default=10)
+
+# --- Migrations -------------------------------------------------------------------------------
+MIGRATE_ON_STARTUP = env.bool("MIGRATE_ON_STARTUP", default=False)
+MIGRATE_SHARED_ON_STARTUP = env.bool("MIGRATE_SHARED_ON_STARTUP", default=False)
+DATABASE_CONNECT_TIMEOUT = env.int("DATABASE_CONNECT_TIMEOUT", default=30)
+# Where the Alembic scripts live: point this at your own Alembic directory.
+TENANT_MIGRATIONS_DIR = env.str(
+    "TENANT_MIGRATIONS_DIR", default=str(BASE_DIR / "tenant_migrations")
+)
+# How long a run waits for the target-level lock held by another run before giving up.
+MIGRATION_LOCK_TIMEOUT = env.int("MIGRATION_LOCK_TIMEOUT", default=60)
+# PostgreSQL session limits for the migration connection, protecting live traffic.
+MIGRATION_PG_LOCK_TIMEOUT = env.str("MIGRATION_PG_LOCK_TIMEOUT", default="5s")
+MIGRATION_PG_STATEMENT_TIMEOUT = env.str("MIGRATION_PG_STATEMENT_TIMEOUT", default="15min")
+# ODBC driver for SQL Server targets whose secret does not name one.
+MSSQL_ODBC_DRIVER = env.str("MSSQL_ODBC_DRIVER", default="ODBC Driver 18 for SQL Server")
+# The longest one migration task may run; the queue's timeout and retry follow from it.
+MIGRATION_TASK_TIMEOUT = env.int("MIGRATION_TASK_TIMEOUT", default=3600)
+
+# --- django-q2: ORM broker by default, Redis when REDIS_URL is set ---------------------------
+REDIS_URL = env.str("REDIS_URL", default="")
+Q_WORKERS = env.int("Q_WORKERS", default=2)
+Q_CLUSTER = {
+    "name": env.str("Q_CLUSTER_NAME", default="controlplane"),
+    "workers": Q_WORKERS,
+    "recycle": 500,
+    # A task may run for MIGRATION_TASK_TIMEOUT; it is only handed out again well after that, so a
+    # second attempt never starts while the first may still be running.
+    "timeout": MIGRATION_TASK_TIMEOUT,
+    "retry": MIGRATION_TASK_TIMEOUT + 120,
+    # A failed migration is recorded on its run and retried by an operator, never blindly.
+    "max_attempts": 1,
+    "ack_failures": True,
+    "save_limit": 1000,
+    "catch_up": False,
+    "poll": 0.2,
+    "label": "Task queue",
+}
+if REDIS_URL:
+    Q_CLUSTER["redis"] = REDIS_URL
+else:
+    Q_CLUSTER["orm"] = "default"
+
+# --- HTTP API ---------------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "UNAUTHENTICATED_USER": None,
+}
+
+LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"redact_secrets": {"()": "migrator.redaction.RedactSecretsFilter"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s [%(levelname).3s] %(name)s: %(message)s"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "plain",
+            "filters": ["redact_secrets"],
+        },
+    },
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "django": {"level": "INFO"},
+        "alembic": {"level": "WARNING"},
+    },
+}

@@ -1,0 +1,115 @@
+"""The one exception tree of the engine.
+
+Transport errors (``requests``, ``hvac``, DBAPI drivers, Alembic) are mapped to these at the
+boundary where they happen, so callers catch only ``MigratorError`` and its children. Every message
+says which target or which Vault path is concerned and what to do; none ever contains a secret.
+
+``retryable`` tells an operator (and the dispatcher) whether running the same thing again later
+can succeed without anybody changing anything.
+"""
+
+
+class MigratorError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+    code = "error"
+    retryable = False
+
+
+# --- Vault ----------------------------------------------------------------------------------
+
+
+class VaultError(MigratorError):
+    code = "vault_error"
+
+
+class VaultUnavailable(VaultError):
+    """Vault cannot be reached, timed out, or is sealed."""
+
+    code = "vault_unavailable"
+    retryable = True
+
+
+class VaultAuthError(VaultError):
+    """Logging in to Vault failed (bad token, wrong AppRole secret id, rejected JWT)."""
+
+    code = "vault_auth_failed"
+
+
+class VaultForbidden(VaultError):
+    """The Vault token may not read the path."""
+
+    code = "vault_forbidden"
+
+
+class SecretNotFound(VaultError):
+    """No secret exists at the path."""
+
+    code = "secret_not_found"
+
+
+class SecretIncomplete(VaultError):
+    """The secret exists but lacks keys, or a key has a value of the wrong form."""
+
+    code = "secret_incomplete"
+
+
+# --- Targets and their databases ----------------------------------------------------------------
+
+
+class TargetError(MigratorError):
+    code = "target_error"
+
+
+class UnknownProvider(TargetError):
+    code = "unknown_provider"
+
+
+class DatabaseUnreachable(TargetError):
+    """The database host did not answer (DNS, refused, connect timeout)."""
+
+    code = "database_unreachable"
+    retryable = True
+
+
+class DatabaseAuthFailed(TargetError):
+    """The database rejected the admin credentials."""
+
+    code = "database_auth_failed"
+
+
+class TargetLocked(TargetError):
+    """Another run (another control plane, an author's ``alembic`` CLI) holds the target's lock."""
+
+    code = "locked"
+    retryable = True
+
+
+# --- Alembic --------------------------------------------------------------------------------
+
+
+class MigrationError(MigratorError):
+    code = "migration_error"
+
+
+class RevisionNotFound(MigrationError):
+    """The requested revision, or the one recorded in the target, is not in the script directory."""
+
+    code = "revision_not_found"
+
+
+class MultipleHeads(MigrationError):
+    """The script directory has more than one head and no single target was named."""
+
+    code = "multiple_heads"
+
+
+class MigrationFailed(MigrationError):
+    """A revision raised while it was applied; the target stands at ``current_revision``."""
+
+    code = "migration_failed"
+
+    def __init__(self, message, *, failed_revision=None, current_revision=None):
+        super().__init__(message)
+        self.failed_revision = failed_revision
+        self.current_revision = current_revision

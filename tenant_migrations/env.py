@@ -1,0 +1,80 @@
+"""Alembic environment for tenant databases.
+
+Two ways in:
+
+* The control plane (``migrator.runner``) passes a live SQLAlchemy connection in
+  ``config.attributes["connection"]``, already locked and configured for the target
+  (Alembic's cookbook recipe "Sharing a Connection across one or more programmatic migration
+  commands"). Offline (``--sql``) runs get the dialect in ``config.attributes["dialect_name"]``.
+* A migration author runs the plain ``alembic`` CLI against a database of their own:
+  ``alembic -x url=postgresql+psycopg://user:pass@localhost/dev upgrade head``
+  (or ``sqlalchemy.url`` in alembic.ini).
+"""
+
+from logging.config import fileConfig
+
+from alembic import context
+from sqlalchemy import create_engine, pool
+
+config = context.config
+
+# Only the CLI configures logging from alembic.ini; inside the control plane Django owns logging.
+if config.config_file_name is not None and "connection" not in config.attributes:
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
+
+# Tenant schemas are written as explicit Alembic operations; no autogenerate metadata.
+target_metadata = None
+
+
+def _cli_url():
+    return context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option(
+        "sqlalchemy.url"
+    )
+
+
+def _configure_options():
+    return {
+        "target_metadata": target_metadata,
+        # One transaction per revision: a failing revision leaves the database at the last
+        # revision that completed, not at the start of the run.
+        "transaction_per_migration": True,
+        "compare_type": True,
+    }
+
+
+def run_migrations_offline():
+    dialect_name = config.attributes.get("dialect_name")
+    if dialect_name:
+        context.configure(
+            dialect_name=dialect_name, literal_binds=True, as_sql=True, **_configure_options()
+        )
+    else:
+        context.configure(url=_cli_url(), literal_binds=True, **_configure_options())
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online():
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        context.configure(connection=connection, **_configure_options())
+        with context.begin_transaction():
+            context.run_migrations()
+        return
+    url = _cli_url()
+    if not url:
+        raise SystemExit(
+            "No database given: run `alembic -x url=DIALECT+DRIVER://USER:PASS@HOST/DB upgrade "
+            "head`, or set sqlalchemy.url in alembic.ini."
+        )
+    engine = create_engine(url, poolclass=pool.NullPool)
+    with engine.connect() as conn:
+        context.configure(connection=conn, **_configure_options())
+        with context.begin_transaction():
+            context.run_migrations()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

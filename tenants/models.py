@@ -1,0 +1,298 @@
+"""The record: which databases exist, which tenants live in them, and every migration attempt.
+
+A ``MigrationTarget`` is a database Alembic runs against. A ``Tenant`` lives in one: a shared-tier
+tenant in its region's shared database, a dedicated or external tenant in a target of its own. A
+``MigrationRun`` is one attempt against one target. State changes go through ``tenants.actions``.
+"""
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import RegexValidator
+from django.db import models
+from django.db.models import Q
+
+# Lower-case letters, digits, '-' and '_', starting with a letter or digit: safe in a Vault path,
+# a URL, a log line and a database name, with no quoting needed anywhere.
+SLUG_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}\Z"
+slug_validator = RegexValidator(
+    SLUG_PATTERN,
+    "Use 1 to 63 lower-case letters, digits, '-' or '_', starting with a letter or a digit.",
+    code="invalid_slug",
+)
+vault_path_validator = RegexValidator(
+    r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*\Z",
+    "A Vault path relative to VAULT_DATABASE_SECRETS_PATH: segments of letters, digits, '.', "
+    "'-' or '_', separated by '/'.",
+    code="invalid_vault_path",
+)
+
+DEFAULT_REGION = "default"
+
+
+class Strategy(models.TextChoices):
+    SHARED = "shared", "Shared"
+    DEDICATED = "dedicated", "Dedicated"
+    EXTERNAL = "external", "External"
+
+
+class Provider(models.TextChoices):
+    POSTGRESQL = "postgresql", "PostgreSQL"
+    SQLSERVER = "sqlserver", "SQL Server"
+    MYSQL = "mysql", "MySQL / MariaDB"
+    SQLITE = "sqlite", "SQLite (local use)"
+
+
+class TargetStatus(models.TextChoices):
+    UNKNOWN = "unknown", "Unknown"
+    UP_TO_DATE = "up_to_date", "Up to date"
+    BEHIND = "behind", "Behind"
+    MIGRATING = "migrating", "Migrating"
+    FAILED = "failed", "Failed"
+    HELD = "held", "Held"
+
+
+class MigrationTarget(models.Model):
+    """A database that Alembic runs against, and where it stands."""
+
+    name = models.CharField(
+        max_length=63,
+        unique=True,
+        validators=[slug_validator],
+        help_text="Stable name: the tenant id for a dedicated database, e.g. 'shared' otherwise.",
+    )
+    kind = models.CharField(max_length=16, choices=Strategy.choices)
+    provider = models.CharField(
+        max_length=16,
+        choices=Provider.choices,
+        error_messages={
+            "invalid_choice": "Unknown provider %(value)s: use one of "
+            + ", ".join(Provider.values)
+            + "."
+        },
+    )
+    region = models.CharField(max_length=63, default=DEFAULT_REGION, validators=[slug_validator])
+    vault_path = models.CharField(
+        max_length=255,
+        blank=True,
+        validators=[vault_path_validator],
+        help_text="Path of the credentials under VAULT_DATABASE_SECRETS_PATH. Left empty: "
+        "'shared' for a shared database (or 'shared-REGION' outside the default region), "
+        "the target's name otherwise.",
+    )
+    revision = models.CharField(
+        max_length=64, blank=True, help_text="Alembic revision the database is at, as last read."
+    )
+    status = models.CharField(
+        max_length=16, choices=TargetStatus.choices, default=TargetStatus.UNKNOWN
+    )
+    held = models.BooleanField(
+        default=False, help_text="A held target is skipped by every migration until released."
+    )
+    last_error = models.TextField(blank=True)
+    last_checked_at = models.DateTimeField(null=True, blank=True)
+    last_migrated_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["region"], condition=Q(kind="shared"), name="one_shared_target_per_region"
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["status"]),
+            models.Index(fields=["region", "provider"]),
+        ]
+
+    def __str__(self):
+        return self.name
+
+    def default_vault_path(self):
+        if self.kind == Strategy.SHARED:
+            return "shared" if self.region == DEFAULT_REGION else f"shared-{self.region}"
+        return self.name
+
+    def clean(self):
+        if not self.vault_path:
+            self.vault_path = self.default_vault_path()
+
+    def save(self, *args, **kwargs):
+        if not self.vault_path:
+            self.vault_path = self.default_vault_path()
+        super().save(*args, **kwargs)
+
+    @property
+    def full_vault_path(self):
+        """The KV v2 path the credentials are read from, e.g. ``secret/data/database/shared``."""
+        return (
+            f"{settings.VAULT_MOUNT_POINT}/data/"
+            f"{settings.VAULT_DATABASE_SECRETS_PATH}/{self.vault_path or self.default_vault_path()}"
+        )
+
+
+class Tenant(models.Model):
+    """A customer of the SaaS and the database it lives in."""
+
+    id = models.CharField(
+        "tenant id", max_length=63, primary_key=True, validators=[slug_validator]
+    )
+    name = models.CharField(max_length=200)
+    strategy = models.CharField(max_length=16, choices=Strategy.choices, default=Strategy.SHARED)
+    region = models.CharField(max_length=63, default=DEFAULT_REGION, validators=[slug_validator])
+    target = models.ForeignKey(
+        MigrationTarget,
+        on_delete=models.PROTECT,
+        related_name="tenants",
+        null=True,
+        blank=True,
+        help_text="The database this tenant lives in. Left empty for a shared-tier tenant: "
+        "its region's shared database.",
+    )
+    auto_migrate = models.BooleanField(
+        default=True,
+        help_text="Migrate the tenant's own database as soon as the tenant is created.",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [models.Index(fields=["strategy", "region"])]
+
+    def __str__(self):
+        return self.id
+
+    def clean(self):
+        if self.strategy == Strategy.SHARED and self.target_id is None:
+            self.target = (
+                MigrationTarget.objects.filter(kind=Strategy.SHARED, region=self.region).first()
+            )
+            if self.target is None:
+                raise ValidationError(
+                    {
+                        "target": f"There is no shared database in region {self.region!r}: "
+                        "create a migration target of kind 'shared' in that region first."
+                    }
+                )
+        if self.target is None:
+            raise ValidationError(
+                {
+                    "target": f"A {self.get_strategy_display().lower()} tenant needs a migration "
+                    f"target of its own (kind '{self.strategy}'): create it, then choose it here."
+                }
+            )
+        errors = {}
+        if self.target.kind != self.strategy:
+            errors["target"] = (
+                f"{self.target.name} is a {self.target.get_kind_display().lower()} database; a "
+                f"{self.get_strategy_display().lower()} tenant needs a target of kind "
+                f"'{self.strategy}'."
+            )
+        elif self.target.region != self.region:
+            errors["region"] = (
+                f"The tenant is in region {self.region!r} but its database {self.target.name} "
+                f"is in region {self.target.region!r}."
+            )
+        elif self.strategy != Strategy.SHARED:
+            owner = (
+                Tenant.objects.filter(target_id=self.target_id).exclude(pk=self.pk).first()
+            )
+            if owner is not None:
+                errors["target"] = (
+                    f"{self.target.name} already belongs to tenant {owner.id}; a "
+                    f"{self.get_strategy_display().lower()} tenant needs a database of its own."
+                )
+        if errors:
+            raise ValidationError(errors)
+
+
+class RunKind(models.TextChoices):
+    UPGRADE = "upgrade", "Upgrade"
+    DOWNGRADE = "downgrade", "Downgrade"
+
+
+class Trigger(models.TextChoices):
+    ADMIN = "admin", "Admin"
+    COMMAND = "command", "Management command"
+    SIGNAL = "signal", "Tenant created"
+    API = "api", "HTTP API"
+    STARTUP = "startup", "Startup"
+    SCHEDULE = "schedule", "Schedule"
+
+
+class RunStatus(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
+    SKIPPED = "skipped", "Skipped"
+    INTERRUPTED = "interrupted", "Interrupted"
+
+
+ACTIVE_RUN_STATUSES = (RunStatus.QUEUED, RunStatus.RUNNING)
+FINISHED_RUN_STATUSES = (
+    RunStatus.SUCCEEDED,
+    RunStatus.FAILED,
+    RunStatus.CANCELLED,
+    RunStatus.SKIPPED,
+    RunStatus.INTERRUPTED,
+)
+
+
+class MigrationRun(models.Model):
+    """One attempt to bring one target to a revision, and its outcome."""
+
+    target = models.ForeignKey(MigrationTarget, on_delete=models.CASCADE, related_name="runs")
+    kind = models.CharField(max_length=16, choices=RunKind.choices, default=RunKind.UPGRADE)
+    trigger = models.CharField(max_length=16, choices=Trigger.choices)
+    triggered_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+    )
+    batch = models.UUIDField(
+        null=True, blank=True, db_index=True, help_text="Runs started together share a batch."
+    )
+    requested_revision = models.CharField(max_length=64, default="head")
+    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.QUEUED)
+    revision_before = models.CharField(max_length=64, blank=True)
+    revision_after = models.CharField(max_length=64, blank=True)
+    applied = models.JSONField(default=list, blank=True, help_text="Revisions applied, in order.")
+    duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    error_code = models.CharField(max_length=32, blank=True)
+    retryable = models.BooleanField(null=True, blank=True)
+    log = models.TextField(blank=True)
+    task_id = models.CharField(max_length=64, blank=True)
+    worker_host = models.CharField(max_length=255, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["target"],
+                condition=Q(status__in=["queued", "running"]),
+                name="one_active_run_per_target",
+                violation_error_message="This target already has a queued or running migration.",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["status", "created_at"]),
+            models.Index(fields=["target", "-created_at"]),
+        ]
+        permissions = [("run_migrations", "Can run tenant migrations")]
+
+    def __str__(self):
+        return f"run #{self.pk}"
+
+    @property
+    def is_active(self):
+        return self.status in ACTIVE_RUN_STATUSES
