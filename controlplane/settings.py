@@ -16,6 +16,7 @@ env = environ.Env()
 environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 
 DATA_DIR = Path(env.str("DATA_DIR", default=str(BASE_DIR / "var")))
+DATA_DIR.mkdir(parents=True, exist_ok=True)
 
 DEBUG = env.bool("DEBUG", default=False)
 
@@ -76,9 +77,7 @@ ASGI_APPLICATION = "controlplane.asgi.application"
 # The control plane's own database (not a tenant database). SQLite by default, in WAL mode with
 # immediate transactions so the web process and the django-q2 workers can share it.
 DATABASES = {
-    "default": env.db_url(
-        "DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'controlplane.sqlite3'}"
-    ),
+    "default": env.db_url("DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'controlplane.sqlite3'}"),
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"].setdefault("OPTIONS", {}).update(
@@ -89,7 +88,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         }
     )
     # Tests with worker processes need a file the workers can open, not an in-memory database.
-    DATABASES["default"].setdefault("TEST", {})["NAME"] = str(DATA_DIR / "test-controlplane.sqlite3")
+    DATABASES["default"].setdefault("TEST", {})["NAME"] = str(
+        DATA_DIR / "test-controlplane.sqlite3"
+    )
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -1,0 +1,217 @@
+"""Django admin for tenants, migration targets and runs.
+
+Runs are read-only: they are the audit trail, written only by ``tenants.actions``. The actions
+that start migrations are shown only to users with the ``tenants.run_migrations`` permission,
+which is separate from the permission to edit tenants.
+"""
+
+from django.contrib import admin
+from django.urls import reverse
+from django.utils.html import format_html, format_html_join
+
+from tenants.models import MigrationRun, MigrationTarget, Tenant
+
+RECENT_RUNS_ON_TARGET_PAGE = 20
+
+
+def _run_link(run):
+    return format_html(
+        '<a href="{}">#{}</a>', reverse("admin:tenants_migrationrun_change", args=[run.pk]), run.pk
+    )
+
+
+@admin.register(MigrationTarget)
+class MigrationTargetAdmin(admin.ModelAdmin):
+    list_display = (
+        "name",
+        "kind",
+        "provider",
+        "region",
+        "revision",
+        "status",
+        "held",
+        "last_migrated_at",
+    )
+    list_filter = ("kind", "provider", "region", "status", "held")
+    search_fields = ("name", "vault_path", "tenants__id")
+    readonly_fields = (
+        "revision",
+        "status",
+        "last_error",
+        "last_checked_at",
+        "last_migrated_at",
+        "created_at",
+        "updated_at",
+        "recent_runs",
+    )
+    fieldsets = (
+        (None, {"fields": ("name", "kind", "provider", "region", "vault_path", "held")}),
+        (
+            "Where it stands",
+            {
+                "fields": (
+                    "revision",
+                    "status",
+                    "last_error",
+                    "last_checked_at",
+                    "last_migrated_at",
+                    "created_at",
+                    "updated_at",
+                )
+            },
+        ),
+        ("Run history", {"fields": ("recent_runs",)}),
+    )
+    show_full_result_count = False
+
+    @admin.display(description=f"Latest {RECENT_RUNS_ON_TARGET_PAGE} runs")
+    def recent_runs(self, obj):
+        if obj.pk is None:
+            return "-"
+        runs = obj.runs.select_related("triggered_by")[:RECENT_RUNS_ON_TARGET_PAGE]
+        if not runs:
+            return "No runs yet."
+        rows = format_html_join(
+            "\n",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} → {}</td>"
+            "<td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    _run_link(run),
+                    run.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                    run.get_kind_display(),
+                    run.get_status_display(),
+                    run.revision_before or "base",
+                    run.revision_after or "-",
+                    run.get_trigger_display(),
+                    run.error.splitlines()[0] if run.error else "",
+                )
+                for run in runs
+            ),
+        )
+        return format_html(
+            "<table><thead><tr><th>Run</th><th>Created</th><th>Kind</th><th>Status</th>"
+            "<th>Revision</th><th>Trigger</th><th>Error</th></tr></thead><tbody>{}</tbody>"
+            "</table>",
+            rows,
+        )
+
+
+@admin.register(Tenant)
+class TenantAdmin(admin.ModelAdmin):
+    list_display = (
+        "id",
+        "name",
+        "strategy",
+        "provider",
+        "region",
+        "target",
+        "revision",
+        "target_status",
+        "auto_migrate",
+    )
+    list_filter = ("strategy", "region", "target__provider", "target__status", "auto_migrate")
+    search_fields = ("id", "name", "target__name")
+    list_select_related = ("target",)
+    autocomplete_fields = ("target",)
+    show_full_result_count = False
+
+    def get_readonly_fields(self, request, obj=None):
+        # The tenant id names its Vault path and its database: it never changes once created.
+        return ("id", "created_at") if obj else ("created_at",)
+
+    @admin.display(description="provider", ordering="target__provider")
+    def provider(self, obj):
+        return obj.target.get_provider_display() if obj.target else "-"
+
+    @admin.display(description="revision", ordering="target__revision")
+    def revision(self, obj):
+        return obj.target.revision if obj.target else "-"
+
+    @admin.display(description="status", ordering="target__status")
+    def target_status(self, obj):
+        return obj.target.get_status_display() if obj.target else "-"
+
+
+@admin.register(MigrationRun)
+class MigrationRunAdmin(admin.ModelAdmin):
+    list_display = (
+        "id",
+        "target",
+        "kind",
+        "status",
+        "trigger",
+        "requested_revision",
+        "revision_before",
+        "revision_after",
+        "duration_ms",
+        "triggered_by",
+        "created_at",
+    )
+    list_filter = ("status", "kind", "trigger", "target__provider", "target__region")
+    search_fields = ("target__name", "task_id", "error")
+    list_select_related = ("target", "triggered_by")
+    date_hierarchy = "created_at"
+    show_full_result_count = False
+    fieldsets = (
+        (
+            None,
+            {
+                "fields": (
+                    "target",
+                    "kind",
+                    "status",
+                    "trigger",
+                    "triggered_by",
+                    "batch",
+                    "requested_revision",
+                )
+            },
+        ),
+        (
+            "Outcome",
+            {
+                "fields": (
+                    "revision_before",
+                    "revision_after",
+                    "applied",
+                    "duration_ms",
+                    "error_code",
+                    "retryable",
+                    "error",
+                )
+            },
+        ),
+        ("Log", {"fields": ("log_lines",)}),
+        (
+            "Execution",
+            {
+                "fields": (
+                    "task_id",
+                    "worker_host",
+                    "created_at",
+                    "started_at",
+                    "heartbeat_at",
+                    "finished_at",
+                )
+            },
+        ),
+    )
+
+    def get_readonly_fields(self, request, obj=None):
+        return [f for fs in self.fieldsets for f in fs[1]["fields"]]
+
+    @admin.display(description="log")
+    def log_lines(self, obj):
+        if not obj.log:
+            return "-"
+        return format_html('<pre style="white-space: pre-wrap">{}</pre>', obj.log)
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False

@@ -109,6 +109,11 @@ class MigrationTarget(models.Model):
     def __str__(self):
         return self.name
 
+    def save(self, *args, **kwargs):
+        if not self.vault_path:
+            self.vault_path = self.default_vault_path()
+        super().save(*args, **kwargs)
+
     def default_vault_path(self):
         if self.kind == Strategy.SHARED:
             return "shared" if self.region == DEFAULT_REGION else f"shared-{self.region}"
@@ -117,11 +122,6 @@ class MigrationTarget(models.Model):
     def clean(self):
         if not self.vault_path:
             self.vault_path = self.default_vault_path()
-
-    def save(self, *args, **kwargs):
-        if not self.vault_path:
-            self.vault_path = self.default_vault_path()
-        super().save(*args, **kwargs)
 
     @property
     def full_vault_path(self):
@@ -135,9 +135,7 @@ class MigrationTarget(models.Model):
 class Tenant(models.Model):
     """A customer of the SaaS and the database it lives in."""
 
-    id = models.CharField(
-        "tenant id", max_length=63, primary_key=True, validators=[slug_validator]
-    )
+    id = models.CharField("tenant id", max_length=63, primary_key=True, validators=[slug_validator])
     name = models.CharField(max_length=200)
     strategy = models.CharField(max_length=16, choices=Strategy.choices, default=Strategy.SHARED)
     region = models.CharField(max_length=63, default=DEFAULT_REGION, validators=[slug_validator])
@@ -165,9 +163,9 @@ class Tenant(models.Model):
 
     def clean(self):
         if self.strategy == Strategy.SHARED and self.target_id is None:
-            self.target = (
-                MigrationTarget.objects.filter(kind=Strategy.SHARED, region=self.region).first()
-            )
+            self.target = MigrationTarget.objects.filter(
+                kind=Strategy.SHARED, region=self.region
+            ).first()
             if self.target is None:
                 raise ValidationError(
                     {
@@ -195,9 +193,7 @@ class Tenant(models.Model):
                 f"is in region {self.target.region!r}."
             )
         elif self.strategy != Strategy.SHARED:
-            owner = (
-                Tenant.objects.filter(target_id=self.target_id).exclude(pk=self.pk).first()
-            )
+            owner = Tenant.objects.filter(target_id=self.target_id).exclude(pk=self.pk).first()
             if owner is not None:
                 errors["target"] = (
                     f"{self.target.name} already belongs to tenant {owner.id}; a "

@@ -3,6 +3,7 @@
 import pytest
 
 from tests import services
+from tests.model_fixtures import target_factory, tenant_factory  # noqa: F401
 
 
 @pytest.fixture(scope="session")

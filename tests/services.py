@@ -20,9 +20,13 @@ from urllib.parse import urlsplit
 
 import pytest
 
-TEST_POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+TEST_POSTGRES_URL = os.environ.get(
+    "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 TEST_MYSQL_URL = os.environ.get("TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/mysql")
-TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15"))
+TEST_REDIS_URL = os.environ.get(
+    "TEST_REDIS_URL", os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
+)
 TEST_MSSQL_URL = os.environ.get("TEST_MSSQL_URL", "")
 
 HOW_TO_START = {
@@ -166,7 +170,9 @@ class PostgresServer:
             )
         with self.connect(db.database) as conn:
             conn.execute(
-                sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(sql.Identifier(db.app_username))
+                sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(
+                    sql.Identifier(db.app_username)
+                )
             )
         return db
 
@@ -175,7 +181,9 @@ class PostgresServer:
 
         with self.connect() as conn:
             conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db.database))
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                    sql.Identifier(db.database)
+                )
             )
             for role in (db.admin_username, db.app_username):
                 conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
@@ -227,7 +235,9 @@ class MySQLServer:
                     (db.app_username, db.app_password),
                 ):
                     cur.execute(f"CREATE USER '{user}'@'%%' IDENTIFIED BY %s", (password,))
-                cur.execute(f"GRANT ALL PRIVILEGES ON `{db.database}`.* TO '{db.admin_username}'@'%'")
+                cur.execute(
+                    f"GRANT ALL PRIVILEGES ON `{db.database}`.* TO '{db.admin_username}'@'%'"
+                )
         finally:
             conn.close()
         return db

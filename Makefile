@@ -1,0 +1,36 @@
+# One virtual environment, made on first use; every target works from a clean clone.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo run test check lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+## demo: the whole product on embedded defaults (SQLite, a local OpenBao dev server, demo tenants)
+demo: $(BIN)/.installed
+	$(BIN)/python manage.py demo
+
+run: demo
+
+## test: the test suite on the real services (PostgreSQL, MariaDB, OpenBao, Redis)
+test: $(BIN)/.installed
+	$(BIN)/pytest
+
+## lint: ruff, as CI runs it
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+
+## check: lint and tests, the same way CI does
+check: lint test
+
+## bench: the fleet benchmark (see bench/README.md)
+bench: $(BIN)/.installed
+	$(BIN)/python bench/fleet.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .ruff_cache
