@@ -40,6 +40,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "django_q",
+    "health_check",
     "controlplane.apps.ControlPlaneConfig",
     "tenants",
 ]

@@ -5,11 +5,13 @@ that start migrations are shown only to users with the ``tenants.run_migrations`
 which is separate from the permission to edit tenants.
 """
 
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
-from tenants.models import MigrationRun, MigrationTarget, Tenant
+from tenants import actions
+from tenants.models import MigrationRun, MigrationTarget, TargetStatus, Tenant, Trigger
 
 RECENT_RUNS_ON_TARGET_PAGE = 20
 
@@ -20,8 +22,90 @@ def _run_link(run):
     )
 
 
+class RunMigrationsActions:
+    """Admin actions that start migrations; shown only with ``tenants.run_migrations``.
+
+    Thin loops in django-allauth's manner: call the action, report each row with
+    ``message_user``. Subclasses say how the selected rows map to targets.
+    """
+
+    actions = ["migrate_to_head", "retry_failed", "preview_sql"]
+    MESSAGES_PER_ROW_LIMIT = 25
+
+    def has_run_migrations_permission(self, request):
+        return request.user.has_perm("tenants.run_migrations")
+
+    def targets_of(self, queryset):
+        raise NotImplementedError
+
+    def _dispatch(self, request, targets):
+        dispatches = actions.do_enqueue_runs(
+            targets, trigger=Trigger.ADMIN, acting_user=request.user
+        )
+        for dispatch in dispatches[: self.MESSAGES_PER_ROW_LIMIT]:
+            level = messages.SUCCESS if dispatch.created else messages.WARNING
+            if dispatch.run is None:
+                level = messages.ERROR
+            self.message_user(request, dispatch.message, level)
+        rest = dispatches[self.MESSAGES_PER_ROW_LIMIT :]
+        if rest:
+            created = sum(d.created for d in rest)
+            self.message_user(
+                request,
+                f"... and {len(rest)} more target(s): {created} queued, "
+                f"{len(rest) - created} already under way or held.",
+                messages.INFO,
+            )
+
+    @admin.action(description="Migrate to head", permissions=["run_migrations"])
+    def migrate_to_head(self, request, queryset):
+        self._dispatch(request, self.targets_of(queryset))
+
+    @admin.action(description="Retry failed migrations", permissions=["run_migrations"])
+    def retry_failed(self, request, queryset):
+        targets = [t for t in self.targets_of(queryset) if t.status == TargetStatus.FAILED]
+        if not targets:
+            self.message_user(request, "None of the selected targets has failed.", messages.INFO)
+            return
+        self._dispatch(request, targets)
+
+    @admin.action(description="Preview the SQL (dry run)", permissions=["run_migrations"])
+    def preview_sql(self, request, queryset):
+        from migrator import runner
+        from migrator.exceptions import MigratorError
+
+        groups = {}
+        for target in self.targets_of(queryset):
+            groups.setdefault((target.provider, target.revision or None), []).append(target)
+        previews = []
+        for (provider, revision), targets in sorted(
+            groups.items(), key=lambda item: (item[0][0], item[0][1] or "")
+        ):
+            try:
+                sql = runner.sql_preview(provider, revision, "head").sql
+                error = ""
+            except MigratorError as exc:
+                sql, error = "", str(exc)
+            previews.append(
+                {
+                    "provider": provider,
+                    "revision": revision,
+                    "targets": targets,
+                    "sql": sql,
+                    "error": error,
+                }
+            )
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Preview the SQL of a migration to head",
+            "previews": previews,
+            "opts": self.model._meta,
+        }
+        return TemplateResponse(request, "admin/tenants/preview_sql.html", context)
+
+
 @admin.register(MigrationTarget)
-class MigrationTargetAdmin(admin.ModelAdmin):
+class MigrationTargetAdmin(RunMigrationsActions, admin.ModelAdmin):
     list_display = (
         "name",
         "kind",
@@ -64,6 +148,9 @@ class MigrationTargetAdmin(admin.ModelAdmin):
     )
     show_full_result_count = False
 
+    def targets_of(self, queryset):
+        return list(queryset)
+
     @admin.display(description=f"Latest {RECENT_RUNS_ON_TARGET_PAGE} runs")
     def recent_runs(self, obj):
         if obj.pk is None:
@@ -98,7 +185,7 @@ class MigrationTargetAdmin(admin.ModelAdmin):
 
 
 @admin.register(Tenant)
-class TenantAdmin(admin.ModelAdmin):
+class TenantAdmin(RunMigrationsActions, admin.ModelAdmin):
     list_display = (
         "id",
         "name",
@@ -115,6 +202,10 @@ class TenantAdmin(admin.ModelAdmin):
     list_select_related = ("target",)
     autocomplete_fields = ("target",)
     show_full_result_count = False
+
+    def targets_of(self, queryset):
+        ids = queryset.exclude(target=None).values_list("target_id", flat=True).distinct()
+        return list(MigrationTarget.objects.filter(pk__in=ids).order_by("name"))
 
     def get_readonly_fields(self, request, obj=None):
         # The tenant id names its Vault path and its database: it never changes once created.

@@ -1,3 +1,20 @@
-from django.urls import path  # noqa: F401
+from django.http import JsonResponse
+from django.urls import path
 
-urlpatterns: list = []
+from tenants import api
+from tenants.health import ReadinessView
+
+
+def healthz(request):
+    """Liveness: the process answers. Touches nothing else."""
+    return JsonResponse({"status": "ok"})
+
+
+urlpatterns = [
+    path(
+        "api/tenants/<str:tenant_id>/migrate", api.MigrateTenantView.as_view(), name="api-migrate"
+    ),
+    path("api/runs/<int:run_id>", api.RunView.as_view(), name="api-run"),
+    path("healthz", healthz, name="healthz"),
+    path("readyz", ReadinessView.as_view(), name="readyz"),
+]

@@ -1,0 +1,251 @@
+"""Every state change of the record, as named actions (Zulip's ``zerver/actions`` style).
+
+Admin actions, management commands, the creation signal, the HTTP API and the migration task
+only call these. Each runs in a transaction, takes the acting user as a keyword where a person
+acts, saves with ``update_fields``, and enqueues work with ``transaction.on_commit`` so a worker
+never sees a run that was rolled back.
+"""
+
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from migrator.redaction import redact
+from tenants.models import (
+    ACTIVE_RUN_STATUSES,
+    MigrationRun,
+    MigrationTarget,
+    RunKind,
+    RunStatus,
+    TargetStatus,
+)
+
+logger = logging.getLogger("tenants.actions")
+
+MIGRATION_TASK = "migrator.tasks.run_migration"
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """What a trigger did for one target: a new run, the run already under way, or nothing."""
+
+    target: MigrationTarget
+    run: MigrationRun | None
+    created: bool
+    reason: str = ""
+
+    @property
+    def message(self):
+        if self.run is None:
+            return f"{self.target.name}: not queued ({self.reason})."
+        if self.created:
+            return f"{self.target.name}: run #{self.run.pk} queued ({self.run.requested_revision})."
+        return (
+            f"{self.target.name}: run #{self.run.pk} is already {self.run.status}; "
+            "no second migration was started."
+        )
+
+
+def worker_identity():
+    """``host:pid`` of this process, recorded on the runs it executes."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def do_enqueue_runs(
+    targets,
+    *,
+    trigger,
+    acting_user=None,
+    revision="head",
+    kind=RunKind.UPGRADE,
+    batch=None,
+    enqueue=True,
+):
+    """Create one queued run per target and hand each to the task queue after commit.
+
+    A target that already has a queued or running run gets no second one: the database's
+    ``one_active_run_per_target`` constraint decides, so concurrent triggers (two admins, twenty
+    API calls, two control planes on one database) can never start two migrations of one target.
+    Held targets are left alone. Returns one ``Dispatch`` per target, in order.
+
+    With ``enqueue=False`` the runs are created but not queued: the caller executes them itself
+    (``migrate_tenants --sync``).
+    """
+    batch = batch or uuid.uuid4()
+    dispatches = []
+    with transaction.atomic():
+        for target in targets:
+            if target.held:
+                dispatches.append(Dispatch(target, None, False, "the target is held"))
+                continue
+            run, created = _create_or_find_active_run(
+                target,
+                kind=kind,
+                trigger=trigger,
+                triggered_by=acting_user,
+                requested_revision=revision,
+                batch=batch,
+            )
+            if not created:
+                dispatches.append(Dispatch(target, run, False))
+                continue
+            if enqueue:
+                transaction.on_commit(lambda run=run: _enqueue(run))
+            dispatches.append(Dispatch(target, run, True))
+    created = sum(d.created for d in dispatches)
+    logger.info(
+        "%s run(s) queued by %s%s for %s target(s)",
+        created,
+        trigger,
+        f" ({acting_user})" if acting_user else "",
+        len(dispatches),
+    )
+    return dispatches
+
+
+def _create_or_find_active_run(target, **fields):
+    """Insert a queued run, or return the target's active run when the constraint says one is."""
+    for _ in range(3):
+        try:
+            with transaction.atomic():
+                return MigrationRun.objects.create(target=target, **fields), True
+        except IntegrityError:
+            active = target.runs.filter(status__in=ACTIVE_RUN_STATUSES).first()
+            if active is not None:
+                return active, False
+            # The active run finished between our insert and this read: insert again.
+    raise RuntimeError(f"Could not queue a run for {target.name}: it keeps changing state.")
+
+
+def _enqueue(run):
+    from django_q.tasks import async_task
+
+    task_id = async_task(MIGRATION_TASK, run.pk, task_name=f"run-{run.pk}-{run.target.name}")
+    MigrationRun.objects.filter(pk=run.pk).update(task_id=task_id or "")
+
+
+def do_start_run(run_id, *, worker_host):
+    """Move a queued run to running; return it, or None when it is not queued any more.
+
+    The conditional UPDATE makes the start atomic: a cancelled run, or a run a second worker
+    already took, is never executed.
+    """
+    now = timezone.now()
+    started = MigrationRun.objects.filter(pk=run_id, status=RunStatus.QUEUED).update(
+        status=RunStatus.RUNNING, started_at=now, heartbeat_at=now, worker_host=worker_host
+    )
+    if not started:
+        return None
+    run = MigrationRun.objects.select_related("target").get(pk=run_id)
+    MigrationTarget.objects.filter(pk=run.target_id).update(status=TargetStatus.MIGRATING)
+    run.target.status = TargetStatus.MIGRATING
+    return run
+
+
+def do_cancel_run(run, *, acting_user=None):
+    """Cancel a queued run. A running run cannot be cancelled: it is inside the target's lock."""
+    cancelled = MigrationRun.objects.filter(pk=run.pk, status=RunStatus.QUEUED).update(
+        status=RunStatus.CANCELLED,
+        finished_at=timezone.now(),
+        error=f"Cancelled by {acting_user or 'an operator'} before it started.",
+    )
+    run.refresh_from_db()
+    return bool(cancelled)
+
+
+def target_status_for(revision, heads):
+    if revision and revision in heads:
+        return TargetStatus.UP_TO_DATE
+    return TargetStatus.BEHIND
+
+
+@transaction.atomic
+def do_record_run_success(run, result, *, heads):
+    """Record what a successful run did on the run and on its target."""
+    now = timezone.now()
+    run.status = RunStatus.SUCCEEDED if result.applied else RunStatus.SKIPPED
+    run.revision_before = result.revision_before or ""
+    run.revision_after = result.revision_after or ""
+    run.applied = list(result.applied)
+    run.duration_ms = result.duration_ms
+    run.log = "\n".join(result.log)
+    run.finished_at = now
+    run.error = run.error_code = ""
+    run.retryable = None
+    run.save(
+        update_fields=[
+            "status",
+            "revision_before",
+            "revision_after",
+            "applied",
+            "duration_ms",
+            "log",
+            "finished_at",
+            "error",
+            "error_code",
+            "retryable",
+        ]
+    )
+    target = run.target
+    target.revision = run.revision_after
+    target.status = target_status_for(run.revision_after, heads)
+    target.last_error = ""
+    target.last_checked_at = now
+    fields = ["revision", "status", "last_error", "last_checked_at", "updated_at"]
+    if result.applied:
+        target.last_migrated_at = now
+        fields.append("last_migrated_at")
+    target.save(update_fields=fields)
+    return run
+
+
+@transaction.atomic
+def do_record_run_failure(run, error, *, heads, result=None, duration_ms=None):
+    """Record a failed run: the error (never a secret), the log, and where the target stands.
+
+    ``error`` is a ``MigratorError`` (its ``code`` and ``retryable`` are recorded) or any other
+    exception, recorded as an internal error. ``result`` is what the runner knew when it failed.
+    """
+    now = timezone.now()
+    result = result if result is not None else getattr(error, "result", None)
+    message = redact(str(error)) or type(error).__name__
+    run.status = RunStatus.FAILED
+    run.error = message
+    run.error_code = getattr(error, "code", "internal_error")
+    run.retryable = bool(getattr(error, "retryable", False))
+    run.finished_at = now
+    fields = ["status", "error", "error_code", "retryable", "finished_at"]
+    if result is not None:
+        run.revision_before = result.revision_before or ""
+        run.revision_after = result.revision_after or ""
+        run.applied = list(result.applied)
+        run.duration_ms = result.duration_ms
+        run.log = redact("\n".join(result.log))
+        fields += ["revision_before", "revision_after", "applied", "duration_ms", "log"]
+    elif duration_ms is not None:
+        run.duration_ms = duration_ms
+        fields.append("duration_ms")
+    run.save(update_fields=fields)
+
+    target = run.target
+    target.last_error = message
+    target.last_checked_at = now
+    fields = ["status", "last_error", "last_checked_at", "updated_at"]
+    if result is not None and result.revision_after is not None:
+        target.revision = result.revision_after
+        fields.append("revision")
+    if run.error_code == "locked":
+        # Somebody else is migrating it: the schema did not fail, it is just busy.
+        target.status = target_status_for(target.revision, heads)
+    else:
+        target.status = TargetStatus.FAILED
+    if result is not None and result.applied:
+        target.last_migrated_at = now
+        fields.append("last_migrated_at")
+    target.save(update_fields=fields)
+    return run
