@@ -44,6 +44,15 @@ def fleet_counts():
 class ReadinessView(HealthCheckView):
     checks = ("health_check.checks.Database", "tenants.health.DatabaseMigrations")
 
+    async def get(self, request, *args, **kwargs):
+        from asgiref.sync import sync_to_async
+
+        try:
+            self.counts = await sync_to_async(fleet_counts)()
+        except Exception:  # noqa: BLE001 - the database check reports the cause
+            self.counts = None
+        return await super().get(request, *args, **kwargs)
+
     def render_to_response_json(self, status):
         from django.http import JsonResponse
 
@@ -54,10 +63,6 @@ class ReadinessView(HealthCheckView):
                 for result in self.results
             },
         }
-        try:
-            counts = fleet_counts()
-        except Exception:  # noqa: BLE001 - the database check already reports the cause
-            counts = None
-        if counts is not None:
-            payload["targets"] = counts
+        if self.counts is not None:
+            payload["targets"] = self.counts
         return JsonResponse(payload, status=status)

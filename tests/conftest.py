@@ -3,6 +3,7 @@
 import pytest
 
 from tests import services
+from tests.dispatch_fixtures import registered_tenant  # noqa: F401
 from tests.model_fixtures import target_factory, tenant_factory  # noqa: F401
 
 
@@ -122,3 +123,48 @@ def redis_url():
     except Exception as exc:  # noqa: BLE001
         services.unavailable("redis", f"{type(exc).__name__}: {exc}")
     return services.TEST_REDIS_URL
+
+
+@pytest.fixture
+def vault_requests():
+    """The HTTP session of the managers made by ``vault_manager``. ``.sent`` lists (METHOD,
+    path) of every answered request; ``.count(method, path)`` counts one kind."""
+    from urllib.parse import urlsplit
+
+    import requests
+
+    session = requests.Session()
+    session.sent = []
+
+    def record(response, *args, **kwargs):
+        session.sent.append((response.request.method, urlsplit(response.request.url).path))
+
+    session.hooks["response"].append(record)
+    session.count = lambda method, path: session.sent.count((method.upper(), path))
+    yield session
+    session.close()
+
+
+@pytest.fixture
+def vault_manager(vault, settings, vault_requests):
+    """Factory: a SecretsManager on the session's OpenBao (root token unless overridden).
+
+    Keywords override VAULT_* settings (``cache_seconds=0`` sets VAULT_CACHE_SECONDS);
+    ``clock`` replaces time.monotonic. Every manager sends through ``vault_requests``.
+    """
+    import time
+
+    from migrator.secrets import SecretsManager
+
+    made = []
+
+    def make(*, clock=time.monotonic, **overrides):
+        for name, value in overrides.items():
+            setattr(settings, f"VAULT_{name.upper()}", value)
+        manager = SecretsManager.from_settings(session=vault_requests, clock=clock)
+        made.append(manager)
+        return manager
+
+    yield make
+    for manager in made:
+        manager.close()

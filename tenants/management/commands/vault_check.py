@@ -1,0 +1,75 @@
+"""``manage.py vault_check``: can this control plane read every target's credentials?"""
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from migrator.exceptions import MigratorError, VaultAuthError, VaultUnavailable
+from migrator.secrets import get_secrets_manager
+from tenants.models import MigrationTarget
+
+
+class Command(BaseCommand):
+    help = (
+        "Log in to Vault with the configured method (VAULT_AUTH_METHOD), show the token's "
+        "policies and TTL, then check for every migration target that its secret under "
+        "VAULT_DATABASE_SECRETS_PATH is readable and complete for migrations (admin user). "
+        "Secret values are never printed. Exits with status 1 when Vault cannot be used or "
+        "any target is not OK."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--target",
+            action="append",
+            dest="targets",
+            metavar="NAME",
+            help="Check only this target (by name); repeat to check several.",
+        )
+
+    def handle(self, *args, **options):
+        manager = get_secrets_manager()
+        try:
+            token = manager.token_info()
+        except (VaultUnavailable, VaultAuthError) as exc:
+            raise CommandError(str(exc), returncode=1) from None
+        except MigratorError as exc:
+            raise CommandError(f"Vault token check failed: {exc}", returncode=1) from None
+
+        ttl = f"{token['ttl']}s" if token["ttl"] else "no expiry"
+        self.stdout.write(
+            f"Vault {settings.VAULT_ADDR}: logged in with {token['auth_method']} "
+            f"as {token['display_name'] or '-'}; policies: {', '.join(token['policies']) or '-'}; "
+            f"TTL {ttl}{', renewable' if token['renewable'] else ''}."
+        )
+
+        targets = MigrationTarget.objects.order_by("name")
+        names = options["targets"]
+        if names:
+            targets = targets.filter(name__in=names)
+            unknown = sorted(set(names) - {target.name for target in targets})
+            if unknown:
+                raise CommandError(f"No target named {', '.join(unknown)}.", returncode=1)
+        if not targets:
+            self.stdout.write("No migration targets to check.")
+            return
+
+        failed = 0
+        for target in targets:
+            path = target.vault_path or target.default_vault_path()
+            try:
+                connection = manager.migration_credentials(path, provider=target.provider)
+            except MigratorError as exc:
+                failed += 1
+                self.stdout.write(
+                    self.style.ERROR(f"FAIL  {target.name}: {type(exc).__name__}: {exc}")
+                )
+            else:
+                self.stdout.write(
+                    self.style.SUCCESS(
+                        f"OK    {target.name}: {connection.vault_path} ({connection.provider})"
+                    )
+                )
+        checked = len(targets)
+        if failed:
+            raise CommandError(f"{failed} of {checked} targets not OK.", returncode=1)
+        self.stdout.write(f"All {checked} targets OK.")
