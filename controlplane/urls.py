@@ -1,7 +1,14 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from tenants.dashboard import fleet_dashboard
+
+admin.site.site_header = "Tenant migrations"
+admin.site.site_title = "Tenant migrations"
+admin.site.index_template = "admin/fleet_index.html"
+
 urlpatterns = [
+    path("admin/fleet/", fleet_dashboard, name="fleet-dashboard"),
     path("admin/", admin.site.urls),
     path("", include("tenants.urls")),
 ]

@@ -42,11 +42,11 @@ class Dispatch:
     @property
     def message(self):
         if self.run is None:
-            return f"{self.target.name}: not queued ({self.reason})."
+            return f"Not queued for {self.target.name}: {self.reason}."
         if self.created:
-            return f"{self.target.name}: run #{self.run.pk} queued ({self.run.requested_revision})."
+            return f"Run #{self.run.pk} queued for {self.target.name} ({self.run.requested_revision})."
         return (
-            f"{self.target.name}: run #{self.run.pk} is already {self.run.status}; "
+            f"Run #{self.run.pk} for {self.target.name} is already {self.run.status}; "
             "no second migration was started."
         )
 

@@ -116,7 +116,7 @@ class MigrationTargetAdmin(RunMigrationsActions, admin.ModelAdmin):
         "held",
         "last_migrated_at",
     )
-    list_filter = ("kind", "provider", "region", "status", "held")
+    list_filter = ("kind", "provider", "region", "status", "held", "revision")
     search_fields = ("name", "vault_path", "tenants__id")
     readonly_fields = (
         "revision",

@@ -241,7 +241,8 @@ def test_admin_migrate_action_queues_and_reports_each_row(
         follow=True,
     )
     text = response.content.decode()
-    assert f"{first.target.name}: run #" in text and "queued" in text
+    assert f"queued for {first.target.name} (head)" in text
+    assert f"queued for {second.target.name} (head)" in text
     assert MigrationRun.objects.filter(trigger="admin", triggered_by__username="staff").count() == 2
     # Again while queued: nothing new, and the page says so.
     response = client.post(
