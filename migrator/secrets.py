@@ -1,0 +1,789 @@
+"""Database credentials from Vault (or OpenBao): one secrets manager over hvac per process.
+
+Each database has one KV v2 secret,
+``{VAULT_MOUNT_POINT}/data/{VAULT_DATABASE_SECRETS_PATH}/{path}``, holding an admin pair
+(migrations only) and an app pair (the application at runtime)::
+
+    vault kv put secret/database/shared admin_username=... admin_password=... \\
+        app_username=... app_password=... host=... port=5432 database=...
+
+``migration_credentials`` hands out the admin pair and ``application_credentials`` the app pair,
+each as a ``ConnectionInfo`` whose password is a ``Secret``: it prints as asterisks, so it cannot
+end up in a log line or an error message by accident. The raw secret never leaves this module.
+
+The manager logs in lazily (token, AppRole or Kubernetes), renews its token before it expires,
+logs in again when the token was revoked, caches each secret for ``VAULT_CACHE_SECONDS``, and maps
+every transport error to ``migrator.exceptions`` so that no ``requests`` or ``hvac`` exception
+reaches a caller.
+"""
+
+import hmac
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hvac
+import hvac.exceptions
+import requests
+from django.conf import settings
+
+from migrator.exceptions import (
+    SecretIncomplete,
+    SecretNotFound,
+    UnknownProvider,
+    VaultAuthError,
+    VaultError,
+    VaultForbidden,
+    VaultUnavailable,
+)
+from migrator.redaction import redact, register_secret
+
+logger = logging.getLogger("migrator.secrets")
+
+PROVIDERS = ("postgresql", "mysql", "sqlserver", "sqlite")
+# Names people write in a secret's ``provider`` key for the same thing.
+PROVIDER_ALIASES = {"postgres": "postgresql", "mariadb": "mysql", "mssql": "sqlserver"}
+DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "sqlserver": 1433}
+SERVER_KEYS = (
+    "admin_username",
+    "admin_password",
+    "app_username",
+    "app_password",
+    "host",
+    "database",
+)
+AUTH_METHODS = ("token", "approle", "kubernetes")
+ROLES = ("admin", "app")
+
+_MASK = "**********"
+
+
+class Secret:
+    """A secret string that prints as asterisks; ``reveal()`` gives the value to the one caller
+    that must hand it to a driver. Registered for log redaction as soon as it exists."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        if not isinstance(value, str):
+            raise TypeError("Secret wraps a str")
+        self._value = value
+        register_secret(value)
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return _MASK
+
+    __str__ = __repr__
+
+    def __format__(self, format_spec: str) -> str:
+        return _MASK
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash((Secret, self._value))
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """How to reach one database as one user (``role``: "admin" or "app"), as read from Vault.
+
+    ``vault_path`` is the full KV v2 path the values came from, for error messages. The password
+    never appears in ``repr``; ``password.reveal()`` gives it.
+    """
+
+    provider: str
+    host: str | None = None
+    port: int | None = None
+    database: str = ""
+    username: str | None = None
+    password: Secret | None = field(default=None, repr=False)
+    options: dict = field(default_factory=dict, hash=False)
+    driver: str | None = None
+    vault_path: str = ""
+    role: str = "admin"
+
+    def __post_init__(self):
+        if not self.database:
+            raise ValueError("ConnectionInfo needs a database (a name, or a file for sqlite)")
+        if self.role not in ROLES:
+            raise ValueError(f"ConnectionInfo role must be one of {', '.join(ROLES)}")
+        if isinstance(self.password, str):
+            object.__setattr__(self, "password", Secret(self.password))
+
+
+@dataclass(frozen=True)
+class VaultConfig:
+    """The VAULT_* settings the manager works from (see controlplane/settings.py)."""
+
+    addr: str
+    auth_method: str = "token"
+    token: str = field(default="", repr=False)
+    role_id: str = ""
+    secret_id: str = field(default="", repr=False)
+    secret_id_file: str = ""
+    approle_mount_point: str = "approle"
+    kubernetes_role: str = ""
+    kubernetes_jwt_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    kubernetes_mount_point: str = "kubernetes"
+    namespace: str = ""
+    cacert: str = ""
+    mount_point: str = "secret"
+    database_secrets_path: str = "database"
+    cache_seconds: int = 300
+    timeout: int = 10
+
+    @classmethod
+    def from_settings(cls) -> "VaultConfig":
+        return cls(
+            addr=settings.VAULT_ADDR.rstrip("/"),
+            auth_method=settings.VAULT_AUTH_METHOD.strip().lower(),
+            token=settings.VAULT_TOKEN,
+            role_id=settings.VAULT_ROLE_ID,
+            secret_id=settings.VAULT_SECRET_ID,
+            secret_id_file=settings.VAULT_SECRET_ID_FILE,
+            approle_mount_point=settings.VAULT_APPROLE_MOUNT_POINT.strip("/"),
+            kubernetes_role=settings.VAULT_KUBERNETES_ROLE,
+            kubernetes_jwt_file=settings.VAULT_KUBERNETES_JWT_FILE,
+            kubernetes_mount_point=settings.VAULT_KUBERNETES_MOUNT_POINT.strip("/"),
+            namespace=settings.VAULT_NAMESPACE,
+            cacert=settings.VAULT_CACERT,
+            mount_point=settings.VAULT_MOUNT_POINT.strip("/"),
+            database_secrets_path=settings.VAULT_DATABASE_SECRETS_PATH.strip("/"),
+            cache_seconds=settings.VAULT_CACHE_SECONDS,
+            timeout=settings.VAULT_TIMEOUT,
+        )
+
+
+@dataclass
+class _CachedSecret:
+    data: dict = field(repr=False)
+    expires_at: float
+
+
+class SecretsManager:
+    """Reads database credentials from Vault for one process. Thread-safe.
+
+    Build it with ``from_settings()``, or take the process-wide one from ``get_secrets_manager()``.
+    ``session`` (a ``requests.Session``) and ``clock`` (seconds, monotonic) are for tests.
+    """
+
+    def __init__(
+        self,
+        config: VaultConfig,
+        *,
+        session: requests.Session | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.config = config
+        # One connection pool for the manager's life, shared by every login's client.
+        self._owns_session = session is None
+        self._session = session or requests.Session()
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._client: hvac.Client | None = None
+        self._generation = 0  # counts logins, so concurrent callers re-login only once
+        self._token_ttl = 0  # seconds the token lives after login or renewal; 0: never expires
+        self._expires_at: float | None = None
+        self._renewable = False
+        self._renewal_failed = False
+        self._cache: dict[str, _CachedSecret] = {}
+
+    @classmethod
+    def from_settings(cls, **kwargs) -> "SecretsManager":
+        """A manager for the VAULT_* settings; keyword arguments go to the constructor."""
+        return cls(VaultConfig.from_settings(), **kwargs)
+
+    # --- Public interface ---------------------------------------------------------------------
+
+    def full_path(self, path: str) -> str:
+        """The KV v2 API path of a database secret, e.g. ``secret/data/database/shared``."""
+        return f"{self.config.mount_point}/data/{self._relative_path(path)}"
+
+    def migration_credentials(self, path: str, provider: str | None = None) -> ConnectionInfo:
+        """The admin user of the database whose secret is at ``path`` (relative to
+        VAULT_DATABASE_SECRETS_PATH), for migrations. Reads (or takes from the cache)
+        ``GET /v1/{mount}/data/{database_secrets_path}/{path}``.
+
+        ``provider`` is the provider recorded on the target; the secret's optional ``provider``
+        key must agree with it. Raises a ``VaultError`` subclass on any failure.
+        """
+        return self._connection_info(path, provider, "admin")
+
+    def application_credentials(self, path: str, provider: str | None = None) -> ConnectionInfo:
+        """The app user of the database whose secret is at ``path``, for the application at
+        runtime. Reads (or takes from the cache)
+        ``GET /v1/{mount}/data/{database_secrets_path}/{path}``.
+        """
+        return self._connection_info(path, provider, "app")
+
+    def invalidate(self, path: str | None = None) -> None:
+        """Forget the cached secret at ``path`` (every cached secret when ``path`` is None), so
+        that the next read goes to Vault: call it when a database rejects cached credentials."""
+        with self._lock:
+            if path is None:
+                self._cache.clear()
+            else:
+                self._cache.pop(self._relative_path(path), None)
+
+    def token_info(self) -> dict:
+        """What Vault knows of the manager's token, from ``GET /v1/auth/token/lookup-self``:
+        ``display_name``, ``policies``, ``ttl`` (seconds left, 0 for a token that never
+        expires), ``renewable``, ``expire_time``, ``accessor`` (not the token itself) and the
+        ``auth_method`` used. Logs in first if needed."""
+        try:
+            data = self._with_token(
+                "GET /v1/auth/token/lookup-self", lambda client: client.auth.token.lookup_self()
+            )["data"]
+        except hvac.exceptions.VaultError as exc:
+            raise VaultForbidden(
+                f"Vault at {self.config.addr} refused GET /v1/auth/token/lookup-self "
+                f"({_reason(exc)}): the token's policies should include Vault's 'default' policy."
+            ) from None
+        return {
+            "auth_method": self.config.auth_method,
+            "display_name": data.get("display_name", ""),
+            "policies": list(data.get("policies") or []),
+            "ttl": int(data.get("ttl") or 0),
+            "renewable": bool(data.get("renewable")),
+            "expire_time": data.get("expire_time"),
+            "accessor": data.get("accessor", ""),
+        }
+
+    def close(self) -> None:
+        """Drop the token and the cache, and close the HTTP session (unless it was passed in)."""
+        with self._lock:
+            self._client = None
+            self._expires_at = None
+            self._cache.clear()
+            if self._owns_session:
+                self._session.close()
+
+    # --- Credentials --------------------------------------------------------------------------
+
+    def _connection_info(self, path: str, provider: str | None, role: str) -> ConnectionInfo:
+        relative = self._relative_path(path)
+        full = self.full_path(path)
+        data = self._secret_data(relative)
+        provider = _resolve_provider(full, provider, data.get("provider"))
+        options = _options(full, data.get("options"))
+        if provider == "sqlite":
+            _require(full, data, ("database",))
+            return ConnectionInfo(
+                provider=provider,
+                host=None,
+                port=None,
+                database=data["database"],
+                username=None,
+                password=None,
+                options=options,
+                driver=None,
+                vault_path=full,
+                role=role,
+            )
+        _require(full, data, SERVER_KEYS)
+        driver = data.get("driver") or None
+        if driver is not None and not isinstance(driver, str):
+            raise SecretIncomplete(f"The secret at {full} has a 'driver' key that is not text.")
+        return ConnectionInfo(
+            provider=provider,
+            host=data["host"],
+            port=_port(full, data.get("port"), DEFAULT_PORTS[provider]),
+            database=data["database"],
+            username=data[f"{role}_username"],
+            password=Secret(data[f"{role}_password"]),
+            options=options,
+            driver=driver,
+            vault_path=full,
+            role=role,
+        )
+
+    def _secret_data(self, relative: str) -> dict:
+        """The secret's key/value pairs, from the cache or from Vault."""
+        if self.config.cache_seconds > 0:
+            with self._lock:
+                cached = self._cache.get(relative)
+                if cached is not None and cached.expires_at > self._clock():
+                    return cached.data
+        data = self._read_secret(relative)
+        if self.config.cache_seconds > 0:
+            with self._lock:
+                self._cache[relative] = _CachedSecret(
+                    data=data, expires_at=self._clock() + self.config.cache_seconds
+                )
+        return data
+
+    def _read_secret(self, relative: str) -> dict:
+        """``GET /v1/{mount}/data/{database_secrets_path}/{path}``: the latest version's data."""
+        full = f"{self.config.mount_point}/data/{relative}"
+        try:
+            response = self._with_token(
+                f"GET /v1/{full}",
+                lambda client: client.secrets.kv.v2.read_secret_version(
+                    path=relative,
+                    mount_point=self.config.mount_point,
+                    raise_on_deleted_version=True,
+                ),
+            )
+        except hvac.exceptions.Forbidden:
+            raise VaultForbidden(
+                f"The Vault token ({self._login_description()}) may not read {full} "
+                "(permission denied). Give its policy: "
+                f'path "{self._policy_path()}" {{ capabilities = ["read"] }}'
+            ) from None
+        except hvac.exceptions.InvalidPath as exc:
+            if "no handler for route" in _reason(exc):
+                raise SecretNotFound(
+                    f"No secrets engine is mounted at {self.config.mount_point}/ in Vault "
+                    f"{self.config.addr}, so {full} cannot exist: check VAULT_MOUNT_POINT "
+                    f"(a KV version 2 mount)."
+                ) from None
+            raise SecretNotFound(
+                f"No secret at {full} in Vault {self.config.addr}. Create it with: "
+                f"{self._put_command(relative)}"
+            ) from None
+        except hvac.exceptions.VaultError as exc:
+            raise VaultError(
+                f"Vault answered GET /v1/{full} with an error: {_reason(exc)}"
+            ) from None
+        data = (response.get("data") or {}).get("data")
+        if not isinstance(data, dict):
+            raise SecretNotFound(
+                f"The secret at {full} has no data. Create it with: {self._put_command(relative)}"
+            )
+        for key, value in data.items():
+            if "password" in key.lower() and isinstance(value, str):
+                register_secret(value)
+        logger.debug("Read secret %s (keys: %s)", full, ", ".join(sorted(data)))
+        return data
+
+    # --- Token lifecycle ----------------------------------------------------------------------
+
+    def _with_token(self, endpoint: str, call: Callable[[hvac.Client], Any]) -> Any:
+        """Run ``call`` with a logged-in client. On 403, find out whether the token itself was
+        rejected (revoked, expired): then log in again once and retry when the auth method can,
+        or raise VaultAuthError when it cannot. A 403 on a valid token is re-raised."""
+        client, generation = self._logged_in_client()
+        try:
+            return _transport(self.config, endpoint, lambda: call(client))
+        except hvac.exceptions.Forbidden:
+            if self._token_is_valid(client):
+                raise
+        if self.config.auth_method == "token":
+            raise VaultAuthError(
+                f"Vault at {self.config.addr} rejected the token in VAULT_TOKEN (it is wrong, "
+                "expired or revoked): check VAULT_TOKEN."
+            )
+        logger.warning(
+            "The Vault token was rejected (revoked or expired); logging in again with %s",
+            self.config.auth_method,
+        )
+        with self._lock:
+            if self._generation == generation:
+                self._login()
+        client, generation = self._logged_in_client()
+        return _transport(self.config, endpoint, lambda: call(client))
+
+    def _token_is_valid(self, client: hvac.Client) -> bool:
+        """``GET /v1/auth/token/lookup-self``: False when Vault rejects the token itself."""
+        try:
+            _transport(self.config, "GET /v1/auth/token/lookup-self", client.auth.token.lookup_self)
+        except hvac.exceptions.VaultError:
+            return False
+        return True
+
+    def _logged_in_client(self) -> tuple[hvac.Client, int]:
+        """The client with a live token: logs in on first use, renews a token close to expiry."""
+        with self._lock:
+            if self._client is None:
+                self._login()
+            elif self._needs_renewal():
+                self._renew_or_login()
+            return self._client, self._generation
+
+    def _needs_renewal(self) -> bool:
+        if self._expires_at is None or self._renewal_failed:
+            return False
+        return self._expires_at - self._clock() < self._token_ttl / 3
+
+    def _renew_or_login(self) -> None:
+        """``POST /v1/auth/token/renew-self``; log in again when that is refused or no longer
+        extends the token (it reached its max TTL)."""
+        if self._renewable:
+            started = self._clock()
+            try:
+                response = _transport(
+                    self.config,
+                    "POST /v1/auth/token/renew-self",
+                    lambda: self._client.auth.token.renew_self(increment=self._token_ttl),
+                )
+            except hvac.exceptions.VaultError as exc:
+                logger.warning("Renewing the Vault token failed: %s", _reason(exc))
+            else:
+                lease = int((response.get("auth") or {}).get("lease_duration") or 0)
+                if lease >= self._token_ttl / 3:
+                    self._expires_at = started + lease
+                    logger.debug("Renewed the Vault token for %ss", lease)
+                    return
+                logger.info("The Vault token reached its max TTL (%ss left)", lease)
+        if self.config.auth_method != "token":
+            self._login()
+            return
+        self._renewal_failed = True
+        logger.warning(
+            "The Vault token in VAULT_TOKEN cannot be renewed and expires in %ds: "
+            "set a fresh VAULT_TOKEN before then.",
+            max(0, int(self._expires_at - self._clock())),
+        )
+
+    def _login(self) -> None:
+        """Log in with the configured method and remember the token's TTL. Calls
+        ``GET /v1/auth/token/lookup-self`` (token), ``POST /v1/auth/{approle mount}/login``
+        (AppRole) or ``POST /v1/auth/{kubernetes mount}/login`` (Kubernetes)."""
+        config = self.config
+        if config.auth_method not in AUTH_METHODS:
+            raise VaultAuthError(
+                f"VAULT_AUTH_METHOD is {config.auth_method!r}; "
+                f"use one of {', '.join(AUTH_METHODS)}."
+            )
+        self._client = None
+        client = hvac.Client(
+            url=config.addr,
+            token="",  # never fall back to hvac's own VAULT_TOKEN / ~/.vault-token lookup
+            verify=config.cacert or True,
+            timeout=config.timeout,
+            namespace=config.namespace or None,
+            session=self._session,
+        )
+        started = self._clock()
+        if config.auth_method == "token":
+            left, ttl, renewable = self._login_with_token(client)
+        elif config.auth_method == "approle":
+            left, ttl, renewable = self._login_with_approle(client)
+        else:
+            left, ttl, renewable = self._login_with_kubernetes(client)
+        self._client = client
+        self._generation += 1
+        self._token_ttl = ttl
+        self._expires_at = started + left if left > 0 else None
+        self._renewable = renewable
+        self._renewal_failed = False
+        logger.info(
+            "Logged in to Vault at %s with %s (token TTL %s, %srenewable)",
+            config.addr,
+            self._login_description(),
+            f"{ttl}s" if ttl else "none",
+            "" if renewable else "not ",
+        )
+
+    def _login_with_token(self, client: hvac.Client) -> tuple[int, int, bool]:
+        if not self.config.token:
+            raise VaultAuthError("VAULT_AUTH_METHOD is 'token' but VAULT_TOKEN is empty: set it.")
+        client.token = self.config.token
+        try:
+            data = _transport(
+                self.config, "GET /v1/auth/token/lookup-self", client.auth.token.lookup_self
+            )["data"]
+        except (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized) as exc:
+            raise VaultAuthError(
+                f"Vault at {self.config.addr} rejected the token in VAULT_TOKEN "
+                f"(GET /v1/auth/token/lookup-self: {_reason(exc)}): it is wrong, expired or "
+                "revoked. Check VAULT_TOKEN."
+            ) from None
+        except hvac.exceptions.VaultError as exc:
+            raise VaultAuthError(
+                f"{self.config.addr} did not answer GET /v1/auth/token/lookup-self as Vault "
+                f"does ({_reason(exc)}): check VAULT_ADDR and VAULT_NAMESPACE."
+            ) from None
+        # Renewal extends a token by its original TTL (creation_ttl); what is left is ``ttl``.
+        left = int(data.get("ttl") or 0)
+        return left, int(data.get("creation_ttl") or left), bool(data.get("renewable"))
+
+    def _login_with_approle(self, client: hvac.Client) -> tuple[int, int, bool]:
+        config = self.config
+        secret_id = config.secret_id or _read_file(
+            config.secret_id_file, "VAULT_SECRET_ID_FILE", "the AppRole secret id"
+        )
+        if not config.role_id or not secret_id:
+            raise VaultAuthError(
+                "VAULT_AUTH_METHOD is 'approle' but VAULT_ROLE_ID or VAULT_SECRET_ID "
+                "(or VAULT_SECRET_ID_FILE) is empty: set them."
+            )
+        register_secret(secret_id)
+        endpoint = f"POST /v1/auth/{config.approle_mount_point}/login"
+        try:
+            response = _transport(
+                config,
+                endpoint,
+                lambda: client.auth.approle.login(
+                    role_id=config.role_id,
+                    secret_id=secret_id,
+                    mount_point=config.approle_mount_point,
+                ),
+            )
+        except hvac.exceptions.VaultError as exc:
+            raise VaultAuthError(
+                f"AppRole login failed for role id {config.role_id} at {config.addr} "
+                f"({endpoint}: {_reason(exc)}): check VAULT_ROLE_ID / VAULT_SECRET_ID "
+                f"(or VAULT_SECRET_ID_FILE) and VAULT_APPROLE_MOUNT_POINT."
+            ) from None
+        return _auth_lifetime(response)
+
+    def _login_with_kubernetes(self, client: hvac.Client) -> tuple[int, int, bool]:
+        config = self.config
+        if not config.kubernetes_role:
+            raise VaultAuthError(
+                "VAULT_AUTH_METHOD is 'kubernetes' but VAULT_KUBERNETES_ROLE is empty: set it."
+            )
+        jwt = _read_file(
+            config.kubernetes_jwt_file, "VAULT_KUBERNETES_JWT_FILE", "the service account token"
+        )
+        register_secret(jwt)
+        endpoint = f"POST /v1/auth/{config.kubernetes_mount_point}/login"
+        try:
+            response = _transport(
+                config,
+                endpoint,
+                lambda: client.auth.kubernetes.login(
+                    role=config.kubernetes_role,
+                    jwt=jwt,
+                    mount_point=config.kubernetes_mount_point,
+                ),
+            )
+        except hvac.exceptions.VaultError as exc:
+            raise VaultAuthError(
+                f"Kubernetes login failed for role {config.kubernetes_role} at {config.addr} "
+                f"({endpoint}: {_reason(exc)}): check VAULT_KUBERNETES_ROLE, that the role is "
+                "bound to this pod's service account and namespace, the token in "
+                f"VAULT_KUBERNETES_JWT_FILE ({config.kubernetes_jwt_file}) and "
+                "VAULT_KUBERNETES_MOUNT_POINT."
+            ) from None
+        return _auth_lifetime(response)
+
+    # --- Messages -----------------------------------------------------------------------------
+
+    def _relative_path(self, path: str) -> str:
+        path = (path or "").strip("/")
+        if not path:
+            raise ValueError("A Vault secret path is required")
+        base = self.config.database_secrets_path
+        return f"{base}/{path}" if base else path
+
+    def _policy_path(self) -> str:
+        return self.full_path("*")
+
+    def _put_command(self, relative: str) -> str:
+        return (
+            f"vault kv put {self.config.mount_point}/{relative} admin_username=... "
+            "admin_password=... app_username=... app_password=... host=... port=... database=..."
+        )
+
+    def _login_description(self) -> str:
+        config = self.config
+        if config.auth_method == "approle":
+            return f"AppRole role id {config.role_id}"
+        if config.auth_method == "kubernetes":
+            return f"Kubernetes role {config.kubernetes_role}"
+        return "VAULT_TOKEN"
+
+
+# --- Helpers --------------------------------------------------------------------------------
+
+
+def _transport(config: VaultConfig, endpoint: str, call: Callable[[], Any]) -> Any:
+    """Run one hvac call, mapping the failures that mean "Vault is not there" to
+    VaultUnavailable. Vault's own 4xx answers are left to the caller, which knows what they
+    mean for its endpoint."""
+    where = f"Vault at {config.addr} ({endpoint})"
+    check = "check VAULT_ADDR and that Vault is running and unsealed."
+    try:
+        return call()
+    except requests.exceptions.SSLError:
+        raise VaultUnavailable(
+            f"{where}: TLS verification failed: check VAULT_CACERT and VAULT_ADDR."
+        ) from None
+    except requests.exceptions.Timeout:
+        raise VaultUnavailable(
+            f"{where} did not answer within {config.timeout}s (VAULT_TIMEOUT): {check}"
+        ) from None
+    except requests.exceptions.ConnectionError:
+        raise VaultUnavailable(f"{where} cannot be reached: {check}") from None
+    except requests.exceptions.RequestException as exc:
+        raise VaultUnavailable(
+            f"{where} gave an unusable answer ({type(exc).__name__}): {check}"
+        ) from None
+    except hvac.exceptions.VaultDown as exc:
+        reason = _reason(exc)
+        if "sealed" in reason.lower():
+            raise VaultUnavailable(f"{where}: Vault is sealed; unseal it. {check}") from None
+        raise VaultUnavailable(f"{where} is unavailable (503: {reason}): {check}") from None
+    except (
+        hvac.exceptions.InternalServerError,
+        hvac.exceptions.BadGateway,
+        hvac.exceptions.VaultNotInitialized,
+        hvac.exceptions.RateLimitExceeded,
+        hvac.exceptions.UnexpectedError,
+    ) as exc:
+        raise VaultUnavailable(f"{where} failed ({_reason(exc)}): {check}") from None
+
+
+def _reason(exc: hvac.exceptions.VaultError) -> str:
+    """Vault's own words for an error, on one line, without any registered secret."""
+    if exc.errors:
+        text = "; ".join(str(error) for error in exc.errors)
+    else:
+        text = {
+            hvac.exceptions.InvalidPath: "not found",
+            hvac.exceptions.Forbidden: "permission denied",
+        }.get(type(exc), type(exc).__name__)
+    text = " ".join(text.replace("*", " ").split())
+    return redact(text)[:300]
+
+
+def _auth_lifetime(response: dict) -> tuple[int, int, bool]:
+    """(seconds left, seconds a renewal adds, renewable) of a freshly issued token."""
+    auth = response.get("auth") or {}
+    ttl = int(auth.get("lease_duration") or 0)
+    return ttl, ttl, bool(auth.get("renewable"))
+
+
+def _read_file(path: str, setting: str, what: str) -> str:
+    if not path:
+        raise VaultAuthError(f"{setting} is empty: set it to the file holding {what}.")
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise VaultAuthError(
+            f"Cannot read {what} from {setting} ({path}): {exc.strerror or type(exc).__name__}."
+        ) from None
+
+
+def _normalize_provider(value: str) -> str:
+    value = value.strip().lower()
+    return PROVIDER_ALIASES.get(value, value)
+
+
+def _resolve_provider(full: str, target_provider: str | None, secret_provider: Any) -> str:
+    """The provider, from the target and the secret's ``provider`` key, which must agree."""
+    if target_provider:
+        target_provider = _normalize_provider(target_provider)
+        if target_provider not in PROVIDERS:
+            raise UnknownProvider(
+                f"Unknown provider {target_provider!r} for {full}: use one of "
+                f"{', '.join(PROVIDERS)}."
+            )
+    if secret_provider not in (None, ""):
+        if not isinstance(secret_provider, str) or (
+            _normalize_provider(secret_provider) not in PROVIDERS
+        ):
+            raise SecretIncomplete(
+                f"The secret at {full} has a 'provider' key that is not one of "
+                f"{', '.join(PROVIDERS)}."
+            )
+        secret_provider = _normalize_provider(secret_provider)
+    else:
+        secret_provider = None
+    if target_provider and secret_provider and target_provider != secret_provider:
+        raise SecretIncomplete(
+            f"The target's provider is {target_provider} but the secret at {full} says "
+            f"provider={secret_provider}: correct one of them."
+        )
+    provider = target_provider or secret_provider
+    if not provider:
+        raise SecretIncomplete(
+            f"No provider for {full}: record it on the target or add a 'provider' key "
+            f"({', '.join(PROVIDERS)}) to the secret."
+        )
+    return provider
+
+
+def _require(full: str, data: dict, keys: tuple[str, ...]) -> None:
+    missing = [key for key in keys if not _is_text(data.get(key))]
+    if missing:
+        raise SecretIncomplete(
+            f"The secret at {full} lacks {', '.join(missing)} (each must be non-empty text): "
+            f"add {'it' if len(missing) == 1 else 'them'} with "
+            f"`vault kv patch {full.replace('/data/', '/', 1)} {missing[0]}=...`."
+        )
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _port(full: str, value: Any, default: int) -> int:
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        port = None
+    elif isinstance(value, int):
+        port = value
+    elif isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        port = int(value.strip())
+    else:
+        port = None
+    if port is None or not 1 <= port <= 65535:
+        raise SecretIncomplete(
+            f"The secret at {full} has a 'port' key that is not an integer from 1 to 65535."
+        )
+    return port
+
+
+def _options(full: str, value: Any) -> dict:
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = None
+    if not isinstance(value, dict):
+        raise SecretIncomplete(
+            f"The secret at {full} has an 'options' key that is not a JSON object "
+            '(e.g. {"sslmode": "require"}).'
+        )
+    return dict(value)
+
+
+# --- The process-wide manager ---------------------------------------------------------------
+
+_manager: SecretsManager | None = None
+_manager_pid: int | None = None
+_manager_lock = threading.Lock()
+
+
+def get_secrets_manager() -> SecretsManager:
+    """The process's one SecretsManager (one Vault login per worker process), made on first use
+    from the VAULT_* settings."""
+    global _manager, _manager_pid
+    with _manager_lock:
+        # A forked worker must not share its parent's connections: it makes its own manager.
+        if _manager is None or _manager_pid != os.getpid():
+            _manager = SecretsManager.from_settings()
+            _manager_pid = os.getpid()
+        return _manager
+
+
+def reset_secrets_manager() -> None:
+    """Drop the process's SecretsManager (after a settings change, between tests); the next
+    ``get_secrets_manager()`` logs in again."""
+    global _manager
+    with _manager_lock:
+        if _manager is not None:
+            _manager.close()
+        _manager = None
