@@ -14,6 +14,9 @@ class MigratorError(Exception):
 
     code = "error"
     retryable = False
+    # For a failed upgrade or downgrade, the partial ``migrator.runner.RunResult``: what was
+    # applied before the failure, where the target stands now, the run's log lines.
+    result = None
 
 
 # --- Vault ----------------------------------------------------------------------------------

@@ -8,9 +8,12 @@ Two ways in:
   commands"). Offline (``--sql``) runs get the dialect in ``config.attributes["dialect_name"]``.
 * A migration author runs the plain ``alembic`` CLI against a database of their own:
   ``alembic -x url=postgresql+psycopg://user:pass@localhost/dev upgrade head``
-  (or ``sqlalchemy.url`` in alembic.ini).
+  (or ``sqlalchemy.url`` in alembic.ini). The CLI takes the same target-level lock as the
+  control plane (``migrator.locks``), waiting up to ``MIGRATION_LOCK_TIMEOUT`` seconds (60 by
+  default, from the environment), so an author never migrates a database a worker is migrating.
 """
 
+import os
 from logging.config import fileConfig
 
 from alembic import context
@@ -57,6 +60,8 @@ def run_migrations_offline():
 def run_migrations_online():
     connection = config.attributes.get("connection")
     if connection is not None:
+        # The runner hands over a connection outside any transaction: Alembic opens one per
+        # revision only on a connection that is not already in one.
         context.configure(connection=connection, **_configure_options())
         with context.begin_transaction():
             context.run_migrations()
@@ -67,11 +72,24 @@ def run_migrations_online():
             "No database given: run `alembic -x url=DIALECT+DRIVER://USER:PASS@HOST/DB upgrade "
             "head`, or set sqlalchemy.url in alembic.ini."
         )
+    # Imported here: the control plane's own path above needs none of it.
+    from migrator.engines import make_sqlite_ddl_transactional
+    from migrator.exceptions import TargetLocked
+    from migrator.locks import target_lock
+
     engine = create_engine(url, poolclass=pool.NullPool)
+    if engine.dialect.name == "sqlite":
+        make_sqlite_ddl_transactional(engine)
+    timeout = float(os.environ.get("MIGRATION_LOCK_TIMEOUT", "60"))
     with engine.connect() as conn:
-        context.configure(connection=conn, **_configure_options())
-        with context.begin_transaction():
-            context.run_migrations()
+        name = engine.url.render_as_string(hide_password=True)
+        try:
+            with target_lock(conn, timeout=timeout, target_name=name):
+                context.configure(connection=conn, **_configure_options())
+                with context.begin_transaction():
+                    context.run_migrations()
+        except TargetLocked as exc:
+            raise SystemExit(str(exc)) from None
 
 
 if context.is_offline_mode():

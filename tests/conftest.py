@@ -168,3 +168,26 @@ def vault_manager(vault, settings, vault_requests):
     yield make
     for manager in made:
         manager.close()
+
+
+@pytest.fixture
+def target_for():
+    """Factory: a ``migrator.targets.Target`` reaching a throw-away database as its admin user,
+    built the way the secrets manager builds one from the database's Vault secret."""
+    from migrator.secrets import ConnectionInfo
+    from migrator.targets import Target
+
+    def make(db, name="abc123", **changes):
+        info = {
+            "provider": db.provider,
+            "host": db.host,
+            "port": db.port,
+            "database": db.database,
+            "username": db.admin_username,
+            "password": db.admin_password,
+            "vault_path": f"secret/data/database/{name}",
+        }
+        info.update(changes)
+        return Target(name, ConnectionInfo(**info))
+
+    return make

@@ -111,8 +111,18 @@ class ServerDatabase:
         )
 
 
+PASSWORD_CHECKED_GROUP = "tm_password_checked"
+PG_HBA_RULE = f"host all +{PASSWORD_CHECKED_GROUP} 127.0.0.1/32 scram-sha-256"
+
+
 class PostgresServer:
-    """Creates databases and roles on the real PostgreSQL server through a superuser."""
+    """Creates databases and roles on the real PostgreSQL server through a superuser.
+
+    Test roles are members of ``tm_password_checked``. A local server whose pg_hba.conf trusts
+    every loopback connection would accept any password for them; the rule ``PG_HBA_RULE`` above
+    the trust lines makes their passwords count (``.ci/run`` adds it), so the tests of wrong and
+    odd passwords are real. ``password_auth_enforced()`` tells whether it is in place.
+    """
 
     def __init__(self, url: str):
         parts = urlsplit(url)
@@ -139,6 +149,38 @@ class PostgresServer:
         with self.connect() as conn:
             conn.execute("SELECT 1")
 
+    def ensure_password_group(self, conn):
+        from psycopg import sql
+
+        exists = conn.execute(
+            "SELECT 1 FROM pg_roles WHERE rolname = %s", (PASSWORD_CHECKED_GROUP,)
+        ).fetchone()
+        if not exists:
+            try:
+                conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(PASSWORD_CHECKED_GROUP)))
+            except Exception:  # noqa: BLE001 - created concurrently by another test process
+                pass
+
+    def password_auth_enforced(self) -> bool:
+        """True when a wrong password for a test role is refused by this server."""
+        import psycopg
+
+        db = self.create_database()
+        try:
+            psycopg.connect(
+                host=self.host,
+                port=self.port,
+                user=db.admin_username,
+                password="wrong-" + db.admin_password,
+                dbname=db.database,
+                connect_timeout=5,
+            ).close()
+        except psycopg.OperationalError:
+            return True
+        finally:
+            self.drop_database(db)
+        return False
+
     def create_database(self) -> ServerDatabase:
         from psycopg import sql
 
@@ -153,16 +195,18 @@ class PostgresServer:
             app_password=new_password(),
         )
         with self.connect() as conn:
-            conn.execute(
-                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-                    sql.Identifier(db.admin_username), sql.Literal(db.admin_password)
+            self.ensure_password_group(conn)
+            for role, password in (
+                (db.admin_username, db.admin_password),
+                (db.app_username, db.app_password),
+            ):
+                conn.execute(
+                    sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE {}").format(
+                        sql.Identifier(role),
+                        sql.Literal(password),
+                        sql.Identifier(PASSWORD_CHECKED_GROUP),
+                    )
                 )
-            )
-            conn.execute(
-                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-                    sql.Identifier(db.app_username), sql.Literal(db.app_password)
-                )
-            )
             conn.execute(
                 sql.SQL("CREATE DATABASE {} OWNER {}").format(
                     sql.Identifier(db.database), sql.Identifier(db.admin_username)

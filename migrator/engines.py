@@ -1,0 +1,259 @@
+"""SQLAlchemy engines for target databases, one provider at a time.
+
+``build_url`` turns a ``ConnectionInfo`` (from ``migrator.secrets``) into a SQLAlchemy URL with
+``URL.create``, so user names and passwords with ``@``, ``:``, ``/`` or ``%`` need no quoting.
+``connect`` opens the one connection a migration run uses and maps the driver's connect errors
+to ``DatabaseUnreachable`` or ``DatabaseAuthFailed``, whose messages never contain the password.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from django.conf import settings
+from sqlalchemy import create_engine, event, text
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.pool import NullPool
+
+from migrator.exceptions import DatabaseAuthFailed, DatabaseUnreachable, UnknownProvider
+from migrator.redaction import redact
+
+if TYPE_CHECKING:
+    from migrator.secrets import ConnectionInfo
+    from migrator.targets import Target
+
+DEFAULT_ODBC_DRIVER = "ODBC Driver 18 for SQL Server"
+# FreeTDS speaks TDS 7.4 to every SQL Server since 2012; without it FreeTDS may pick an old one.
+FREETDS_TDS_VERSION = "7.4"
+
+
+@dataclass(frozen=True)
+class Provider:
+    """How the engine reaches one kind of database."""
+
+    name: str  # as recorded on targets and in secrets
+    drivername: str  # SQLAlchemy dialect+driver
+    dialect: str  # SQLAlchemy/Alembic dialect name, for offline SQL
+    connect_args: Callable[[int], dict]  # DBAPI connect() arguments for a connect timeout
+    auth_failed: Callable[[BaseException], bool]  # does this DBAPI error mean "credentials"?
+
+
+def _postgresql_auth_failed(error: BaseException) -> bool:
+    # libpq reports a rejected login only in the message text, not as an SQLSTATE.
+    message = str(error)
+    return getattr(error, "sqlstate", None) in ("28P01", "28000") or any(
+        phrase in message
+        for phrase in ("password authentication failed", "no pg_hba.conf entry", 'role "')
+    )
+
+
+def _mysql_auth_failed(error: BaseException) -> bool:
+    # 1044: access denied to the database, 1045: access denied (password), 1698: plugin auth.
+    return bool(error.args) and error.args[0] in (1044, 1045, 1698)
+
+
+def _mssql_auth_failed(error: BaseException) -> bool:
+    # pyodbc puts the SQLSTATE first; 28000 is "login failed" (error 18456).
+    return (bool(error.args) and error.args[0] == "28000") or "18456" in str(error)
+
+
+PROVIDERS: dict[str, Provider] = {
+    provider.name: provider
+    for provider in (
+        Provider(
+            "postgresql",
+            "postgresql+psycopg",
+            "postgresql",
+            # application_name shows in pg_stat_activity who holds a migration lock.
+            lambda timeout: {"connect_timeout": timeout, "application_name": "tenant-migrations"},
+            _postgresql_auth_failed,
+        ),
+        Provider(
+            "mysql",
+            "mysql+pymysql",
+            "mysql",
+            lambda timeout: {"connect_timeout": timeout},
+            _mysql_auth_failed,
+        ),
+        Provider(
+            "sqlserver",
+            "mssql+pyodbc",
+            "mssql",
+            # pyodbc's ``timeout`` keyword sets the ODBC login timeout (SQL_ATTR_LOGIN_TIMEOUT).
+            lambda timeout: {"timeout": timeout},
+            _mssql_auth_failed,
+        ),
+        Provider(
+            "sqlite",
+            "sqlite+pysqlite",
+            "sqlite",
+            # For SQLite the only wait is for another writer's lock on the file.
+            lambda timeout: {"timeout": timeout},
+            lambda error: False,
+        ),
+    )
+}
+
+
+def get_provider(name: str) -> Provider:
+    """The provider registered as ``name`` (or whose SQLAlchemy dialect is ``name``, such as
+    ``mssql``); raises ``UnknownProvider`` naming the known ones."""
+    if name in PROVIDERS:
+        return PROVIDERS[name]
+    for provider in PROVIDERS.values():
+        if provider.dialect == name:
+            return provider
+    raise UnknownProvider(f"Unknown database provider {name!r}: use one of {', '.join(PROVIDERS)}.")
+
+
+def build_url(info: ConnectionInfo) -> URL:
+    """The SQLAlchemy URL for ``info``; ``info.options`` become query parameters (``sslmode``).
+
+    Render it only with ``url.render_as_string(hide_password=True)``.
+    """
+    provider = get_provider(info.provider)
+    query = {str(key): str(value) for key, value in info.options.items()}
+    if provider.name == "sqlite":
+        return URL.create(provider.drivername, database=info.database, query=query)
+    if provider.name == "sqlserver":
+        driver = info.driver or settings.MSSQL_ODBC_DRIVER or DEFAULT_ODBC_DRIVER
+        query.setdefault("driver", driver)
+        if "freetds" in query["driver"].lower():
+            query.setdefault("TDS_Version", FREETDS_TDS_VERSION)
+    return URL.create(
+        provider.drivername,
+        username=info.username,
+        password=info.password.reveal() if info.password is not None else None,
+        host=info.host,
+        port=info.port,
+        database=info.database,
+        query=query,
+    )
+
+
+def build_engine(info: ConnectionInfo) -> Engine:
+    """An engine for ``info`` without a pool (each run opens one connection and closes it),
+    with the driver's connect timeout set to ``DATABASE_CONNECT_TIMEOUT`` seconds."""
+    provider = get_provider(info.provider)
+    engine = create_engine(
+        build_url(info),
+        poolclass=NullPool,
+        connect_args=provider.connect_args(settings.DATABASE_CONNECT_TIMEOUT),
+    )
+    if provider.name == "sqlite":
+        make_sqlite_ddl_transactional(engine)
+    return engine
+
+
+def prepare_session(connection: Connection) -> None:
+    """Session settings for a migration run, set after the target lock is held.
+
+    PostgreSQL: ``lock_timeout`` and ``statement_timeout`` from MIGRATION_PG_LOCK_TIMEOUT and
+    MIGRATION_PG_STATEMENT_TIMEOUT, so a revision waiting on a lock held by live traffic gives up
+    instead of queueing everybody behind it. Session-level (``set_config(..., false)``, not SET
+    LOCAL): they must outlive each revision's own transaction.
+    """
+    if connection.dialect.name != "postgresql":
+        return
+    for name, value in (
+        ("lock_timeout", settings.MIGRATION_PG_LOCK_TIMEOUT),
+        ("statement_timeout", settings.MIGRATION_PG_STATEMENT_TIMEOUT),
+    ):
+        connection.execute(
+            text("SELECT set_config(:name, :value, false)"), {"name": name, "value": str(value)}
+        )
+    connection.commit()
+
+
+def make_sqlite_ddl_transactional(engine: Engine) -> None:
+    """Let SQLite DDL take part in transactions, so that a failing revision rolls back whole.
+
+    Python's sqlite3 module (before 3.12's ``autocommit``) opens transactions only before
+    INSERT/UPDATE/DELETE and so commits a CREATE TABLE at once. This is SQLAlchemy's documented
+    recipe: turn the module's own handling off and emit BEGIN ourselves.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_transactions(dbapi_connection, connection_record):
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection):
+        connection.exec_driver_sql("BEGIN")
+
+
+@contextmanager
+def connect(target: Target) -> Iterator[Connection]:
+    """Open the connection to ``target``'s database as its admin user; closed on exit.
+
+    Raises ``DatabaseAuthFailed`` when the database rejects the credentials and
+    ``DatabaseUnreachable`` when it cannot be reached within ``DATABASE_CONNECT_TIMEOUT``.
+    """
+    engine = build_engine(target.connection)
+    try:
+        try:
+            connection = engine.connect()
+        except sa_exc.DBAPIError as exc:
+            raise connect_error(target, exc) from None
+        with connection:
+            yield connection
+    finally:
+        engine.dispose()
+
+
+def connect_error(
+    target: Target, error: sa_exc.DBAPIError
+) -> DatabaseAuthFailed | DatabaseUnreachable:
+    """The engine's exception for a failed connect to ``target``, with what to check."""
+    info = target.connection
+    provider = get_provider(info.provider)
+    reason = error_reason(error, info)
+    if provider.name == "sqlite":
+        return DatabaseUnreachable(
+            f"Cannot open the SQLite database of {target.name} at {info.database} ({reason}): "
+            f"check the 'database' path in the Vault secret at {info.vault_path} and that the "
+            "control plane may read and write that file and its directory."
+        )
+    where = f"{info.host}:{info.port}" if info.port else f"{info.host}"
+    if provider.auth_failed(error.orig):
+        return DatabaseAuthFailed(
+            f"The database of {target.name} at {where} rejected user {info.username!r} "
+            f"({reason}). Check the admin credentials in the Vault secret at {info.vault_path}: "
+            f"the password may have been rotated, or the user may not be allowed to connect to "
+            f"database {info.database!r}."
+        )
+    return DatabaseUnreachable(
+        f"Cannot connect to the database of {target.name} at {where} ({reason}), gave up after "
+        f"at most {settings.DATABASE_CONNECT_TIMEOUT}s (DATABASE_CONNECT_TIMEOUT). Check that the "
+        f"host, port and database in the Vault secret at {info.vault_path} are right, that the "
+        "server is running, and that the control plane can reach it (DNS, firewall)."
+    )
+
+
+def error_reason(error: BaseException, info: ConnectionInfo | None = None) -> str:
+    """The driver's own words for ``error`` on one short line, without any secret value.
+
+    For an error that did not come from the driver, the exception's type and message.
+    """
+    if isinstance(error, sa_exc.DBAPIError):
+        args = error.orig.args
+        if len(args) >= 2 and isinstance(args[0], int) and isinstance(args[1], str):
+            text = f"{args[1]} ({args[0]})"  # PyMySQL: (code, message)
+        elif len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+            text = f"{args[1]} (SQLSTATE {args[0]})"  # pyodbc: (sqlstate, message)
+        else:
+            text = str(error.orig)
+    else:
+        text = f"{type(error).__name__}: {error}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    # libpq prefixes the part that matters with the server address it already reported.
+    text = re.sub(r"^connection failed: ", "", text)
+    if info is not None and info.password is not None and info.password.reveal():
+        text = text.replace(info.password.reveal(), "**redacted**")
+    return redact(text)[:500]

@@ -1,0 +1,177 @@
+"""The target-level migration lock: at most one migration run per target database at a time.
+
+The lock lives on the target itself, so it holds between control planes, worker processes and a
+migration author's ``alembic`` CLI (``tenant_migrations/env.py`` takes the same lock). Each
+provider uses its own session-level lock, which the server releases by itself when the
+connection dies, so a killed worker never leaves a target locked:
+
+* PostgreSQL: ``pg_advisory_lock(key)``, the wait bounded by ``lock_timeout``.
+* MySQL/MariaDB: ``GET_LOCK(name, timeout)``.
+* SQL Server: ``sp_getapplock`` with ``@LockOwner = 'Session'``.
+* SQLite: an exclusive ``flock`` on a file next to the database (see ``_sqlite``).
+
+This module needs no Django settings: the caller passes the timeout.
+"""
+
+import hashlib
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+from migrator.exceptions import TargetLocked
+
+try:
+    import fcntl
+except ImportError:  # Windows: a migration author's own machine, nothing to guard against.
+    fcntl = None
+
+LOCK_NAMESPACE = "tenant_migrations"
+
+# pg_advisory_lock takes one bigint; derive it from the namespace so that it does not collide
+# with advisory locks an application takes for its own purposes.
+PG_LOCK_KEY = int.from_bytes(
+    hashlib.sha256(LOCK_NAMESPACE.encode()).digest()[:8], "big", signed=True
+)
+_PG_LOCK_NOT_AVAILABLE = "55P03"
+_MYSQL_MAX_LOCK_NAME = 64
+_SQLITE_POLL_SECONDS = 0.1
+
+
+@contextmanager
+def target_lock(connection: Connection, *, timeout: float, target_name: str) -> Iterator[None]:
+    """Hold the migration lock of the database behind ``connection`` for the ``with`` block.
+
+    Waits up to ``timeout`` seconds for a run elsewhere to finish, then raises ``TargetLocked``.
+    Leaves ``connection`` outside any transaction both on entry to the block and on exit, so
+    Alembic can open one transaction per revision.
+    """
+    take = _LOCKS.get(connection.dialect.name, _no_lock)
+    release = take(connection, timeout)
+    if release is None:
+        raise TargetLocked(
+            f"Target {target_name} is locked by another run (another worker, control plane or an "
+            f"`alembic` command); waited {timeout:g}s. Try again once that run has finished."
+        )
+    connection.commit()
+    try:
+        yield
+    finally:
+        try:
+            # A failed revision may leave the connection in an aborted transaction.
+            if connection.in_transaction():
+                connection.rollback()
+            release()
+            connection.commit()
+        except sa_exc.DBAPIError:
+            # The connection is gone; the server released the session lock with it.
+            pass
+
+
+Release = Callable[[], None]
+
+
+def _postgresql(connection: Connection, timeout: float) -> Release | None:
+    # A session-level advisory lock outlives the per-revision transactions. The wait is bounded
+    # by lock_timeout rather than by polling pg_try_advisory_lock, so waiting runs queue fairly.
+    key = {"key": PG_LOCK_KEY}
+    if timeout <= 0:
+        got = connection.execute(text("SELECT pg_try_advisory_lock(:key)"), key).scalar()
+    else:
+        previous = connection.execute(text("SELECT current_setting('lock_timeout')")).scalar()
+        _set_pg(connection, "lock_timeout", f"{math.ceil(timeout * 1000)}ms")
+        try:
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), key)
+        except sa_exc.OperationalError as exc:
+            if getattr(exc.orig, "sqlstate", None) != _PG_LOCK_NOT_AVAILABLE:
+                raise
+            # The rollback also undoes set_config above: SET follows transaction semantics.
+            connection.rollback()
+            return None
+        _set_pg(connection, "lock_timeout", previous)
+        got = True
+    if not got:
+        return None
+    return lambda: connection.execute(text("SELECT pg_advisory_unlock(:key)"), key)
+
+
+def _set_pg(connection: Connection, name: str, value: str) -> None:
+    # set_config(..., false) is SET (session), not SET LOCAL, and takes bind parameters.
+    connection.execute(
+        text("SELECT set_config(:name, :value, false)"), {"name": name, "value": value}
+    )
+
+
+def _mysql(connection: Connection, timeout: float) -> Release | None:
+    # GET_LOCK names are server-wide, not per database: the name carries the database.
+    database = connection.execute(text("SELECT DATABASE()")).scalar() or ""
+    name = f"{LOCK_NAMESPACE}:{database}"
+    if len(name) > _MYSQL_MAX_LOCK_NAME:
+        name = f"{LOCK_NAMESPACE}:{hashlib.sha256(database.encode()).hexdigest()[:40]}"
+    got = connection.execute(
+        text("SELECT GET_LOCK(:name, :timeout)"),
+        {"name": name, "timeout": max(0, math.ceil(timeout))},
+    ).scalar()
+    if got != 1:
+        return None
+    return lambda: connection.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": name})
+
+
+def _mssql(connection: Connection, timeout: float) -> Release | None:
+    # Application locks are scoped to the current database; status 0 or 1 means granted.
+    status = connection.execute(
+        text(
+            "SET NOCOUNT ON; DECLARE @status int; "
+            "EXEC @status = sp_getapplock @Resource = :resource, @LockMode = 'Exclusive', "
+            "@LockOwner = 'Session', @LockTimeout = :timeout_ms; "
+            "SELECT @status"
+        ),
+        {"resource": LOCK_NAMESPACE, "timeout_ms": max(0, math.ceil(timeout * 1000))},
+    ).scalar()
+    if status is None or status < 0:
+        return None
+    return lambda: connection.execute(
+        text("EXEC sp_releaseapplock @Resource = :resource, @LockOwner = 'Session'"),
+        {"resource": LOCK_NAMESPACE},
+    )
+
+
+def _sqlite(connection: Connection, timeout: float) -> Release | None:
+    # Not BEGIN EXCLUSIVE: with one transaction per revision that lock would end at the first
+    # revision's COMMIT, and another run could start between two revisions. A lock file is held
+    # for the whole run; SQLite databases are local files, so every process that can open the
+    # database can see the lock. In-memory databases are private to their connection.
+    database = connection.engine.url.database
+    if fcntl is None or not database or database == ":memory:" or "mode=memory" in database:
+        return _no_lock(connection, timeout)
+    fd = os.open(f"{os.path.abspath(database)}.migration-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                return None
+            time.sleep(_SQLITE_POLL_SECONDS)
+        else:
+            return lambda: os.close(fd)  # closing the descriptor releases the lock
+
+
+def _no_lock(connection: Connection, timeout: float) -> Release:
+    # Dialects without a lock here (none that the control plane supports) run unguarded.
+    return lambda: None
+
+
+_LOCKS = {
+    "postgresql": _postgresql,
+    "mysql": _mysql,
+    "mariadb": _mysql,
+    "mssql": _mssql,
+    "sqlite": _sqlite,
+}

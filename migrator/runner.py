@@ -1,0 +1,499 @@
+"""Alembic verbs on one target database: upgrade, downgrade, current, pending, sql_preview.
+
+Each verb is one short function over Alembic's nouns (``ScriptDirectory``,
+``EnvironmentContext`` around ``env.py``, ``MigrationContext``) and returns a dataclass. The live
+connection reaches ``env.py`` through ``Config.attributes["connection"]`` (Alembic's cookbook
+recipe); no URL is ever rendered and parsed again.
+
+Alembic is not thread-safe: ``alembic.context`` and ``alembic.op`` are module-level proxies, and
+two runs in two threads of one process corrupt each other (``KeyError: 'config'``). A module-level
+lock therefore serializes every verb within a process. Parallelism comes from processes
+(django-q2 workers, a process pool), never from threads.
+
+A run, for one target:
+
+1. opens one connection (``migrator.engines.connect``) and reads ``alembic_version``, without
+   any lock: a target that is already at the requested revision costs one query and no lock;
+2. otherwise takes the target-level lock (``migrator.locks``: ``pg_advisory_lock``,
+   ``GET_LOCK``, ``sp_getapplock`` or a lock file), waiting up to MIGRATION_LOCK_TIMEOUT seconds
+   (``TargetLocked`` after that);
+3. runs ``env.py``, where Alembic reads ``alembic_version`` again under the lock (another run may
+   have done the work meanwhile) and applies what is still pending, one transaction per
+   revision, so a failing revision leaves the target at the last revision that completed;
+4. releases the lock (the database also releases it if the connection dies).
+"""
+
+import io
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alembic.config import Config
+from alembic.runtime.environment import EnvironmentContext
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.script import revision as alembic_revision
+from alembic.util import CommandError
+from django.conf import settings
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection
+
+from migrator import engines, locks
+from migrator.exceptions import (
+    MigrationError,
+    MigrationFailed,
+    MigratorError,
+    MultipleHeads,
+    RevisionNotFound,
+)
+from migrator.targets import Target
+
+logger = logging.getLogger("migrator.runner")
+
+UPGRADE = "upgrade"
+DOWNGRADE = "downgrade"
+
+_alembic_lock = threading.Lock()
+_script_directories: dict[str, ScriptDirectory] = {}
+
+
+@dataclass
+class RunResult:
+    """What one upgrade or downgrade did to one target.
+
+    Revisions are Alembic revision ids; ``None`` means an empty database (base), and several
+    heads are joined with ``,``. ``applied`` lists the revisions applied (for a downgrade: the
+    revisions reverted) in the order they ran.
+    """
+
+    target: str
+    kind: str  # "upgrade" or "downgrade"
+    revision_before: str | None = None
+    revision_after: str | None = None
+    applied: list[str] = field(default_factory=list)
+    duration_ms: int = 0
+    log: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RevisionState:
+    """Where one target stands, next to the heads of the script directory."""
+
+    target: str
+    revisions: tuple[str, ...]  # as recorded in the target's alembic_version; () when empty
+    heads: tuple[str, ...]  # of the script directory
+
+    @property
+    def revision(self) -> str | None:
+        return _as_revision(self.revisions)
+
+    @property
+    def up_to_date(self) -> bool:
+        return set(self.revisions) == set(self.heads)
+
+
+@dataclass(frozen=True)
+class PendingResult:
+    """The revisions an upgrade of one target to ``destination`` would apply, in order."""
+
+    target: str
+    current: str | None
+    destination: str
+    revisions: list[str]
+
+    @property
+    def count(self) -> int:
+        return len(self.revisions)
+
+
+@dataclass(frozen=True)
+class SqlPreview:
+    """The SQL an upgrade from ``from_revision`` (None: an empty database) to ``to_revision``
+    would run on a database of ``dialect`` (Alembic's offline mode, no connection)."""
+
+    dialect: str
+    from_revision: str | None
+    to_revision: str
+    revisions: list[str]
+    sql: str
+
+
+# --- Verbs ------------------------------------------------------------------------------------
+
+
+def upgrade(target: Target, revision: str = "head", *, script_location=None) -> RunResult:
+    """Upgrade ``target`` to ``revision`` ("head", a revision id, or relative like "+1").
+
+    Takes the target-level lock only when something is pending. Raises a ``MigratorError``
+    subclass carrying the partial ``RunResult`` as ``.result``: ``MigrationFailed`` when a
+    revision raised (the target stays at the last revision that completed), ``TargetLocked``,
+    ``DatabaseUnreachable``, ``DatabaseAuthFailed``, ``RevisionNotFound``, ``MultipleHeads``.
+    """
+    return _run(target, UPGRADE, revision, script_location)
+
+
+def downgrade(target: Target, revision: str, *, script_location=None) -> RunResult:
+    """Downgrade ``target`` to ``revision`` (a revision id, "base", or relative like "-1").
+
+    Same locking, result and errors as ``upgrade``.
+    """
+    return _run(target, DOWNGRADE, revision, script_location)
+
+
+def current(target: Target, *, script_location=None) -> RevisionState:
+    """Read the revision(s) recorded in ``target``'s ``alembic_version`` table (no lock)."""
+    with _alembic_lock:
+        script = script_directory(script_location)
+        with _database_errors(target), engines.connect(target) as connection:
+            revisions = _read_revisions(connection)
+        return RevisionState(target.name, revisions, tuple(script.get_heads()))
+
+
+def pending(target: Target, revision: str = "head", *, script_location=None) -> PendingResult:
+    """The revisions ``upgrade(target, revision)`` would apply now, in order (no lock)."""
+    with _alembic_lock:
+        script = script_directory(script_location)
+        with _database_errors(target), engines.connect(target) as connection:
+            revisions = _read_revisions(connection)
+        steps = _plan(script, UPGRADE, revision, revisions)
+        return PendingResult(
+            target.name, _as_revision(revisions), revision, [_step_id(step) for step in steps]
+        )
+
+
+def sql_preview(
+    target_or_provider: Target | str,
+    from_rev: str | None = None,
+    to_rev: str = "head",
+    *,
+    script_location=None,
+) -> SqlPreview:
+    """The SQL of an upgrade from ``from_rev`` (None: an empty database) to ``to_rev``, rendered
+    by Alembic's offline mode for the dialect of a target or of a provider name ("postgresql",
+    "mysql", "sqlserver" or "mssql", "sqlite"). Needs no connection."""
+    provider = (
+        target_or_provider.provider
+        if isinstance(target_or_provider, Target)
+        else target_or_provider
+    )
+    dialect = engines.get_provider(provider).dialect
+    with _alembic_lock:
+        script = script_directory(script_location)
+        planned: list[str] = []
+
+        def steps(revisions, context):
+            found = _plan(script, UPGRADE, to_rev, revisions)
+            planned.extend(_step_id(step) for step in found)
+            return found
+
+        buffer = io.StringIO()
+        config = _config(script, output_buffer=buffer, dialect_name=dialect)
+        with EnvironmentContext(
+            config,
+            script,
+            fn=steps,
+            as_sql=True,
+            starting_rev=from_rev,
+            destination_rev=to_rev,
+        ):
+            script.run_env()
+        return SqlPreview(dialect, from_rev, to_rev, planned, buffer.getvalue())
+
+
+def heads(*, script_location=None) -> tuple[str, ...]:
+    """The head revision(s) of the script directory."""
+    with _alembic_lock:
+        return tuple(script_directory(script_location).get_heads())
+
+
+# --- The script directory, loaded once per process -------------------------------------------
+
+
+def script_directory(script_location=None) -> ScriptDirectory:
+    """The ``ScriptDirectory`` at ``script_location`` (default: TENANT_MIGRATIONS_DIR), read
+    from disk once per process and location; Alembic then keeps its revision map in memory."""
+    location = str(Path(script_location or settings.TENANT_MIGRATIONS_DIR).resolve())
+    script = _script_directories.get(location)
+    if script is None:
+        config = Config()
+        config.set_main_option("script_location", location)
+        script = _script_directories[location] = ScriptDirectory.from_config(config)
+    return script
+
+
+def reset() -> None:
+    """Forget the loaded script directories (tests, or after new revision files were deployed
+    into a running process)."""
+    with _alembic_lock:
+        _script_directories.clear()
+
+
+def _config(script: ScriptDirectory, output_buffer=None, **attributes) -> Config:
+    # A Config per run, because it carries the run's connection to env.py. It reads no file, so
+    # building it costs nothing; what is worth caching is the ScriptDirectory.
+    config = Config(output_buffer=output_buffer, attributes=attributes)
+    config.set_main_option("script_location", script.dir)
+    return config
+
+
+# --- One run ----------------------------------------------------------------------------------
+
+
+class _Run:
+    """The log lines, timing and progress of one upgrade or downgrade."""
+
+    def __init__(self, target: Target, kind: str):
+        self.target = target
+        self.kind = kind
+        self.started = time.monotonic()
+        self.result = RunResult(target=target.name, kind=kind)
+        self.running: str | None = None  # the revision being applied right now
+
+    def say(self, message: str, level=logging.INFO) -> None:
+        logger.log(level, "%s", message)
+        self.result.log.append(message)
+
+    def stood(self, revisions: tuple[str, ...], *, before=False) -> None:
+        if before:
+            self.result.revision_before = _as_revision(revisions)
+        self.result.revision_after = _as_revision(revisions)
+
+    def finish(self) -> RunResult:
+        self.result.duration_ms = int((time.monotonic() - self.started) * 1000)
+        return self.result
+
+
+def _run(target: Target, kind: str, destination: str, script_location) -> RunResult:
+    name = target.name
+    run = _Run(target, kind)
+    with _alembic_lock:
+        script = script_directory(script_location)
+        if kind == UPGRADE:
+            run.say(f"Starting migration for tenant {name}")
+        else:
+            run.say(f"Starting downgrade to {destination} for tenant {name}")
+        try:
+            with _database_errors(target), engines.connect(target) as connection:
+                revisions = _read_revisions(connection)
+                run.stood(revisions, before=True)
+                if _plan(script, kind, destination, revisions):
+                    _apply(run, script, connection, destination)
+                else:
+                    run.say(_found_line(kind, 0, name))
+        except MigratorError as exc:
+            failed = f" at revision {run.running}" if run.running else ""
+            noun = "Migration" if kind == UPGRADE else "Downgrade"
+            run.say(f"{noun} failed for tenant {name}{failed}: {exc}", logging.ERROR)
+            exc.result = run.finish()
+            raise
+    result = run.finish()
+    verb = "applied" if kind == UPGRADE else "reverted"
+    run.say(
+        f"Successfully {verb} {len(result.applied)} migrations for tenant {name} "
+        f"in {result.duration_ms}ms"
+    )
+    return result
+
+
+def _apply(run: _Run, script: ScriptDirectory, connection: Connection, destination: str) -> None:
+    """Lock the target and run env.py on ``connection``; Alembic re-reads the version under the
+    lock and applies what is still pending."""
+
+    def steps(revisions, context):
+        # Alembic asks for the steps after reading alembic_version under the lock, and runs
+        # each step (its own transaction, committed) before asking for the next one.
+        run.stood(revisions, before=True)
+        planned = _plan(script, run.kind, destination, revisions)
+        run.say(_found_line(run.kind, len(planned), run.target.name))
+        for step in planned:
+            run.running = _step_id(step)
+            yield step
+            run.result.applied.append(run.running)
+            run.running = None
+
+    with locks.target_lock(
+        connection, timeout=settings.MIGRATION_LOCK_TIMEOUT, target_name=run.target.name
+    ):
+        engines.prepare_session(connection)
+        config = _config(script, connection=connection)
+        try:
+            with (
+                _alembic_log_into(run.result.log),
+                EnvironmentContext(config, script, fn=steps, destination_rev=destination),
+            ):
+                script.run_env()
+        except Exception as exc:
+            stands_now = _read_revisions_after(connection)
+            if stands_now is not None:
+                run.stood(stands_now)
+            if isinstance(exc, MigratorError):
+                raise
+            raise _failure(run, stands_now, exc) from exc
+        run.stood(_read_revisions(connection))
+
+
+def _failure(run: _Run, stands_now: tuple[str, ...] | None, error: Exception) -> MigrationError:
+    """The exception for an error raised while Alembic ran, with where the target stands now."""
+    reason = engines.error_reason(error, run.target.connection)
+    if run.running is None:
+        return MigrationError(f"Migrating {run.target.name} failed: {reason}")
+    stands = _describe(stands_now)
+    verb = "Applying" if run.kind == UPGRADE else "Reverting"
+    message = (
+        f"{verb} revision {run.running} failed on {run.target.name}: {reason}. "
+        f"The database stands at {stands}, the last revision that completed"
+    )
+    if run.target.provider == "mysql":
+        message += (
+            f". MySQL and MariaDB commit each DDL statement at once, so {run.running} may be "
+            f"partly applied: compare the schema with what {run.running} does, undo the steps "
+            "that went through, then run the migration again."
+        )
+    else:
+        message += f"; nothing of {run.running} was kept. Fix the revision, then run it again."
+    return MigrationFailed(
+        message, failed_revision=run.running, current_revision=_as_revision(stands_now)
+    )
+
+
+def _found_line(kind: str, count: int, name: str) -> str:
+    if kind == UPGRADE:
+        return f"Found {count} pending migrations for tenant {name}"
+    return f"Found {count} migrations to revert for tenant {name}"
+
+
+# --- Revisions --------------------------------------------------------------------------------
+
+
+def _read_revisions(connection: Connection) -> tuple[str, ...]:
+    """The revisions in ``alembic_version`` (empty when the table does not exist yet). Leaves
+    the connection outside any transaction."""
+    if connection.in_transaction():
+        connection.rollback()
+    revisions = MigrationContext.configure(connection).get_current_heads()
+    connection.rollback()
+    return tuple(revisions)
+
+
+def _read_revisions_after(connection: Connection) -> tuple[str, ...] | None:
+    # After a failure the connection itself may be gone: then where the target stands is unknown.
+    try:
+        return _read_revisions(connection)
+    except sa_exc.DBAPIError:
+        return None
+
+
+def _plan(script: ScriptDirectory, kind: str, destination: str, revisions: tuple[str, ...]):
+    """Alembic's steps from ``revisions`` to ``destination``, in the order they would run."""
+    with _revision_errors(script, revisions, destination):
+        if kind == UPGRADE:
+            return script._upgrade_revs(destination, revisions)
+        return script._downgrade_revs(destination, revisions)
+
+
+def _step_id(step) -> str:
+    return step.revision.revision
+
+
+@contextmanager
+def _revision_errors(
+    script: ScriptDirectory, revisions: tuple[str, ...], destination: str
+) -> Iterator[None]:
+    """Map Alembic's revision errors to the engine's exceptions, with what to do."""
+    heads = ", ".join(script.get_heads()) or "none"
+    try:
+        yield
+    except CommandError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, alembic_revision.MultipleHeads):
+            raise MultipleHeads(
+                f"The script directory has several heads ({', '.join(cause.heads)}) and "
+                f"{cause.argument!r} names none of them in particular: ask for 'heads' to "
+                "upgrade every branch, or for one of those revisions."
+            ) from None
+        if isinstance(cause, alembic_revision.ResolutionError):
+            if cause.argument in revisions:
+                raise RevisionNotFound(
+                    f"The database is at revision {cause.argument}, which the script directory "
+                    f"({script.dir}) does not have: deploy the code that has it (head here: "
+                    f"{heads})."
+                ) from None
+            raise RevisionNotFound(
+                f"Unknown revision {cause.argument!r}: the script directory ({script.dir}) has "
+                f"head {heads}. Ask for 'head', a revision id, 'base', or a relative one such "
+                "as '-1'."
+            ) from None
+        if re.fullmatch(r"[-+]\d+", destination.split("@")[-1]):
+            direction = "below" if "-" in destination else "above"
+            raise MigrationError(
+                f"Cannot go to {destination!r}: the database stands at {_describe(revisions)}, and "
+                f"there are not that many revisions {direction} it (head: {heads})."
+            ) from None
+        raise MigrationError(
+            f"{exc} (the database is at {_describe(revisions)}; head: {heads})"
+        ) from None
+
+
+@contextmanager
+def _database_errors(target: Target) -> Iterator[None]:
+    """Driver errors outside of a revision (reading alembic_version, taking the lock)."""
+    try:
+        yield
+    except sa_exc.DBAPIError as exc:
+        reason = engines.error_reason(exc, target.connection)
+        raise MigrationError(f"Database error on {target.name}: {reason}") from None
+
+
+def _as_revision(revisions) -> str | None:
+    if not revisions:
+        return None
+    return ",".join(revisions)
+
+
+def _describe(revisions) -> str:
+    if revisions is None:
+        return "an unknown revision (the connection was lost)"
+    return _as_revision(revisions) or "base (no revision applied)"
+
+
+# --- Alembic's own log lines ------------------------------------------------------------------
+
+_ALEMBIC_LOGGER = "alembic.runtime.migration"
+
+
+class _Collect(logging.Handler):
+    """Copies each Alembic record into a run's log, and passes on to the usual handlers only the
+    records the logging configuration lets through (the project sets ``alembic`` to WARNING)."""
+
+    def __init__(self, lines: list[str], passes: int, parent: logging.Logger):
+        super().__init__(logging.INFO)
+        self.lines = lines
+        self.passes = passes
+        self.parent = parent
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+        if record.levelno >= self.passes:
+            self.parent.handle(record)
+
+
+@contextmanager
+def _alembic_log_into(lines: list[str]) -> Iterator[None]:
+    """Collect Alembic's INFO lines ("Running upgrade a -> b") into ``lines`` for the block."""
+    alembic_logger = logging.getLogger(_ALEMBIC_LOGGER)
+    saved = alembic_logger.level, alembic_logger.propagate
+    handler = _Collect(lines, alembic_logger.getEffectiveLevel(), alembic_logger.parent)
+    alembic_logger.addHandler(handler)
+    alembic_logger.setLevel(logging.INFO)
+    alembic_logger.propagate = False
+    try:
+        yield
+    finally:
+        alembic_logger.removeHandler(handler)
+        alembic_logger.setLevel(saved[0])
+        alembic_logger.propagate = saved[1]

@@ -1,0 +1,25 @@
+"""Test revision s002_sleepy: signals that it runs, then holds the run (and its lock) a while."""
+
+import os
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "s002_sleepy"
+down_revision = "s001_first"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table("sleepy_things", sa.Column("id", sa.Integer(), primary_key=True))
+    signal = os.environ.get("MIGRATOR_TEST_SIGNAL")
+    if signal:
+        Path(signal).touch()
+    time.sleep(float(os.environ.get("MIGRATOR_TEST_SLEEP", "0")))
+
+
+def downgrade() -> None:
+    op.drop_table("sleepy_things")
