@@ -44,7 +44,9 @@ class Dispatch:
         if self.run is None:
             return f"Not queued for {self.target.name}: {self.reason}."
         if self.created:
-            return f"Run #{self.run.pk} queued for {self.target.name} ({self.run.requested_revision})."
+            return (
+                f"Run #{self.run.pk} queued for {self.target.name} ({self.run.requested_revision})."
+            )
         return (
             f"Run #{self.run.pk} for {self.target.name} is already {self.run.status}; "
             "no second migration was started."
