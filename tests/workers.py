@@ -69,7 +69,9 @@ def qcluster(env, log_path=None):
         yield process
     finally:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
+            # The cluster's main process stops its own workers; signalling the whole group at
+            # once makes django-q2's sentinel wait for children that are already gone.
+            process.send_signal(signal.SIGTERM)
             try:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:

@@ -238,7 +238,8 @@ class Command(BaseCommand):
     def _stop_children(self):
         for child in reversed(self.children):
             if child.poll() is None:
-                os.killpg(child.pid, signal.SIGTERM)
+                # Each child stops its own children (django-q2's cluster its workers).
+                child.send_signal(signal.SIGTERM)
         for child in reversed(self.children):
             try:
                 child.wait(timeout=10)
