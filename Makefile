@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml
 
 ## demo: the whole product on embedded defaults (SQLite, a local OpenBao dev server, demo tenants)
 demo: $(BIN)/.installed
-	$(BIN)/python manage.py demo
+	DEBUG=true $(BIN)/python manage.py demo
 
 run: demo
 

@@ -30,6 +30,9 @@ SHARED_TENANTS = ("small-shop", "corner-cafe", "tiny-startup")
 
 
 class Command(BaseCommand):
+    # The demo supplies its own development settings (DEBUG, a key, its Vault) to the processes
+    # it starts; it must not be stopped by checks that would fail on a bare machine.
+    requires_system_checks = []
     help = (
         "Run the demo: SQLite control plane, a local OpenBao dev server (unless VAULT_ADDR is "
         "set), demo tenants, a django-q2 worker and the web server. Ctrl-C stops everything."
