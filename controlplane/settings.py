@@ -147,6 +147,15 @@ MIGRATION_PG_LOCK_TIMEOUT = env.str("MIGRATION_PG_LOCK_TIMEOUT", default="5s")
 MIGRATION_PG_STATEMENT_TIMEOUT = env.str("MIGRATION_PG_STATEMENT_TIMEOUT", default="15min")
 # ODBC driver for SQL Server targets whose secret does not name one.
 MSSQL_ODBC_DRIVER = env.str("MSSQL_ODBC_DRIVER", default="ODBC Driver 18 for SQL Server")
+# A running run writes a heartbeat this often; one silent for RUN_STALE_AFTER_SECONDS is taken
+# as abandoned (its worker was killed) by the recovery schedule and `migrate_tenants --recover`.
+RUN_HEARTBEAT_SECONDS = env.int("RUN_HEARTBEAT_SECONDS", default=15)
+RUN_STALE_AFTER_SECONDS = env.int("RUN_STALE_AFTER_SECONDS", default=120)
+# A run that fails with a retryable error (Vault or database unreachable, target locked) is
+# tried again, up to RUN_MAX_ATTEMPTS in all, waiting RUN_RETRY_BACKOFF_SECONDS, then twice
+# that, and so on.
+RUN_MAX_ATTEMPTS = env.int("RUN_MAX_ATTEMPTS", default=3)
+RUN_RETRY_BACKOFF_SECONDS = env.int("RUN_RETRY_BACKOFF_SECONDS", default=30)
 # The longest one migration task may run; the queue's timeout and retry follow from it.
 MIGRATION_TASK_TIMEOUT = env.int("MIGRATION_TASK_TIMEOUT", default=3600)
 

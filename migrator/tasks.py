@@ -7,10 +7,16 @@ is process-global, so each worker process runs one migration at a time.
 """
 
 import logging
+import threading
 import time
+from contextlib import contextmanager
+
+from django.conf import settings
+from django.db import connections
 
 from migrator import runner
 from migrator.exceptions import DatabaseAuthFailed, MigratorError
+from migrator.redaction import redact
 from migrator.secrets import get_secrets_manager
 from migrator.targets import Target
 
@@ -22,7 +28,9 @@ def run_migration(run_id):
 
     Returns early when the run is no longer queued (cancelled, or already taken by another
     worker). Never raises for a migration that failed: the failure is recorded on the run, and
-    the task itself succeeded in doing its job. The summary never contains a secret.
+    the task itself succeeded in doing its job. A retryable failure (Vault or the database
+    unreachable, the target locked) queues the next attempt after a back-off. The summary never
+    contains a secret.
     """
     from tenants import actions
 
@@ -31,23 +39,24 @@ def run_migration(run_id):
         logger.info("Run %s is no longer queued; nothing to do", run_id)
         return {"run": run_id, "status": "not-queued"}
     started = time.monotonic()
+    error = None
     try:
-        result = migrate(run.target, kind=run.kind, revision=run.requested_revision)
+        with heartbeat(run.pk):
+            result = migrate(run.target, kind=run.kind, revision=run.requested_revision)
     except MigratorError as exc:
-        logger.error("%s", exc)
-        actions.do_record_run_failure(
-            run, exc, heads=runner.heads(), duration_ms=_elapsed_ms(started)
-        )
+        error = exc
     except Exception as exc:  # noqa: BLE001 - recorded on the run, never lost
         logger.exception("Unexpected error in run %s for %s", run_id, run.target.name)
-        actions.do_record_run_failure(
-            run,
-            _UnexpectedError(f"Unexpected error ({type(exc).__name__}): {exc}"),
-            heads=runner.heads(),
-            duration_ms=_elapsed_ms(started),
-        )
-    else:
+        error = _UnexpectedError(f"Unexpected error ({type(exc).__name__}): {redact(str(exc))}")
+    if error is None:
         actions.do_record_run_success(run, result, heads=runner.heads())
+    else:
+        logger.error("%s", error)
+        actions.do_record_run_failure(
+            run, error, heads=runner.heads(), duration_ms=_elapsed_ms(started)
+        )
+        if error.retryable:
+            actions.do_schedule_retry(run)
     return {"run": run_id, "target": run.target.name, "status": run.status}
 
 
@@ -57,6 +66,35 @@ class _UnexpectedError(MigratorError):
 
 def _elapsed_ms(started):
     return int((time.monotonic() - started) * 1000)
+
+
+@contextmanager
+def heartbeat(run_id):
+    """Write the run's heartbeat every ``RUN_HEARTBEAT_SECONDS`` while the block runs.
+
+    A thread of its own with its own control-plane connection; the migration itself stays on
+    this thread (Alembic is not thread-safe, the heartbeat touches nothing of it).
+    """
+    from tenants import actions
+
+    stop = threading.Event()
+
+    def beat():
+        try:
+            while not stop.wait(settings.RUN_HEARTBEAT_SECONDS):
+                actions.do_heartbeat(run_id)
+        except Exception:  # noqa: BLE001 - a missed heartbeat must not kill the migration
+            logger.warning("Heartbeat of run %s failed", run_id, exc_info=True)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{run_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
 
 
 def migrate(record, *, kind="upgrade", revision="head"):
@@ -78,3 +116,32 @@ def migrate(record, *, kind="upgrade", revision="head"):
             raise
         logger.info("Credentials for %s changed in Vault; retrying once", record.name)
         return verb(Target(record.name, fresh), revision)
+
+
+def read_revision(record):
+    """The revision the database of ``record`` stands at now, read from its ``alembic_version``."""
+    connection = get_secrets_manager().migration_credentials(
+        record.vault_path, provider=record.provider
+    )
+    return runner.current(Target(record.name, connection)).revision
+
+
+def recover_stale_runs():
+    """Close every run whose worker stopped sending heartbeats, and release its target.
+
+    Scheduled every minute in the workers (``tenants: recover stale runs``) and run on demand by
+    ``migrate_tenants --recover``. For each, reads the target's real revision back from its
+    ``alembic_version``. Returns one line per recovered run.
+    """
+    from tenants import actions
+
+    lines = []
+    for run in actions.stale_runs().select_related("target"):
+        try:
+            revision, problem = read_revision(run.target), ""
+        except MigratorError as exc:
+            revision, problem = None, str(exc)
+        if actions.do_mark_run_interrupted(run, revision=revision, revision_error=problem):
+            where = problem or f"now at {revision or 'base'}"
+            lines.append(f"Run #{run.pk} for {run.target.name} interrupted; {where}")
+    return lines

@@ -251,3 +251,131 @@ def do_record_run_failure(run, error, *, heads, result=None, duration_ms=None):
         fields.append("last_migrated_at")
     target.save(update_fields=fields)
     return run
+
+
+def do_heartbeat(run_id):
+    """Mark a running run as alive; False when it is not running any more (recovered, cancelled)."""
+    return bool(
+        MigrationRun.objects.filter(pk=run_id, status=RunStatus.RUNNING).update(
+            heartbeat_at=timezone.now()
+        )
+    )
+
+
+def stale_runs(*, now=None):
+    """Running runs whose heartbeat stopped longer than ``RUN_STALE_AFTER_SECONDS`` ago."""
+    from datetime import timedelta
+
+    from django.conf import settings
+
+    now = now or timezone.now()
+    cutoff = now - timedelta(seconds=settings.RUN_STALE_AFTER_SECONDS)
+    return MigrationRun.objects.filter(status=RunStatus.RUNNING, heartbeat_at__lt=cutoff)
+
+
+@transaction.atomic
+def do_mark_run_interrupted(run, *, revision, revision_error=""):
+    """Close a run whose worker died, and release its target.
+
+    ``revision`` is what the target's ``alembic_version`` says now (read back by the caller), or
+    None with ``revision_error`` when it could not be read. The target is marked failed so that
+    ``migrate_tenants --failed`` and the admin's retry pick it up.
+    """
+    now = timezone.now()
+    updated = MigrationRun.objects.filter(pk=run.pk, status=RunStatus.RUNNING).update(
+        status=RunStatus.INTERRUPTED,
+        finished_at=now,
+        error_code="interrupted",
+        retryable=True,
+        revision_after=revision or "",
+        error=(
+            f"Interrupted: the worker {run.worker_host or '(unknown)'} stopped sending heartbeats "
+            f"(last at {run.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC); it was killed or lost its "
+            "host. The database released the target's lock with the worker's connection. "
+            + (
+                f"The target now stands at {revision or 'base (empty)'}."
+                if not revision_error
+                else f"Its revision could not be read back: {revision_error}"
+            )
+            + (
+                " MySQL and MariaDB commit each DDL statement at once, so the revision that was "
+                "running may be partly applied: compare the schema with it before running again."
+                if run.target.provider == "mysql"
+                else " Its transaction was rolled back."
+            )
+            + " Run it again with `migrate_tenants --failed` or the admin's retry."
+        ),
+    )
+    if not updated:
+        return False
+    target = MigrationTarget.objects.select_for_update().get(pk=run.target_id)
+    target.status = TargetStatus.FAILED
+    target.last_error = f"Run #{run.pk} was interrupted."
+    target.last_checked_at = now
+    fields = ["status", "last_error", "last_checked_at", "updated_at"]
+    if not revision_error:
+        target.revision = revision or ""
+        fields.append("revision")
+    target.save(update_fields=fields)
+    logger.warning("Run %s for %s was interrupted; target released", run.pk, target.name)
+    return True
+
+
+def retry_delay_seconds(attempt):
+    """Back-off before attempt ``attempt + 1``: the base delay, doubled for each earlier retry."""
+    from django.conf import settings
+
+    return settings.RUN_RETRY_BACKOFF_SECONDS * (2 ** (attempt - 1))
+
+
+def do_schedule_retry(run):
+    """Queue the next attempt of a run that failed with a retryable error, after a back-off.
+
+    Returns the new run, or None when the attempts are used up or another run already took the
+    target. The retry is a queued run from now on (so no other trigger starts a second
+    migration); django-q2's scheduler hands it to a worker once ``not_before`` has passed.
+    """
+    from datetime import timedelta
+
+    from django.conf import settings
+
+    if run.attempt >= settings.RUN_MAX_ATTEMPTS:
+        return None
+    delay = retry_delay_seconds(run.attempt)
+    with transaction.atomic():
+        retry, created = _create_or_find_active_run(
+            run.target,
+            kind=run.kind,
+            trigger=run.trigger,
+            triggered_by=run.triggered_by,
+            requested_revision=run.requested_revision,
+            batch=run.batch,
+            attempt=run.attempt + 1,
+            not_before=timezone.now() + timedelta(seconds=delay),
+        )
+        if not created:
+            return None
+        transaction.on_commit(lambda: _schedule(retry))
+    logger.info(
+        "Run %s for %s failed with a retryable error; attempt %s in %ss (run %s)",
+        run.pk,
+        run.target.name,
+        retry.attempt,
+        delay,
+        retry.pk,
+    )
+    return retry
+
+
+def _schedule(run):
+    from django_q.models import Schedule
+    from django_q.tasks import schedule
+
+    schedule(
+        MIGRATION_TASK,
+        run.pk,
+        name=f"retry-run-{run.pk}",
+        schedule_type=Schedule.ONCE,
+        repeats=-1,
+        next_run=run.not_before,
+    )

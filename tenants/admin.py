@@ -278,6 +278,8 @@ class MigrationRunAdmin(admin.ModelAdmin):
             "Execution",
             {
                 "fields": (
+                    "attempt",
+                    "not_before",
                     "task_id",
                     "worker_host",
                     "created_at",

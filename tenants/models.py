@@ -263,6 +263,12 @@ class MigrationRun(models.Model):
     error_code = models.CharField(max_length=32, blank=True)
     retryable = models.BooleanField(null=True, blank=True)
     log = models.TextField(blank=True)
+    attempt = models.PositiveSmallIntegerField(
+        default=1, help_text="1 for a first try; automatic retries of retryable errors count up."
+    )
+    not_before = models.DateTimeField(
+        null=True, blank=True, help_text="A retry waits until then (back-off)."
+    )
     task_id = models.CharField(max_length=64, blank=True)
     worker_host = models.CharField(max_length=255, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)

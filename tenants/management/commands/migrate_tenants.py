@@ -88,6 +88,12 @@ class Command(BaseCommand):
         )
         how.add_argument("--json", action="store_true", help="machine-readable results on stdout")
         how.add_argument(
+            "--recover",
+            action="store_true",
+            help="first close runs whose worker died (no heartbeat for RUN_STALE_AFTER_SECONDS), "
+            "reading each target's real revision back; alone, do only that",
+        )
+        how.add_argument(
             "--as-user",
             metavar="USERNAME",
             help="record this control-plane user as the one who triggered the runs (checked for "
@@ -96,6 +102,16 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options):
         user = self._acting_user(options["as_user"])
+        scopes = ("all", "shared", "tenant", "target", "strategy", "failed", "provider", "region")
+        if options["recover"]:
+            from migrator.tasks import recover_stale_runs
+
+            lines = recover_stale_runs()
+            for line in lines:
+                self.stderr.write(line)
+            self.stderr.write(f"Recovered {len(lines)} abandoned run(s).")
+            if not any(options[k] for k in scopes):
+                return
         unknown = missing_tenants(options["tenant"])
         if unknown:
             raise CommandError(
