@@ -156,6 +156,27 @@ RUN_STALE_AFTER_SECONDS = env.int("RUN_STALE_AFTER_SECONDS", default=120)
 # that, and so on.
 RUN_MAX_ATTEMPTS = env.int("RUN_MAX_ATTEMPTS", default=3)
 RUN_RETRY_BACKOFF_SECONDS = env.int("RUN_RETRY_BACKOFF_SECONDS", default=30)
+# Backups before a run applies anything: per kind of target (a target may override it).
+BACKUP_DIR = env.str("BACKUP_DIR", default=str(DATA_DIR / "backups"))
+BACKUP_RETENTION = env.int("BACKUP_RETENTION", default=5)
+BACKUP_BEFORE_MIGRATION_SHARED = env.bool("BACKUP_BEFORE_MIGRATION_SHARED", default=False)
+BACKUP_BEFORE_MIGRATION_DEDICATED = env.bool("BACKUP_BEFORE_MIGRATION_DEDICATED", default=False)
+BACKUP_BEFORE_MIGRATION_EXTERNAL = env.bool("BACKUP_BEFORE_MIGRATION_EXTERNAL", default=True)
+# SQL Server writes its own backups, to a path on the SQL Server host.
+MSSQL_BACKUP_DIR = env.str("MSSQL_BACKUP_DIR", default="/var/opt/mssql/backup")
+# Verify every target's schema against the reference for its revision after an upgrade, and
+# re-check the whole fleet for drift every VERIFY_SCHEDULE_MINUTES (0: never).
+VERIFY_AFTER_UPGRADE = env.bool("VERIFY_AFTER_UPGRADE", default=True)
+VERIFY_SCHEDULE_MINUTES = env.int("VERIFY_SCHEDULE_MINUTES", default=1440)
+# Scratch databases used to build the reference schema of a revision, one per provider
+# (a server URL whose user may create and drop databases). Unset: no reference for that provider.
+VERIFY_SCRATCH_POSTGRES_URL = env.str("VERIFY_SCRATCH_POSTGRES_URL", default="")
+VERIFY_SCRATCH_MYSQL_URL = env.str("VERIFY_SCRATCH_MYSQL_URL", default="")
+# One django-q2 cluster per region: "eu=controlplane-eu,us=controlplane-us". A region not listed
+# uses Q_CLUSTER_NAME when REGION_CLUSTERS is empty, and is refused otherwise.
+REGION_CLUSTERS = env.dict("REGION_CLUSTERS", default={})
+# Bearer token for /metrics (empty: no token asked).
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 # The longest one migration task may run; the queue's timeout and retry follow from it.
 MIGRATION_TASK_TIMEOUT = env.int("MIGRATION_TASK_TIMEOUT", default=3600)
 

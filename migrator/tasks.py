@@ -42,7 +42,7 @@ def run_migration(run_id):
     error = None
     try:
         with heartbeat(run.pk):
-            result = migrate(run.target, kind=run.kind, revision=run.requested_revision)
+            result = migrate(run.target, kind=run.kind, revision=run.requested_revision, run=run)
     except MigratorError as exc:
         error = exc
     except Exception as exc:  # noqa: BLE001 - recorded on the run, never lost
@@ -97,25 +97,39 @@ def heartbeat(run_id):
         thread.join(timeout=10)
 
 
-def migrate(record, *, kind="upgrade", revision="head"):
+def migrate(record, *, kind="upgrade", revision="head", run=None):
     """Bring the database of ``record`` (a ``MigrationTarget``) to ``revision``.
 
     Reads the admin credentials at ``{mount}/data/{secrets path}/{record.vault_path}`` (cached
     per process). When the database rejects them and Vault has newer ones (a rotation), reads
-    Vault once more and retries once.
+    Vault once more and retries once. With ``run``, also does what a recorded run does around
+    the migration: a backup first when the target's policy asks for one and something is
+    pending (a failed backup stops the run before any DDL), and a verification of the schema
+    after an upgrade; both are recorded on the run.
     """
     secrets = get_secrets_manager()
-    verb = runner.downgrade if kind == "downgrade" else runner.upgrade
     connection = secrets.migration_credentials(record.vault_path, provider=record.provider)
     try:
-        return verb(Target(record.name, connection), revision)
+        return _migrate(Target(record.name, connection), record, kind, revision, run)
     except DatabaseAuthFailed:
         secrets.invalidate(record.vault_path)
         fresh = secrets.migration_credentials(record.vault_path, provider=record.provider)
         if fresh == connection:
             raise
         logger.info("Credentials for %s changed in Vault; retrying once", record.name)
-        return verb(Target(record.name, fresh), revision)
+        return _migrate(Target(record.name, fresh), record, kind, revision, run)
+
+
+def _migrate(target, record, kind, revision, run):
+    from migrator import backups, verify
+
+    if run is not None and backups.required(record):
+        backups.backup_before_run(target, record, run, kind=kind, revision=revision)
+    verb = runner.downgrade if kind == "downgrade" else runner.upgrade
+    result = verb(target, revision)
+    if run is not None and kind == "upgrade" and result.applied:
+        verify.verify_after_upgrade(target, record, run, result)
+    return result
 
 
 def read_revision(record):

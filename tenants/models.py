@@ -51,6 +51,12 @@ class TargetStatus(models.TextChoices):
     HELD = "held", "Held"
 
 
+class BackupPolicy(models.TextChoices):
+    INHERIT = "inherit", "Inherit (by kind)"
+    ON = "on", "Always"
+    OFF = "off", "Never"
+
+
 class MigrationTarget(models.Model):
     """A database that Alembic runs against, and where it stands."""
 
@@ -91,6 +97,21 @@ class MigrationTarget(models.Model):
     last_error = models.TextField(blank=True)
     last_checked_at = models.DateTimeField(null=True, blank=True)
     last_migrated_at = models.DateTimeField(null=True, blank=True)
+    backup_policy = models.CharField(
+        max_length=8,
+        choices=BackupPolicy.choices,
+        default=BackupPolicy.INHERIT,
+        help_text="Back up before a run applies anything. 'Inherit' follows the setting for the "
+        "target's kind (BACKUP_BEFORE_MIGRATION_*; by default on for external databases only).",
+    )
+    schema_fingerprint = models.CharField(
+        max_length=64, blank=True, help_text="Fingerprint of the schema as last verified."
+    )
+    drifted = models.BooleanField(
+        default=False, help_text="The schema differs from the reference for its revision."
+    )
+    drift_report = models.TextField(blank=True)
+    verified_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -206,6 +227,8 @@ class Tenant(models.Model):
 class RunKind(models.TextChoices):
     UPGRADE = "upgrade", "Upgrade"
     DOWNGRADE = "downgrade", "Downgrade"
+    RESTORE = "restore", "Restore a backup"
+    VERIFY = "verify", "Verify the schema"
 
 
 class Trigger(models.TextChoices):
@@ -263,6 +286,23 @@ class MigrationRun(models.Model):
     error_code = models.CharField(max_length=32, blank=True)
     retryable = models.BooleanField(null=True, blank=True)
     log = models.TextField(blank=True)
+    phase = models.CharField(
+        max_length=16, blank=True, help_text="expand or contract, for a blue/green phase run."
+    )
+    backup_path = models.CharField(max_length=500, blank=True)
+    backup_size = models.BigIntegerField(null=True, blank=True)
+    backup_checksum = models.CharField(max_length=80, blank=True, help_text="sha256")
+    backup_duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    restored_from = models.ForeignKey(
+        "self",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        help_text="For a restore: the run whose backup was restored.",
+    )
+    drift_report = models.TextField(blank=True)
+    worker_cluster = models.CharField(max_length=100, blank=True)
     attempt = models.PositiveSmallIntegerField(
         default=1, help_text="1 for a first try; automatic retries of retryable errors count up."
     )
