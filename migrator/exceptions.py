@@ -116,3 +116,33 @@ class MigrationFailed(MigrationError):
         super().__init__(message)
         self.failed_revision = failed_revision
         self.current_revision = current_revision
+
+
+# --- Schema verification ----------------------------------------------------------------------
+
+
+class VerificationError(MigratorError):
+    """The schema of a target could not be verified (it is not known to be wrong)."""
+
+    code = "verification_error"
+
+
+class NoScratchDatabase(VerificationError):
+    """No scratch server is configured to build the reference schema of a provider."""
+
+    code = "no_scratch_database"
+
+
+# --- Backups and restores ---------------------------------------------------------------------
+
+
+class BackupFailed(MigratorError):
+    """The backup taken before a run could not be made; the run stopped before any DDL."""
+
+    code = "backup_failed"
+
+
+class RestoreFailed(MigratorError):
+    """A backup could not be restored (missing or altered file, the restore tool failed)."""
+
+    code = "restore_failed"

@@ -160,6 +160,7 @@ def pending(target: Target, revision: str = "head", *, script_location=None) -> 
         script = script_directory(script_location)
         with _database_errors(target), engines.connect(target) as connection:
             revisions = _read_revisions(connection)
+        revision = resolve_destination(script, UPGRADE, revision)
         steps = _plan(script, UPGRADE, revision, revisions)
         return PendingResult(
             target.name, _as_revision(revisions), revision, [_step_id(step) for step in steps]
@@ -171,11 +172,13 @@ def sql_preview(
     from_rev: str | None = None,
     to_rev: str = "head",
     *,
+    kind: str = "upgrade",
     script_location=None,
 ) -> SqlPreview:
-    """The SQL of an upgrade from ``from_rev`` (None: an empty database) to ``to_rev``, rendered
-    by Alembic's offline mode for the dialect of a target or of a provider name ("postgresql",
-    "mysql", "sqlserver" or "mssql", "sqlite"). Needs no connection."""
+    """The SQL of an upgrade (or, with ``kind="downgrade"``, a downgrade) from ``from_rev``
+    (None: an empty database) to ``to_rev``, rendered by Alembic's offline mode for the dialect
+    of a target or of a provider name ("postgresql", "mysql", "sqlserver" or "mssql",
+    "sqlite"). Needs no connection."""
     provider = (
         target_or_provider.provider
         if isinstance(target_or_provider, Target)
@@ -184,10 +187,11 @@ def sql_preview(
     dialect = engines.get_provider(provider).dialect
     with _alembic_lock:
         script = script_directory(script_location)
+        to_rev = resolve_destination(script, kind, to_rev)
         planned: list[str] = []
 
         def steps(revisions, context):
-            found = _plan(script, UPGRADE, to_rev, revisions)
+            found = _plan(script, kind, to_rev, revisions)
             planned.extend(_step_id(step) for step in found)
             return found
 
@@ -203,6 +207,17 @@ def sql_preview(
         ):
             script.run_env()
         return SqlPreview(dialect, from_rev, to_rev, planned, buffer.getvalue())
+
+
+def resolve_destination(script: ScriptDirectory, kind: str, destination: str) -> str:
+    """"head" means every head when the script directory's heads are all on labelled branches
+    (the expand/contract pattern); an unlabelled fork stays an error (``MultipleHeads``)."""
+    if kind != UPGRADE or destination != "head":
+        return destination
+    heads = script.get_heads()
+    if len(heads) > 1 and all(script.get_revision(h).branch_labels for h in heads):
+        return "heads"
+    return destination
 
 
 def heads(*, script_location=None) -> tuple[str, ...]:
@@ -273,6 +288,7 @@ def _run(target: Target, kind: str, destination: str, script_location) -> RunRes
     run = _Run(target, kind)
     with _alembic_lock:
         script = script_directory(script_location)
+        destination = resolve_destination(script, kind, destination)
         if kind == UPGRADE:
             run.say(f"Starting migration for tenant {name}")
         else:

@@ -121,8 +121,12 @@ def migrate(record, *, kind="upgrade", revision="head", run=None):
 
 
 def _migrate(target, record, kind, revision, run):
-    from migrator import backups, verify
+    from migrator import backups, rollback, verify
 
+    if kind == "downgrade":
+        # A revision with an empty or raising downgrade() is refused before anything runs.
+        current = runner.current(target).revision
+        rollback.check_reversible(current, revision, target_name=target.name)
     if run is not None and backups.required(record):
         backups.backup_before_run(target, record, run, kind=kind, revision=revision)
     verb = runner.downgrade if kind == "downgrade" else runner.upgrade

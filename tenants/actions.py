@@ -16,6 +16,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from migrator.redaction import redact
+from tenants import routing
 from tenants.models import (
     ACTIVE_RUN_STATUSES,
     MigrationRun,
@@ -67,6 +68,7 @@ def do_enqueue_runs(
     kind=RunKind.UPGRADE,
     batch=None,
     enqueue=True,
+    phase="",
 ):
     """Create one queued run per target and hand each to the task queue after commit.
 
@@ -85,6 +87,11 @@ def do_enqueue_runs(
             if target.held:
                 dispatches.append(Dispatch(target, None, False, "the target is held"))
                 continue
+            if enqueue:
+                unrouted = routing.unrouted_reason(target.region)
+                if unrouted:
+                    dispatches.append(Dispatch(target, None, False, unrouted))
+                    continue
             run, created = _create_or_find_active_run(
                 target,
                 kind=kind,
@@ -92,6 +99,7 @@ def do_enqueue_runs(
                 triggered_by=acting_user,
                 requested_revision=revision,
                 batch=batch,
+                phase=phase,
             )
             if not created:
                 dispatches.append(Dispatch(target, run, False))
@@ -127,7 +135,12 @@ def _create_or_find_active_run(target, **fields):
 def _enqueue(run):
     from django_q.tasks import async_task
 
-    task_id = async_task(MIGRATION_TASK, run.pk, task_name=f"run-{run.pk}-{run.target.name}")
+    task_id = async_task(
+        MIGRATION_TASK,
+        run.pk,
+        task_name=f"run-{run.pk}-{run.target.name}",
+        cluster=routing.cluster_for(run.target.region),
+    )
     MigrationRun.objects.filter(pk=run.pk).update(task_id=task_id or "")
 
 
@@ -139,7 +152,11 @@ def do_start_run(run_id, *, worker_host):
     """
     now = timezone.now()
     started = MigrationRun.objects.filter(pk=run_id, status=RunStatus.QUEUED).update(
-        status=RunStatus.RUNNING, started_at=now, heartbeat_at=now, worker_host=worker_host
+        status=RunStatus.RUNNING,
+        started_at=now,
+        heartbeat_at=now,
+        worker_host=worker_host,
+        worker_cluster=routing.current_cluster(),
     )
     if not started:
         return None
@@ -161,7 +178,10 @@ def do_cancel_run(run, *, acting_user=None):
 
 
 def target_status_for(revision, heads):
-    if revision and revision in heads:
+    """Up to date when every head is applied (is ``revision`` or below it), else behind."""
+    from migrator.phases import applied
+
+    if revision and set(heads) <= applied(revision):
         return TargetStatus.UP_TO_DATE
     return TargetStatus.BEHIND
 
@@ -350,6 +370,7 @@ def do_schedule_retry(run):
             triggered_by=run.triggered_by,
             requested_revision=run.requested_revision,
             batch=run.batch,
+            phase=run.phase,
             attempt=run.attempt + 1,
             not_before=timezone.now() + timedelta(seconds=delay),
         )
@@ -378,4 +399,172 @@ def _schedule(run):
         schedule_type=Schedule.ONCE,
         repeats=-1,
         next_run=run.not_before,
+        cluster=routing.cluster_for(run.target.region),
     )
+
+
+@transaction.atomic
+def do_record_verification(
+    target, verification, *, run=None, trigger=None, acting_user=None, record_run=False
+):
+    """Record what verifying ``target``'s schema found (a ``migrator.verify.Verification``).
+
+    On the target: the fingerprint of its schema, whether it drifted from the reference for its
+    revision, the drift report (schema and app-user grants) and, when it was compared, when.
+    Its ``status`` is left alone: a drifted target is still up to date or behind.
+
+    With ``run`` (the upgrade that was just verified) the report goes on that run. Without one
+    (the fleet re-check, ``migrate_tenants --verify``) a finished run of kind ``verify`` is
+    written when ``record_run`` is set, when drift appeared or went away, or when the report
+    changed and shows drift or grant problems: the history says when each appeared, without a
+    run per target per scheduled check. Returns that run, or None.
+    """
+    from tenants.models import Trigger
+
+    now = timezone.now()
+    report = verification.report()
+    was_drifted, previous_report = target.drifted, target.drift_report
+    target.drift_report = report
+    target.drifted = verification.drifted
+    fields = ["drift_report", "drifted", "updated_at"]
+    if verification.fingerprint:
+        target.schema_fingerprint = verification.fingerprint
+        fields.append("schema_fingerprint")
+    if verification.verified:
+        target.verified_at = now
+        fields.append("verified_at")
+    target.save(update_fields=fields)
+    if verification.drifted and not was_drifted:
+        logger.warning("%s drifted from the reference schema of its revision", target.name)
+
+    if run is not None:
+        run.drift_report = report
+        run.save(update_fields=["drift_report"])
+        return run
+    changed = report != previous_report
+    if not (
+        record_run
+        or was_drifted != target.drifted
+        or (changed and (verification.drifted or verification.grant_problems))
+    ):
+        return None
+    revision = (verification.revision or "")[:64]
+    return MigrationRun.objects.create(
+        target=target,
+        kind=RunKind.VERIFY,
+        trigger=trigger or Trigger.SCHEDULE,
+        triggered_by=acting_user,
+        requested_revision=revision or "base",
+        status=RunStatus.SUCCEEDED,
+        revision_before=revision,
+        revision_after=revision,
+        duration_ms=verification.duration_ms,
+        log="\n".join(verification.log_lines()),
+        drift_report=report,
+        started_at=now,
+        finished_at=now,
+    )
+
+
+# --- Backups and restores -----------------------------------------------------------------------
+
+
+def do_record_backup(run, backup):
+    """Record on ``run`` the backup taken before it changed anything (a
+    ``migrator.backups.Backup``): path, size, sha256, duration, and the revision it holds as the
+    run's ``revision_before``. Saved at once, so the backup stays on record whatever the run
+    does next."""
+    run.backup_path = backup.path
+    run.backup_size = backup.size
+    run.backup_checksum = backup.checksum
+    run.backup_duration_ms = backup.duration_ms
+    run.revision_before = backup.revision or ""
+    run.save(
+        update_fields=[
+            "backup_path",
+            "backup_size",
+            "backup_checksum",
+            "backup_duration_ms",
+            "revision_before",
+        ]
+    )
+    return run
+
+
+def do_start_restore_run(target, *, backup_run, worker_host, trigger=None, acting_user=None):
+    """Create a restore run of ``backup_run``'s backup on ``target`` and start it at once.
+
+    The run is created queued and moved to running like any run, so the database's
+    ``one_active_run_per_target`` constraint guards it: when the target already has a queued or
+    running run, nothing is created and the ``Dispatch`` carries that run (``created`` False).
+    Held targets may be restored: holding a target is how an operator keeps migrations off it.
+    """
+    from tenants.models import Trigger
+
+    with transaction.atomic():
+        run, created = _create_or_find_active_run(
+            target,
+            kind=RunKind.RESTORE,
+            trigger=trigger or Trigger.COMMAND,
+            triggered_by=acting_user,
+            requested_revision=backup_run.revision_before or "base",
+            restored_from=backup_run,
+        )
+    if not created:
+        return Dispatch(target, run, False)
+    started = do_start_run(run.pk, worker_host=worker_host)
+    if started is None:
+        run.refresh_from_db()
+        return Dispatch(target, None, False, f"restore run #{run.pk} was {run.status} at once")
+    logger.info(
+        "Restore of run %s's backup started on %s (run %s)", backup_run.pk, target.name, run.pk
+    )
+    return Dispatch(target, started, True)
+
+
+@transaction.atomic
+def do_record_restore(run, result, *, heads):
+    """Record a successful restore (a ``migrator.backups.RestoreResult``) on the run, and the
+    revision read back from the target's ``alembic_version`` on the target."""
+    now = timezone.now()
+    run.status = RunStatus.SUCCEEDED
+    run.revision_before = result.revision_before or ""
+    run.revision_after = result.revision_after or ""
+    run.applied = []
+    run.duration_ms = result.duration_ms
+    run.log = redact("\n".join(result.log))
+    run.finished_at = now
+    run.error = run.error_code = ""
+    run.retryable = None
+    run.save(
+        update_fields=[
+            "status",
+            "revision_before",
+            "revision_after",
+            "applied",
+            "duration_ms",
+            "log",
+            "finished_at",
+            "error",
+            "error_code",
+            "retryable",
+        ]
+    )
+    target = run.target
+    target.revision = run.revision_after
+    target.status = target_status_for(run.revision_after, heads)
+    target.last_error = ""
+    target.last_checked_at = now
+    target.last_migrated_at = now
+    target.save(
+        update_fields=[
+            "revision",
+            "status",
+            "last_error",
+            "last_checked_at",
+            "last_migrated_at",
+            "updated_at",
+        ]
+    )
+    logger.info("Restored %s (run %s); it stands at %s", target.name, run.pk, target.revision)
+    return run

@@ -11,7 +11,15 @@ from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
 from tenants import actions
-from tenants.models import MigrationRun, MigrationTarget, TargetStatus, Tenant, Trigger
+from tenants.models import (
+    MigrationRun,
+    MigrationTarget,
+    RunKind,
+    RunStatus,
+    TargetStatus,
+    Tenant,
+    Trigger,
+)
 
 RECENT_RUNS_ON_TARGET_PAGE = 20
 
@@ -29,7 +37,15 @@ class RunMigrationsActions:
     ``message_user``. Subclasses say how the selected rows map to targets.
     """
 
-    actions = ["migrate_to_head", "retry_failed", "preview_sql"]
+    actions = [
+        "migrate_to_head",
+        "retry_failed",
+        "preview_sql",
+        "downgrade_to_revision",
+        "undo_last_run",
+        "run_expand_phase",
+        "run_contract_phase",
+    ]
     MESSAGES_PER_ROW_LIMIT = 25
 
     def has_run_migrations_permission(self, request):
@@ -103,6 +119,143 @@ class RunMigrationsActions:
         }
         return TemplateResponse(request, "admin/tenants/preview_sql.html", context)
 
+    # --- rollback -----------------------------------------------------------------------------
+
+    @admin.action(description="Downgrade to a revision…", permissions=["run_migrations"])
+    def downgrade_to_revision(self, request, queryset):
+        from migrator import rollback
+
+        targets = self.targets_of(queryset)
+        revision = request.POST.get("revision", "")
+        rows = []
+        if revision:
+            for target in targets:
+                if rollback.is_downgrade(target.revision, revision):
+                    rows.append((target, revision))
+                else:
+                    self.message_user(
+                        request,
+                        f"{target.name} is at {target.revision or 'base'}, not above {revision}: "
+                        "left alone.",
+                        messages.WARNING,
+                    )
+        return self._downgrade(
+            request,
+            rows,
+            action="downgrade_to_revision",
+            title="Downgrade to a revision",
+            choose_revision=True,
+        )
+
+    @admin.action(description="Undo the last run", permissions=["run_migrations"])
+    def undo_last_run(self, request, queryset):
+        rows = []
+        for target in self.targets_of(queryset):
+            last = (
+                target.runs.filter(kind=RunKind.UPGRADE, status=RunStatus.SUCCEEDED)
+                .order_by("-finished_at", "-id")
+                .first()
+            )
+            if last is None:
+                self.message_user(
+                    request, f"{target.name} has no successful run to undo.", messages.WARNING
+                )
+            else:
+                rows.append((target, last.revision_before or "base"))
+        return self._downgrade(request, rows, action="undo_last_run", title="Undo the last run")
+
+    def _downgrade(self, request, rows, *, action, title, choose_revision=False):
+        """The confirmation page of a downgrade (each target, where it is, where it goes, the SQL
+        it will run, and whatever makes it impossible); on confirmation, the runs."""
+        from migrator import rollback, runner
+        from migrator.exceptions import MigratorError
+
+        plans = []
+        for target, destination in rows:
+            problems, sql = [], ""
+            try:
+                problems = [str(p) for p in rollback.irreversible(target.revision, destination)]
+                sql = runner.sql_preview(
+                    target.provider, target.revision or None, destination, kind="downgrade"
+                ).sql
+            except MigratorError as exc:
+                problems.append(str(exc))
+            plans.append(
+                {"target": target, "destination": destination, "sql": sql, "problems": problems}
+            )
+        blocked = [plan for plan in plans if plan["problems"]]
+        if request.POST.get("confirm") == "yes" and plans and not blocked:
+            by_destination = {}
+            for plan in plans:
+                by_destination.setdefault(plan["destination"], []).append(plan["target"])
+            for destination, targets in by_destination.items():
+                for dispatch in actions.do_enqueue_runs(
+                    targets,
+                    trigger=Trigger.ADMIN,
+                    acting_user=request.user,
+                    revision=destination,
+                    kind=RunKind.DOWNGRADE,
+                ):
+                    level = messages.SUCCESS if dispatch.created else messages.WARNING
+                    self.message_user(request, f"Downgrade: {dispatch.message}", level)
+            return None
+        revisions = []
+        if choose_revision:
+            script = runner.script_directory()
+            revisions = ["base"] + [r.revision for r in script.walk_revisions()]
+        context = {
+            **self.admin_site.each_context(request),
+            "title": title,
+            "opts": self.model._meta,
+            "action": action,
+            "selected": request.POST.getlist(admin.helpers.ACTION_CHECKBOX_NAME),
+            "revisions": revisions,
+            "revision": request.POST.get("revision", ""),
+            "plans": plans,
+            "blocked": blocked,
+        }
+        return TemplateResponse(request, "admin/tenants/downgrade_confirm.html", context)
+
+    # --- blue/green -----------------------------------------------------------------------------
+
+    @admin.action(description="Run the expand phase", permissions=["run_migrations"])
+    def run_expand_phase(self, request, queryset):
+        self._phase(request, queryset, "expand")
+
+    @admin.action(description="Run the contract phase", permissions=["run_migrations"])
+    def run_contract_phase(self, request, queryset):
+        self._phase(request, queryset, "contract")
+
+    def _phase(self, request, queryset, phase):
+        from migrator import phases
+
+        if not phases.has_phases():
+            self.message_user(
+                request, "The script directory has no expand/contract branches.", messages.ERROR
+            )
+            return
+        targets = self.targets_of(queryset)
+        if phase == phases.CONTRACT:
+            lagging = phases.lagging_on_expand(targets)
+            if lagging:
+                self.message_user(
+                    request,
+                    f"Contract refused: {len(lagging)} target(s) have not finished expand: "
+                    + ", ".join(t.name for t in lagging[:50]),
+                    messages.ERROR,
+                )
+                return
+        dispatches = actions.do_enqueue_runs(
+            targets,
+            trigger=Trigger.ADMIN,
+            acting_user=request.user,
+            revision=phases.destination(phase),
+            phase=phase,
+        )
+        for dispatch in dispatches[: self.MESSAGES_PER_ROW_LIMIT]:
+            level = messages.SUCCESS if dispatch.created else messages.WARNING
+            self.message_user(request, f"{phase.title()}: {dispatch.message}", level)
+
 
 @admin.register(MigrationTarget)
 class MigrationTargetAdmin(RunMigrationsActions, admin.ModelAdmin):
@@ -113,6 +266,7 @@ class MigrationTargetAdmin(RunMigrationsActions, admin.ModelAdmin):
         "region",
         "revision",
         "status",
+        "phase",
         "held",
         "last_migrated_at",
     )
@@ -129,7 +283,20 @@ class MigrationTargetAdmin(RunMigrationsActions, admin.ModelAdmin):
         "recent_runs",
     )
     fieldsets = (
-        (None, {"fields": ("name", "kind", "provider", "region", "vault_path", "held")}),
+        (
+            None,
+            {
+                "fields": (
+                    "name",
+                    "kind",
+                    "provider",
+                    "region",
+                    "vault_path",
+                    "held",
+                    "backup_policy",
+                )
+            },
+        ),
         (
             "Where it stands",
             {
@@ -150,6 +317,14 @@ class MigrationTargetAdmin(RunMigrationsActions, admin.ModelAdmin):
 
     def targets_of(self, queryset):
         return list(queryset)
+
+    @admin.display(description="blue/green")
+    def phase(self, obj):
+        from migrator import phases
+
+        if not phases.has_phases():
+            return "-"
+        return phases.state(obj.revision).label
 
     @admin.display(description=f"Latest {RECENT_RUNS_ON_TARGET_PAGE} runs")
     def recent_runs(self, obj):
@@ -270,6 +445,18 @@ class MigrationRunAdmin(admin.ModelAdmin):
                     "error_code",
                     "retryable",
                     "error",
+                )
+            },
+        ),
+        (
+            "Backup",
+            {
+                "fields": (
+                    "backup_path",
+                    "backup_size",
+                    "backup_checksum",
+                    "backup_duration_ms",
+                    "restored_from",
                 )
             },
         ),

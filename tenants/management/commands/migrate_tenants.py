@@ -8,13 +8,35 @@ needs the ``tenants.run_migrations`` permission.
 import json
 import sys
 import time
+import uuid
+from dataclasses import dataclass, field
 
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
+from migrator.phases import PHASES
 from tenants import actions
-from tenants.models import FINISHED_RUN_STATUSES, MigrationRun, Provider, Strategy, Trigger
+from tenants.models import (
+    FINISHED_RUN_STATUSES,
+    MigrationRun,
+    Provider,
+    RunKind,
+    RunStatus,
+    Strategy,
+    Trigger,
+)
 from tenants.selection import missing_tenants, select_targets
+
+
+@dataclass
+class Plan:
+    """Runs of one kind to one revision for a group of targets."""
+
+    kind: str
+    revision: str
+    phase: str = ""
+    targets: list = field(default_factory=list)
+
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -62,7 +84,28 @@ class Command(BaseCommand):
         scope.add_argument("--region", nargs="+", default=[], help="only these regions")
 
         how = parser.add_argument_group("how")
-        how.add_argument("--to", default="head", metavar="REVISION", help="revision (default head)")
+        where = how.add_mutually_exclusive_group()
+        where.add_argument(
+            "--to",
+            default="head",
+            metavar="REVISION",
+            help="revision to go to (default head); one below a target's revision downgrades "
+            "that target, after a confirmation",
+        )
+        where.add_argument(
+            "--phase",
+            choices=PHASES,
+            help="blue/green: apply only the expand (or contract) branch; contract is refused "
+            "while any target in scope has not finished expand",
+        )
+        where.add_argument(
+            "--undo-last",
+            action="store_true",
+            help="take each target back to the revision it had before its last successful run",
+        )
+        how.add_argument(
+            "--yes", action="store_true", help="do not ask before downgrading (scripts)"
+        )
         mode = how.add_mutually_exclusive_group()
         mode.add_argument(
             "--dry-run",
@@ -88,6 +131,12 @@ class Command(BaseCommand):
         )
         how.add_argument("--json", action="store_true", help="machine-readable results on stdout")
         how.add_argument(
+            "--verify",
+            action="store_true",
+            help="re-check the selected targets for drift from the reference schema of their "
+            "revision (and their app user's grants) without migrating; exit 1 when any drifted",
+        )
+        how.add_argument(
             "--recover",
             action="store_true",
             help="first close runs whose worker died (no heartbeat for RUN_STALE_AFTER_SECONDS), "
@@ -112,6 +161,8 @@ class Command(BaseCommand):
             self.stderr.write(f"Recovered {len(lines)} abandoned run(s).")
             if not any(options[k] for k in scopes):
                 return
+        if options["verify"]:
+            return self._verify(options, user, scopes)
         unknown = missing_tenants(options["tenant"])
         if unknown:
             raise CommandError(
@@ -152,16 +203,25 @@ class Command(BaseCommand):
             self.stderr.write("No target matches.")
             return
 
+        plans = self._plans(targets, options)
         if options["dry_run"]:
-            return self._dry_run(targets, options)
+            return self._dry_run(plans, options)
+        if any(plan.kind == RunKind.DOWNGRADE for plan in plans):
+            self._confirm_downgrades(plans, options)
 
-        dispatches = actions.do_enqueue_runs(
-            targets,
-            trigger=Trigger.COMMAND,
-            acting_user=user,
-            revision=options["to"],
-            enqueue=not options["sync"],
-        )
+        batch = uuid.uuid4()
+        dispatches = []
+        for plan in plans:
+            dispatches += actions.do_enqueue_runs(
+                plan.targets,
+                trigger=Trigger.COMMAND,
+                acting_user=user,
+                revision=plan.revision,
+                kind=plan.kind,
+                phase=plan.phase,
+                batch=batch,
+                enqueue=not options["sync"],
+            )
         if options["sync"]:
             self._run_inline(dispatches, options)
         elif options["wait"]:
@@ -173,7 +233,131 @@ class Command(BaseCommand):
             if failed:
                 sys.exit(EXIT_FAILED)
 
+    # --- what to do to which target ------------------------------------------------------
+
+    def _plans(self, targets, options):
+        """Group the targets by what each needs: (kind, revision, phase)."""
+        from migrator import phases, rollback
+
+        if options["phase"]:
+            phase = options["phase"]
+            if not phases.has_phases():
+                raise CommandError(
+                    "The script directory has no expand/contract branches (revisions with "
+                    "branch_labels=('expand',) and ('contract',)).",
+                    returncode=EXIT_USAGE,
+                )
+            if phase == phases.CONTRACT:
+                lagging = phases.lagging_on_expand(targets)
+                if lagging:
+                    names = ", ".join(t.name for t in lagging[:50])
+                    raise CommandError(
+                        f"Contract refused: {len(lagging)} target(s) have not finished the "
+                        f"expand phase: {names}. Run `migrate_tenants --phase expand` for them "
+                        "first (and deploy the new application), then contract.",
+                        returncode=EXIT_FAILED,
+                    )
+            return [Plan(RunKind.UPGRADE, phases.destination(phase), phase, list(targets))]
+        if options["undo_last"]:
+            by_destination = {}
+            for target in targets:
+                last = (
+                    target.runs.filter(kind=RunKind.UPGRADE, status=RunStatus.SUCCEEDED)
+                    .order_by("-finished_at", "-id")
+                    .first()
+                )
+                if last is None:
+                    self.stderr.write(f"{target.name}: no successful run to undo; left alone.")
+                    continue
+                destination = last.revision_before or "base"
+                by_destination.setdefault(destination, []).append(target)
+            return [
+                Plan(RunKind.DOWNGRADE, destination, "", group)
+                for destination, group in by_destination.items()
+            ]
+        revision = options["to"]
+        downgrades = [t for t in targets if rollback.is_downgrade(t.revision, revision)]
+        upgrades = [t for t in targets if t not in downgrades]
+        plans = []
+        if upgrades:
+            plans.append(Plan(RunKind.UPGRADE, revision, "", upgrades))
+        if downgrades:
+            plans.append(Plan(RunKind.DOWNGRADE, revision, "", downgrades))
+        return plans
+
+    def _confirm_downgrades(self, plans, options):
+        """Refuse irreversible downgrades; ask before the others unless --yes."""
+        from migrator import rollback
+        from migrator.exceptions import MigratorError
+
+        lines, problems = [], []
+        for plan in plans:
+            if plan.kind != RunKind.DOWNGRADE:
+                continue
+            for target in plan.targets:
+                lines.append(f"  {target.name}: {target.revision or 'base'} -> {plan.revision}")
+                try:
+                    found = rollback.irreversible(target.revision, plan.revision)
+                except MigratorError as exc:
+                    problems.append(f"{target.name}: {exc}")
+                    continue
+                problems += [f"{target.name}: {p}" for p in found]
+        if problems:
+            raise CommandError(
+                "Downgrade refused before anything ran:\n  " + "\n  ".join(problems),
+                returncode=EXIT_USAGE,
+            )
+        if options["yes"]:
+            return
+        self.stderr.write(f"This downgrades {len(lines)} target(s):\n" + "\n".join(lines[:50]))
+        if not sys.stdin or not sys.stdin.isatty():
+            raise CommandError(
+                "Downgrades need a confirmation: run it in a terminal, or pass --yes.",
+                returncode=EXIT_USAGE,
+            )
+        answer = input("Type 'yes' to downgrade: ")
+        if answer.strip().lower() != "yes":
+            raise CommandError("Nothing was done.", returncode=EXIT_USAGE)
+
     # --- modes ----------------------------------------------------------------------------
+
+    def _verify(self, options, user, scopes):
+        """Verify the selected targets now (``migrator.verify.verify_records``), in this process."""
+        from migrator.verify import verify_records
+
+        if not any(options[k] for k in scopes):
+            raise CommandError(
+                "Say which targets to verify: --all, --shared, --tenant ID, --target NAME, "
+                "--strategy, --failed, --provider or --region.",
+                returncode=EXIT_USAGE,
+            )
+        unknown = missing_tenants(options["tenant"])
+        if unknown:
+            raise CommandError(
+                f"Unknown tenant id(s): {', '.join(unknown)}.", returncode=EXIT_USAGE
+            )
+        targets = select_targets(
+            all_targets=options["all"],
+            shared=options["shared"],
+            tenant_ids=options["tenant"],
+            target_names=options["target"],
+            strategies=options["strategy"],
+            providers=options["provider"],
+            regions=options["region"],
+            failed=options["failed"],
+        )
+        results = verify_records(
+            targets, trigger=Trigger.COMMAND, acting_user=user, record_every_run=True
+        )
+        if options["json"]:
+            self.stdout.write(json.dumps([verification_as_dict(v) for v in results], indent=2))
+        elif results:
+            self.stdout.write(verification_table(results))
+        else:
+            self.stderr.write("No target matches.")
+        if any(v.drifted for v in results):
+            sys.exit(EXIT_FAILED)
+
 
     def _run_inline(self, dispatches, options):
         from migrator.tasks import run_migration
@@ -208,7 +392,8 @@ class Command(BaseCommand):
                 return
             time.sleep(0.25)
 
-    def _dry_run(self, targets, options):
+    def _dry_run(self, plans, options):
+        """Print the SQL each target would run, from the revision it is at now (read live)."""
         from migrator import runner
         from migrator.exceptions import MigratorError
         from migrator.secrets import get_secrets_manager
@@ -216,22 +401,25 @@ class Command(BaseCommand):
 
         secrets = get_secrets_manager()
         results = []
-        for record in targets:
-            entry = {"target": record.name, "provider": record.provider}
-            try:
-                connection = secrets.migration_credentials(
-                    record.vault_path, provider=record.provider
-                )
-                target = Target(record.name, connection)
-                state = runner.current(target)
-                preview = runner.sql_preview(target, state.revision, options["to"])
-                entry.update(revision_before=state.revision, sql=preview.sql, status="preview")
-            except MigratorError as exc:
-                entry.update(status="failed", error=str(exc))
-            results.append(entry)
-            if not options["json"]:
-                self.stdout.write(f"-- {record.name} ({record.provider}) --")
-                self.stdout.write(entry.get("sql") or f"-- error: {entry['error']}")
+        for plan in plans:
+            for record in plan.targets:
+                entry = {"target": record.name, "provider": record.provider, "kind": plan.kind}
+                try:
+                    connection = secrets.migration_credentials(
+                        record.vault_path, provider=record.provider
+                    )
+                    target = Target(record.name, connection)
+                    state = runner.current(target)
+                    preview = runner.sql_preview(
+                        target, state.revision, plan.revision, kind=plan.kind
+                    )
+                    entry.update(revision_before=state.revision, sql=preview.sql, status="preview")
+                except MigratorError as exc:
+                    entry.update(status="failed", error=str(exc))
+                results.append(entry)
+                if not options["json"]:
+                    self.stdout.write(f"-- {record.name} ({record.provider}, {plan.kind}) --")
+                    self.stdout.write(entry.get("sql") or f"-- error: {entry['error']}")
         if options["json"]:
             self.stdout.write(json.dumps(results, indent=2))
         if any(r["status"] == "failed" for r in results):
@@ -351,3 +539,52 @@ class Progress:
     def finish(self):
         if self.enabled and self.tty:
             self.stream.write("")
+
+
+def verification_as_dict(verification):
+    return {
+        "target": verification.target,
+        "provider": verification.provider,
+        "revision": verification.revision,
+        "result": verification.outcome,
+        "fingerprint": verification.fingerprint or None,
+        "reference_fingerprint": verification.reference_fingerprint or None,
+        "differences": verification.differences,
+        "not_verified": verification.not_verified or None,
+        "grant_problems": verification.grant_problems,
+        "grants_not_checked": (
+            verification.grants.not_checked or None if verification.grants else None
+        ),
+    }
+
+
+def verification_table(results):
+    """One row per verified target, then every difference and grant problem in full."""
+    header = ("TARGET", "PROVIDER", "REVISION", "RESULT", "FINGERPRINT", "DETAILS")
+    rows = []
+    for v in results:
+        if v.drifted:
+            details = f"{len(v.differences)} difference(s)"
+        else:
+            details = v.not_verified
+        if v.grant_problems:
+            details = f"{details}; {len(v.grant_problems)} grant problem(s)".lstrip("; ")
+        rows.append(
+            (v.target, v.provider, v.revision or "base", v.outcome, v.fingerprint[:12], details)
+        )
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+    for v in results:
+        for line in v.differences + v.grant_problems:
+            lines.append(f"{v.target}: {line}")
+    drifted = sum(v.drifted for v in results)
+    unverified = sum(not v.verified for v in results)
+    lines.append("")
+    lines.append(
+        f"{len(results)} checked, {drifted} drifted, {unverified} not verified, "
+        f"{sum(bool(v.grant_problems) for v in results)} with grant problems"
+    )
+    return "\n".join(lines)
