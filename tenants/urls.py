@@ -3,6 +3,7 @@ from django.urls import path
 
 from tenants import api
 from tenants.health import ReadinessView
+from tenants.metrics import metrics_view
 
 
 def healthz(request):
@@ -17,4 +18,5 @@ urlpatterns = [
     path("api/runs/<int:run_id>", api.RunView.as_view(), name="api-run"),
     path("healthz", healthz, name="healthz"),
     path("readyz", ReadinessView.as_view(), name="readyz"),
+    path("metrics", metrics_view, name="metrics"),
 ]
