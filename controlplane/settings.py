@@ -172,8 +172,10 @@ VERIFY_SCHEDULE_MINUTES = env.int("VERIFY_SCHEDULE_MINUTES", default=1440)
 # (a server URL whose user may create and drop databases). Unset: no reference for that provider.
 VERIFY_SCRATCH_POSTGRES_URL = env.str("VERIFY_SCRATCH_POSTGRES_URL", default="")
 VERIFY_SCRATCH_MYSQL_URL = env.str("VERIFY_SCRATCH_MYSQL_URL", default="")
-# One django-q2 cluster per region: "eu=controlplane-eu,us=controlplane-us". A region not listed
-# uses Q_CLUSTER_NAME when REGION_CLUSTERS is empty, and is refused otherwise.
+# One django-q2 cluster per region: "eu=controlplane-eu,us=controlplane-us". Start each region's
+# workers with `Q_CLUSTER_NAME=controlplane-eu manage.py qcluster` (django-q2's own variable).
+# With REGION_CLUSTERS empty every region goes to the default cluster; otherwise a region that is
+# not listed is refused when a run is triggered, never queued where no worker reads.
 REGION_CLUSTERS = env.dict("REGION_CLUSTERS", default={})
 # Bearer token for /metrics (empty: no token asked).
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
@@ -184,7 +186,11 @@ MIGRATION_TASK_TIMEOUT = env.int("MIGRATION_TASK_TIMEOUT", default=3600)
 REDIS_URL = env.str("REDIS_URL", default="")
 Q_WORKERS = env.int("Q_WORKERS", default=2)
 Q_CLUSTER = {
-    "name": env.str("Q_CLUSTER_NAME", default="controlplane"),
+    # The site name: the same for every cluster of one control plane (it salts the signed task
+    # payloads). Which queue a `qcluster` serves is django-q2's own Q_CLUSTER_NAME variable.
+    "name": env.str("Q_SITE_NAME", default="controlplane"),
+    # One queue per region (see REGION_CLUSTERS); django-q2 requires the key to exist.
+    "ALT_CLUSTERS": {cluster: {} for cluster in REGION_CLUSTERS.values()},
     "workers": Q_WORKERS,
     "recycle": 500,
     # A task may run for MIGRATION_TASK_TIMEOUT; it is only handed out again well after that, so a

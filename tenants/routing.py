@@ -37,4 +37,4 @@ def current_cluster():
     """The name of the django-q2 cluster this process belongs to (recorded on runs)."""
     from django_q.conf import Conf
 
-    return Conf.PREFIX or ""
+    return Conf.CLUSTER_NAME or ""
