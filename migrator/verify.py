@@ -1,5 +1,776 @@
-"""Schema verification after migration (being written)."""
+"""Schema verification: is a target's schema the one its revision should give, and may its app
+user do what the application needs (and no more)?
+
+After every upgrade that applied something (``migrator.tasks``), and for the whole fleet on a
+schedule (``check_fleet_for_drift``, every VERIFY_SCHEDULE_MINUTES) or on demand
+(``migrate_tenants --verify``):
+
+1. the target's schema is reflected (``migrator.schema``) through its admin connection;
+2. it is compared with the **reference** for its revision and provider: the schema a scratch
+   database of the same provider has after an upgrade to that revision. The scratch database is
+   created on VERIFY_SCRATCH_POSTGRES_URL or VERIFY_SCRATCH_MYSQL_URL (a temporary file for
+   SQLite), migrated, reflected and dropped; the reference is then kept in this process and in
+   ``DATA_DIR/schema-references/<provider>/<revision>-<hash>.json`` for every worker sharing
+   DATA_DIR. The hash covers the revision files the reference was built from (and ``env.py``),
+   so an edited revision gets a new reference. Without a scratch server for the provider the
+   schema is "not verified", never failed;
+3. the app user (PostgreSQL, MySQL/MariaDB) logs in with its own credentials from Vault and asks
+   the server for its privileges: SELECT, INSERT, UPDATE, DELETE on every table (PostgreSQL:
+   USAGE on the schema and on serial sequences too), and no DDL rights (PostgreSQL: CREATE on
+   the database or the schema, owning a table, superuser; MySQL: CREATE, ALTER, DROP, INDEX).
+   Only privilege queries: nothing is written.
+
+The outcome is a ``Verification``, recorded by ``tenants.actions.do_record_verification`` on the
+target (``schema_fingerprint``, ``drifted``, ``drift_report``, ``verified_at``) and on the run.
+Verification never fails a run: the migration itself worked, and whatever goes wrong here is
+reported as "not verified" with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import secrets as random
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from django.conf import settings
+from django.utils import timezone
+from sqlalchemy import bindparam, inspect, text
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
+
+from migrator import engines, runner, schema
+from migrator.exceptions import MigratorError, NoScratchDatabase, VerificationError
+from migrator.redaction import redact
+from migrator.secrets import ConnectionInfo, get_secrets_manager
+from migrator.targets import Target
+
+logger = logging.getLogger("migrator.verify")
+
+SCRATCH_SETTINGS = {
+    "postgresql": "VERIFY_SCRATCH_POSTGRES_URL",
+    "mysql": "VERIFY_SCRATCH_MYSQL_URL",
+}
+APP_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE")
+MYSQL_DDL_PRIVILEGES = ("CREATE", "ALTER", "DROP", "INDEX")
+FINGERPRINT_SHOWN = 12
 
 
-def verify_after_upgrade(target, record, run, result):
-    return None
+# --- What a verification found ----------------------------------------------------------------
+
+
+@dataclass
+class GrantCheck:
+    """The app user's privileges on the tables of one database, as the server reports them.
+
+    ``missing`` maps an object ("projects", "sequence accounts_id_seq", "schema public") to
+    the privileges the app user lacks on it; ``excess`` lists DDL rights it should not have
+    ("CREATE on schema public"). ``not_checked`` says why nothing was checked, when so.
+    """
+
+    username: str
+    missing: dict[str, list[str]] = field(default_factory=dict)
+    excess: list[str] = field(default_factory=list)
+    not_checked: str = ""
+
+    @property
+    def problems(self) -> list[str]:
+        lines = [
+            f"app user {self.username} lacks {', '.join(privileges)} on {name}"
+            for name, privileges in self.missing.items()
+        ]
+        if self.excess:
+            lines.append(f"app user {self.username} may run DDL: {'; '.join(self.excess)}")
+        return lines
+
+    @property
+    def ok(self) -> bool:
+        return not self.not_checked and not self.problems
+
+
+@dataclass
+class Verification:
+    """What verifying one target found. ``not_verified`` says why the schema was not compared
+    (then ``drifted`` is False: unknown is not wrong)."""
+
+    target: str
+    provider: str
+    revision: str | None
+    fingerprint: str = ""
+    reference_fingerprint: str = ""
+    differences: list[str] = field(default_factory=list)
+    not_verified: str = ""
+    grants: GrantCheck | None = None
+    duration_ms: int = 0
+
+    @property
+    def verified(self) -> bool:
+        return not self.not_verified
+
+    @property
+    def drifted(self) -> bool:
+        return self.verified and bool(self.differences)
+
+    @property
+    def grant_problems(self) -> list[str]:
+        return self.grants.problems if self.grants is not None else []
+
+    @property
+    def outcome(self) -> str:
+        """One word for tables and metrics: matches, drifted or not-verified."""
+        if not self.verified:
+            return "not-verified"
+        return "drifted" if self.drifted else "matches"
+
+    def report(self) -> str:
+        """The drift report shown on the run and on the target: the schema, then the app user."""
+        at = f"{self.revision or 'base'} ({self.provider})"
+        if not self.verified:
+            lines = [f"Schema at {at}: not verified: {self.not_verified}"]
+        elif self.drifted:
+            count = len(self.differences)
+            lines = [
+                f"Schema at {at}: DRIFTED from the reference, {count} "
+                f"difference{'s' if count != 1 else ''}:"
+            ]
+            lines += [f"  - {line}" for line in self.differences]
+            lines.append(
+                f"  fingerprint {self.fingerprint[:FINGERPRINT_SHOWN]}, reference "
+                f"{self.reference_fingerprint[:FINGERPRINT_SHOWN]}"
+            )
+        else:
+            lines = [
+                f"Schema at {at}: matches the reference "
+                f"(fingerprint {self.fingerprint[:FINGERPRINT_SHOWN]})."
+            ]
+        if self.grants is not None:
+            lines.append("")
+            lines.append(self._grant_section())
+        return redact("\n".join(lines))
+
+    def _grant_section(self) -> str:
+        grants = self.grants
+        if grants.not_checked:
+            return f"App user: not checked: {grants.not_checked}"
+        if not grants.problems:
+            return (
+                f"App user {grants.username}: may SELECT, INSERT, UPDATE and DELETE on every "
+                "table, and may not run DDL."
+            )
+        return "\n".join(
+            [f"App user {grants.username}: {len(grants.problems)} problem(s):"]
+            + [f"  - {line}" for line in grants.problems]
+        )
+
+    def log_lines(self) -> list[str]:
+        """Lines for the run's log."""
+        if not self.verified:
+            lines = [f"Schema of {self.target} not verified: {self.not_verified}"]
+        elif self.drifted:
+            lines = [
+                f"Schema of {self.target} DRIFTED from the reference for "
+                f"{self.revision or 'base'} ({self.provider}): " + "; ".join(self.differences)
+            ]
+        else:
+            lines = [
+                f"Schema of {self.target} matches the reference for {self.revision or 'base'} "
+                f"({self.provider}), fingerprint {self.fingerprint[:FINGERPRINT_SHOWN]}"
+            ]
+        if self.grants is not None:
+            if self.grants.not_checked:
+                lines.append(f"App user grants not checked: {self.grants.not_checked}")
+            elif self.grants.problems:
+                lines += [f"Grants: {line}" for line in self.grants.problems]
+            else:
+                lines.append(f"Grants of app user {self.grants.username}: as expected")
+        return [redact(line) for line in lines]
+
+
+# --- After an upgrade -------------------------------------------------------------------------
+
+
+def verify_after_upgrade(target: Target, record, run, result) -> Verification | None:
+    """Verify ``target`` after ``result`` (an upgrade that applied revisions) and record it.
+
+    Called by ``migrator.tasks`` inside the run. Appends the outcome to ``result.log`` and records
+    it with ``tenants.actions.do_record_verification``. Never raises: the run succeeded whatever
+    is found here. Returns the ``Verification``, or None when VERIFY_AFTER_UPGRADE is off.
+    """
+    from tenants import actions
+
+    if not settings.VERIFY_AFTER_UPGRADE:
+        return None
+    try:
+        verification = verify_target(
+            target, revision=result.revision_after, app=_app_credentials(record)
+        )
+    except Exception as exc:  # noqa: BLE001 - verification must never fail the run
+        logger.exception("Verifying %s failed", record.name)
+        verification = Verification(
+            record.name,
+            target.provider,
+            result.revision_after,
+            not_verified=f"unexpected error ({type(exc).__name__}): {redact(str(exc))}",
+        )
+    result.log.extend(verification.log_lines())
+    try:
+        actions.do_record_verification(record, verification, run=run)
+    except Exception:  # noqa: BLE001 - the run's own outcome is recorded next, whatever happens
+        logger.exception("Recording the verification of %s failed", record.name)
+    return verification
+
+
+def _app_credentials(record) -> ConnectionInfo | str:
+    """The app user's connection for ``record``, or why there is none to check."""
+    if record.provider not in ("postgresql", "mysql"):
+        return ""
+    try:
+        return get_secrets_manager().application_credentials(
+            record.vault_path, provider=record.provider
+        )
+    except MigratorError as exc:
+        return f"the app credentials could not be read: {exc}"
+
+
+# --- One target -------------------------------------------------------------------------------
+
+
+def verify_target(
+    target: Target,
+    *,
+    revision: str | None,
+    app: ConnectionInfo | str | None = None,
+    script_location=None,
+) -> Verification:
+    """Compare ``target``'s schema (read as admin) with the reference for ``revision``, and
+    check the app user's grants when ``app`` is its ``ConnectionInfo`` (a string: why it cannot
+    be checked; empty or None: not applicable).
+
+    Raises nothing for what goes wrong on the way: it is in ``not_verified`` or the grant check.
+    """
+    started = time.monotonic()
+    verification = Verification(target.name, target.provider, revision)
+    try:
+        with _driver_errors(target), engines.connect(target) as connection:
+            actual = schema.reflect(connection)
+            namespace = inspect(connection).default_schema_name
+            connection.rollback()
+    except MigratorError as exc:
+        verification.not_verified = f"the schema could not be read: {exc}"
+        verification.duration_ms = _elapsed_ms(started)
+        return verification
+    verification.fingerprint = schema.fingerprint(actual)
+    try:
+        reference = reference_for(target.provider, revision, script_location=script_location)
+    except NoScratchDatabase as exc:
+        verification.not_verified = str(exc)
+    except MigratorError as exc:
+        verification.not_verified = f"the reference for {revision} could not be built: {exc}"
+    else:
+        verification.reference_fingerprint = reference.fingerprint
+        verification.differences = schema.compare(reference.schema, actual)
+    if isinstance(app, ConnectionInfo):
+        verification.grants = check_app_grants(
+            app, tables=schema.tables(actual), namespace=namespace
+        )
+    elif app:
+        verification.grants = GrantCheck(username="?", not_checked=app)
+    verification.duration_ms = _elapsed_ms(started)
+    return verification
+
+
+@contextlib.contextmanager
+def _driver_errors(target: Target) -> Iterator[None]:
+    """Driver errors while reading a schema, as ``VerificationError`` with the driver's words."""
+    try:
+        yield
+    except sa_exc.DBAPIError as exc:
+        raise VerificationError(engines.error_reason(exc, target.connection)) from None
+
+
+def _elapsed_ms(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
+
+
+# --- References -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The schema an upgrade to ``revision`` gives on a fresh database of ``provider``."""
+
+    provider: str
+    revision: str | None
+    script_hash: str
+    schema: dict
+    fingerprint: str
+
+
+_references: dict[tuple[str, str, str], Reference] = {}
+_lineage_hashes: dict[tuple[str, str], str] = {}
+_references_lock = threading.Lock()
+# How many references this process built, by (provider, revision): each should be built once.
+reference_builds: Counter = Counter()
+
+
+def reset() -> None:
+    """Forget the references and hashes kept in this process (tests, or after a deploy)."""
+    with _references_lock:
+        _references.clear()
+        _lineage_hashes.clear()
+        reference_builds.clear()
+
+
+def reference_for(provider: str, revision: str | None, *, script_location=None) -> Reference:
+    """The reference schema for ``revision`` on ``provider``: from this process, else from the
+    file cache under DATA_DIR/schema-references, else built on a scratch database (once: a
+    lock file makes other workers wait for the first one's result).
+
+    Raises ``NoScratchDatabase`` when it must be built and no scratch server is configured,
+    ``VerificationError`` (or another ``MigratorError``) when building fails.
+    """
+    if not revision:
+        empty = schema.empty()
+        return Reference(provider, None, "", empty, schema.fingerprint(empty))
+    script = runner.script_directory(script_location)
+    digest = lineage_hash(script, revision)
+    key = (provider, revision, digest)
+    with _references_lock:
+        cached = _references.get(key)
+        if cached is not None:
+            return cached
+        path = _reference_path(provider, revision, digest)
+        data = _read_reference(path)
+        if data is None:
+            _scratch_setting(provider)  # fail early, before taking any lock
+            with _file_lock(path.parent / ".build.lock"):  # one build at a time per provider
+                data = _read_reference(path)  # another worker may have built it meanwhile
+                if data is None:
+                    built = build_reference(provider, revision, script_location=script.dir)
+                    data = {
+                        "provider": provider,
+                        "revision": revision,
+                        "script_hash": digest,
+                        "built_at": timezone.now().isoformat(),
+                        "fingerprint": schema.fingerprint(built),
+                        "schema": built,
+                    }
+                    _write_reference(path, data)
+        reference = Reference(provider, revision, digest, data["schema"], data["fingerprint"])
+        _references[key] = reference
+        return reference
+
+
+def build_reference(provider: str, revision: str, *, script_location=None) -> dict:
+    """Migrate a throw-away database of ``provider`` to ``revision`` and return its normalised
+    schema. The scratch database is dropped afterwards, whatever happens."""
+    logger.info("Building the reference schema of %s for %s", revision, provider)
+    reference_builds[(provider, revision)] += 1
+    with scratch_target(provider) as target:
+        for head in revision.split(","):
+            runner.upgrade(target, head, script_location=script_location)
+        with _driver_errors(target), engines.connect(target) as connection:
+            return schema.reflect(connection)
+
+
+def lineage_hash(script, revision: str) -> str:
+    """sha256 of the files of ``revision`` and every revision below it, and of ``env.py``: what
+    a reference depends on. Raises ``VerificationError`` for a revision the script directory
+    does not have."""
+    key = (script.dir, revision)
+    cached = _lineage_hashes.get(key)
+    if cached is not None:
+        return cached
+    found = {}
+    try:
+        for head in revision.split(","):
+            for step in script.iterate_revisions(head, "base"):
+                found[step.revision] = step.path
+    except Exception as exc:  # noqa: BLE001 - Alembic raises several kinds for an unknown id
+        raise VerificationError(
+            f"revision {revision} is not in the script directory ({script.dir}): {exc}"
+        ) from None
+    hasher = hashlib.sha256()
+    for revision_id, path in sorted(found.items()):
+        hasher.update(revision_id.encode() + b"\0" + Path(path).read_bytes() + b"\0")
+    env_py = Path(script.env_py_location)
+    if env_py.exists():
+        hasher.update(env_py.read_bytes())
+    digest = _lineage_hashes[key] = hasher.hexdigest()
+    return digest
+
+
+def _reference_path(provider: str, revision: str, digest: str) -> Path:
+    name = revision.replace(",", "+").replace("/", "_")
+    return Path(settings.DATA_DIR) / "schema-references" / provider / f"{name}-{digest[:16]}.json"
+
+
+def _read_reference(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        logger.warning("Ignoring the unreadable reference file %s", path)
+        return None
+    if not isinstance(data, dict) or "schema" not in data or "fingerprint" not in data:
+        return None
+    return data
+
+
+def _write_reference(path: Path, data: dict) -> None:
+    partial = path.with_name(f".{path.name}.{random.token_hex(4)}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(data, indent=1, sort_keys=True))
+        partial.replace(path)  # atomic: a reader sees the whole file or none
+    except OSError as exc:
+        # The reference still serves this process; other workers will build their own.
+        logger.warning("Cannot write the reference file %s: %s", path, exc)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between the processes sharing DATA_DIR (flock; none where there is
+    no fcntl, and then two workers may both build a reference, which is harmless)."""
+    try:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")  # closed by the with-block below
+    except (ImportError, OSError):  # not POSIX, or DATA_DIR is read-only: build without a lock
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# --- Scratch databases ------------------------------------------------------------------------
+
+
+def _scratch_setting(provider: str) -> str:
+    """The scratch server URL for ``provider`` ("" for SQLite, which needs none)."""
+    if provider == "sqlite":
+        return ""
+    name = SCRATCH_SETTINGS.get(provider)
+    if name is None:
+        raise NoScratchDatabase(
+            f"no scratch database for {provider} (references are built on PostgreSQL, MySQL "
+            "and SQLite only)"
+        )
+    url = getattr(settings, name, "")
+    if not url:
+        raise NoScratchDatabase(f"no scratch database for {provider} (set {name})")
+    return url
+
+
+@contextlib.contextmanager
+def scratch_target(provider: str) -> Iterator[Target]:
+    """A new, empty database of ``provider`` as a ``Target``, dropped on exit: on the scratch
+    server (``CREATE DATABASE verify_ref_...``) or, for SQLite, in a temporary directory."""
+    url = _scratch_setting(provider)
+    if provider == "sqlite":
+        with tempfile.TemporaryDirectory(prefix="schema-reference-") as directory:
+            info = ConnectionInfo(provider="sqlite", database=str(Path(directory) / "ref.db"))
+            yield Target(f"reference-{provider}", info)
+        return
+    setting = SCRATCH_SETTINGS[provider]
+    parsed = make_url(url)
+    name = f"verify_ref_{random.token_hex(6)}"
+
+    def info(database: str) -> ConnectionInfo:
+        return ConnectionInfo(
+            provider=provider,
+            host=parsed.host or "127.0.0.1",
+            port=parsed.port,
+            database=database,
+            username=parsed.username,
+            password=parsed.password,
+            options=dict(parsed.query),
+            vault_path=setting,
+        )
+
+    server = Target(f"scratch server of {provider} ({setting})", info(parsed.database or ""))
+    quoted = f'"{name}"' if provider == "postgresql" else f"`{name}`"
+    _server_statement(server, f"CREATE DATABASE {quoted}")
+    try:
+        yield Target(f"reference-{provider}", info(name))
+    finally:
+        drop = f"DROP DATABASE IF EXISTS {quoted}"
+        try:
+            _server_statement(server, drop + (" WITH (FORCE)" if provider == "postgresql" else ""))
+        except MigratorError:
+            logger.warning("Could not drop the scratch database %s on %s", name, setting)
+
+
+def _server_statement(server: Target, statement: str) -> None:
+    """Run one statement outside any transaction on the scratch server."""
+    try:
+        with _driver_errors(server), engines.connect(server) as connection:
+            connection.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(statement)
+    except MigratorError as exc:
+        raise VerificationError(f"{statement} on the {server.name} failed: {exc}") from None
+
+
+# --- The app user's grants --------------------------------------------------------------------
+
+
+def check_app_grants(
+    app: ConnectionInfo, *, tables: list[str], namespace: str | None
+) -> GrantCheck:
+    """Log in as the app user and ask the server what it may do on ``tables`` (in schema
+    ``namespace`` on PostgreSQL). Privilege queries only: nothing is written or created."""
+    check = GrantCheck(username=app.username or "?")
+    login = app
+    if app.provider == "mysql":
+        # Every user may open information_schema, even one with no grant on its database.
+        login = dataclasses.replace(app, database="information_schema")
+    engine = engines.build_engine(login)
+    try:
+        try:
+            connection = engine.connect()
+        except sa_exc.DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) == "42501":  # PostgreSQL: no CONNECT
+                check.missing[f"database {app.database}"] = ["CONNECT"]
+                return check
+            check.not_checked = (
+                f"cannot log in as app user {app.username} "
+                f"({engines.error_reason(exc, app)}): check app_username and app_password in "
+                f"the Vault secret at {app.vault_path}"
+            )
+            return check
+        with connection:
+            if app.provider == "postgresql":
+                _postgresql_grants(connection, check, tables, namespace or "public")
+            else:
+                _mysql_grants(connection, check, tables, app.database)
+            connection.rollback()
+    except sa_exc.DBAPIError as exc:
+        check.not_checked = f"the privilege queries failed: {engines.error_reason(exc, app)}"
+    finally:
+        engine.dispose()
+    return check
+
+
+def _postgresql_grants(connection, check: GrantCheck, tables: list[str], namespace: str) -> None:
+    """has_table_privilege / has_sequence_privilege / has_schema_privilege /
+    has_database_privilege, each for the current (app) user."""
+    row = connection.execute(
+        text(
+            "SELECT has_schema_privilege(:schema, 'USAGE'), has_schema_privilege(:schema, "
+            "'CREATE'), has_database_privilege(current_database(), 'CREATE'), "
+            "current_database(), (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)"
+        ),
+        {"schema": namespace},
+    ).one()
+    usage, create_in_schema, create_in_database, database, superuser = row
+    if not usage:
+        check.missing[f"schema {namespace}"] = ["USAGE"]
+    if superuser:
+        check.excess.append("superuser")
+    if create_in_database:
+        check.excess.append(f"CREATE on database {database}")
+    if create_in_schema:
+        check.excess.append(f"CREATE on schema {namespace}")
+
+    privileges = {}
+    owned = []
+    for name, *flags, owner in connection.execute(
+        text(
+            "SELECT c.relname, "
+            + ", ".join(f"has_table_privilege(c.oid, '{p}')" for p in APP_PRIVILEGES)
+            + ", pg_has_role(c.relowner, 'USAGE') "
+            "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = :schema AND c.relkind IN ('r', 'p')"
+        ),
+        {"schema": namespace},
+    ):
+        privileges[name] = flags
+        if owner and not superuser:
+            owned.append(name)
+    for table in tables:
+        flags = privileges.get(table, [False] * len(APP_PRIVILEGES))
+        lacking = [p for p, granted in zip(APP_PRIVILEGES, flags, strict=True) if not granted]
+        if lacking:
+            check.missing[table] = lacking
+    if owned:
+        check.excess.append(f"owns table {', '.join(sorted(owned))} (may ALTER or DROP)")
+
+    # Serial columns draw from a sequence: INSERT needs USAGE on it (identity columns do not).
+    for (sequence,) in connection.execute(
+        text(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.relkind = 'S' AND n.nspname = :schema "
+            "AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid "
+            "AND d.deptype = 'i') "
+            # CASE: the server may test conditions in any order, and has_sequence_privilege
+            # raises on a relation that is not a sequence.
+            "AND CASE WHEN c.relkind = 'S' THEN NOT (has_sequence_privilege(c.oid, 'USAGE') "
+            "OR has_sequence_privilege(c.oid, 'UPDATE')) ELSE false END ORDER BY c.relname"
+        ),
+        {"schema": namespace},
+    ):
+        check.missing[f"sequence {sequence}"] = ["USAGE"]
+
+
+def _mysql_grants(connection, check: GrantCheck, tables: list[str], database: str) -> None:
+    """The current (app) user's rows of information_schema.USER_PRIVILEGES (global),
+    SCHEMA_PRIVILEGES (the database; grants may use wildcards) and TABLE_PRIVILEGES, with those
+    of its enabled roles. SHOW GRANTS would say the same, but as text to parse."""
+    user = connection.execute(text("SELECT CURRENT_USER()")).scalar()
+    name, _, host = user.rpartition("@")
+    grantees = [f"'{name}'@'{host}'"]
+    try:
+        roles = connection.execute(
+            text("SELECT ROLE_NAME FROM information_schema.ENABLED_ROLES")
+        ).scalars()
+        grantees += [f"'{role}'" for role in roles]
+    except sa_exc.DBAPIError:
+        connection.rollback()  # a server without roles
+    grantee_filter = bindparam("grantees", expanding=True)
+
+    def privileges(query, **params):
+        statement = text(query).bindparams(grantee_filter)
+        rows = connection.execute(statement, {"grantees": grantees, **params}).all()
+        return [row[0] if len(row) == 1 else tuple(row) for row in rows]
+
+    global_ = set(
+        privileges(
+            "SELECT PRIVILEGE_TYPE FROM information_schema.USER_PRIVILEGES "
+            "WHERE GRANTEE IN :grantees"
+        )
+    )
+    # A database-level grant may name its database with wildcards (`t\_my\_%`.*).
+    on_database = set(
+        privileges(
+            "SELECT PRIVILEGE_TYPE FROM information_schema.SCHEMA_PRIVILEGES "
+            "WHERE GRANTEE IN :grantees AND :database LIKE TABLE_SCHEMA",
+            database=database,
+        )
+    )
+    on_table: dict[str, set] = {}
+    for table, privilege in privileges(
+        "SELECT TABLE_NAME, PRIVILEGE_TYPE FROM information_schema.TABLE_PRIVILEGES "
+        "WHERE GRANTEE IN :grantees AND TABLE_SCHEMA = :database",
+        database=database,
+    ):
+        on_table.setdefault(table, set()).add(privilege)
+
+    for table in tables:
+        granted = global_ | on_database | on_table.get(table, set())
+        lacking = [p for p in APP_PRIVILEGES if p not in granted]
+        if lacking:
+            check.missing[table] = lacking
+    scopes = (("*.* (every database)", global_), (f"database {database}", on_database))
+    for scope, granted in scopes:
+        ddl = [p for p in MYSQL_DDL_PRIVILEGES if p in granted]
+        if ddl:
+            check.excess.append(f"{', '.join(ddl)} on {scope}")
+    for table in sorted(on_table):
+        ddl = [p for p in MYSQL_DDL_PRIVILEGES if p in on_table[table]]
+        if ddl:
+            check.excess.append(f"{', '.join(ddl)} on table {table}")
+
+
+# --- The fleet --------------------------------------------------------------------------------
+
+
+def verify_record(record, *, script_location=None) -> Verification:
+    """Verify the database of ``record`` (a ``MigrationTarget``) as it stands now, without
+    migrating: reads its admin and app credentials from Vault and its revision from
+    ``alembic_version``. Records nothing (see ``verify_records``)."""
+    try:
+        secrets = get_secrets_manager()
+        target = Target(
+            record.name, secrets.migration_credentials(record.vault_path, provider=record.provider)
+        )
+        revision = runner.current(target, script_location=script_location).revision
+    except MigratorError as exc:
+        return Verification(
+            record.name,
+            record.provider,
+            record.revision or None,
+            not_verified=f"the database could not be read: {exc}",
+        )
+    return verify_target(
+        target, revision=revision, app=_app_credentials(record), script_location=script_location
+    )
+
+
+def verify_records(records, *, trigger, acting_user=None, record_every_run=False):
+    """Verify each of ``records`` and record what was found (``do_record_verification``).
+
+    A target with a queued or running migration is left out (its schema is changing), and so
+    is one whose database could not be read: its record is kept as it was. Returns one
+    ``Verification`` per target, in order.
+    """
+    from tenants import actions
+    from tenants.models import ACTIVE_RUN_STATUSES
+
+    results = []
+    for record in records:
+        if record.runs.filter(status__in=ACTIVE_RUN_STATUSES).exists():
+            results.append(
+                Verification(
+                    record.name,
+                    record.provider,
+                    record.revision or None,
+                    not_verified="skipped: a migration is queued or running",
+                )
+            )
+            continue
+        try:
+            verification = verify_record(record)
+        except Exception as exc:  # noqa: BLE001 - one target must not stop the fleet's check
+            logger.exception("Verifying %s failed", record.name)
+            verification = Verification(
+                record.name,
+                record.provider,
+                record.revision or None,
+                not_verified=f"unexpected error ({type(exc).__name__}): {redact(str(exc))}",
+            )
+        results.append(verification)
+        if verification.fingerprint:
+            actions.do_record_verification(
+                record,
+                verification,
+                trigger=trigger,
+                acting_user=acting_user,
+                record_run=record_every_run,
+            )
+        else:
+            logger.warning("%s: %s", record.name, verification.not_verified)
+    return results
+
+
+def check_fleet_for_drift():
+    """Re-check every target for drift, without migrating (the django-q2 schedule "tenants:
+    re-check the fleet for drift", every VERIFY_SCHEDULE_MINUTES). Returns one line per target
+    that drifted, has grant problems or could not be verified, and a count line."""
+    from tenants.models import MigrationTarget, Trigger
+
+    results = verify_records(MigrationTarget.objects.all(), trigger=Trigger.SCHEDULE)
+    lines = []
+    for verification in results:
+        if verification.drifted:
+            lines.append(f"{verification.target}: drifted: " + "; ".join(verification.differences))
+        elif not verification.verified:
+            lines.append(f"{verification.target}: not verified: {verification.not_verified}")
+        lines += [f"{verification.target}: {line}" for line in verification.grant_problems]
+    drifted = sum(v.drifted for v in results)
+    lines.append(f"{len(results)} target(s) checked, {drifted} drifted")
+    logger.info("%s", lines[-1])
+    return lines

@@ -24,6 +24,13 @@ from tenants.models import (
 RECENT_RUNS_ON_TARGET_PAGE = 20
 
 
+def _drift_report_html(report):
+    """A drift report (``migrator.verify``) as preformatted text; "-" before any verification."""
+    if not report:
+        return "-"
+    return format_html('<pre style="white-space: pre-wrap">{}</pre>', report)
+
+
 def _run_link(run):
     return format_html(
         '<a href="{}">#{}</a>', reverse("admin:tenants_migrationrun_change", args=[run.pk]), run.pk
@@ -268,9 +275,10 @@ class MigrationTargetAdmin(RunMigrationsActions, admin.ModelAdmin):
         "status",
         "phase",
         "held",
+        "drifted",
         "last_migrated_at",
     )
-    list_filter = ("kind", "provider", "region", "status", "held", "revision")
+    list_filter = ("kind", "provider", "region", "status", "drifted", "held", "revision")
     search_fields = ("name", "vault_path", "tenants__id")
     readonly_fields = (
         "revision",
@@ -281,6 +289,10 @@ class MigrationTargetAdmin(RunMigrationsActions, admin.ModelAdmin):
         "created_at",
         "updated_at",
         "recent_runs",
+        "drifted",
+        "schema_fingerprint",
+        "verified_at",
+        "drift_report_text",
     )
     fieldsets = (
         (
@@ -311,9 +323,17 @@ class MigrationTargetAdmin(RunMigrationsActions, admin.ModelAdmin):
                 )
             },
         ),
+        (
+            "Schema verification",
+            {"fields": ("drifted", "schema_fingerprint", "verified_at", "drift_report_text")},
+        ),
         ("Run history", {"fields": ("recent_runs",)}),
     )
     show_full_result_count = False
+
+    @admin.display(description="drift report")
+    def drift_report_text(self, obj):
+        return _drift_report_html(obj.drift_report)
 
     def targets_of(self, queryset):
         return list(queryset)
@@ -461,6 +481,7 @@ class MigrationRunAdmin(admin.ModelAdmin):
             },
         ),
         ("Log", {"fields": ("log_lines",)}),
+        ("Schema verification", {"fields": ("drift_report_text",)}),
         (
             "Execution",
             {
@@ -486,6 +507,10 @@ class MigrationRunAdmin(admin.ModelAdmin):
         if not obj.log:
             return "-"
         return format_html('<pre style="white-space: pre-wrap">{}</pre>', obj.log)
+
+    @admin.display(description="drift report")
+    def drift_report_text(self, obj):
+        return _drift_report_html(obj.drift_report)
 
     def has_add_permission(self, request):
         return False

@@ -15,13 +15,19 @@ class TenantsConfig(AppConfig):
 
 
 RECOVERY_SCHEDULE = "tenants: recover stale runs"
+DRIFT_SCHEDULE = "tenants: re-check the fleet for drift"
 
 
 def ensure_schedules(sender, **kwargs):
     """Create the periodic django-q2 schedules the control plane relies on (idempotent)."""
+    from datetime import timedelta
+
+    from django.conf import settings
+    from django.utils import timezone
     from django_q.models import Schedule
 
-    Schedule.objects.using(kwargs.get("using", "default")).get_or_create(
+    schedules = Schedule.objects.using(kwargs.get("using", "default"))
+    schedules.get_or_create(
         name=RECOVERY_SCHEDULE,
         defaults={
             "func": "migrator.tasks.recover_stale_runs",
@@ -30,3 +36,22 @@ def ensure_schedules(sender, **kwargs):
             "repeats": -1,
         },
     )
+    # Drift re-check every VERIFY_SCHEDULE_MINUTES; 0 turns it off (and removes the schedule).
+    # The first check comes one period after the schedule is created, not at the first start.
+    minutes = settings.VERIFY_SCHEDULE_MINUTES
+    if minutes <= 0:
+        schedules.filter(name=DRIFT_SCHEDULE).delete()
+        return
+    drift, created = schedules.get_or_create(
+        name=DRIFT_SCHEDULE,
+        defaults={
+            "func": "migrator.verify.check_fleet_for_drift",
+            "schedule_type": Schedule.MINUTES,
+            "minutes": minutes,
+            "repeats": -1,
+            "next_run": timezone.now() + timedelta(minutes=minutes),
+        },
+    )
+    if not created and drift.minutes != minutes:
+        drift.minutes = minutes
+        drift.save(update_fields=["minutes"])
