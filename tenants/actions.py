@@ -189,13 +189,19 @@ def target_status_for(revision, heads):
 @transaction.atomic
 def do_record_run_success(run, result, *, heads):
     """Record what a successful run did on the run and on its target."""
+    status = RunStatus.SUCCEEDED if result.applied else RunStatus.SKIPPED
+    return _record_success(run, result, status=status, heads=heads, changed=bool(result.applied))
+
+
+def _record_success(run, result, *, status, heads, changed):
+    """Save a finished run's outcome, and where its target stands now."""
     now = timezone.now()
-    run.status = RunStatus.SUCCEEDED if result.applied else RunStatus.SKIPPED
+    run.status = status
     run.revision_before = result.revision_before or ""
     run.revision_after = result.revision_after or ""
-    run.applied = list(result.applied)
+    run.applied = list(getattr(result, "applied", []))
     run.duration_ms = result.duration_ms
-    run.log = "\n".join(result.log)
+    run.log = redact("\n".join(result.log))
     run.finished_at = now
     run.error = run.error_code = ""
     run.retryable = None
@@ -219,7 +225,7 @@ def do_record_run_success(run, result, *, heads):
     target.last_error = ""
     target.last_checked_at = now
     fields = ["revision", "status", "last_error", "last_checked_at", "updated_at"]
-    if result.applied:
+    if changed:
         target.last_migrated_at = now
         fields.append("last_migrated_at")
     target.save(update_fields=fields)
@@ -526,45 +532,7 @@ def do_start_restore_run(target, *, backup_run, worker_host, trigger=None, actin
 def do_record_restore(run, result, *, heads):
     """Record a successful restore (a ``migrator.backups.RestoreResult``) on the run, and the
     revision read back from the target's ``alembic_version`` on the target."""
-    now = timezone.now()
-    run.status = RunStatus.SUCCEEDED
-    run.revision_before = result.revision_before or ""
-    run.revision_after = result.revision_after or ""
-    run.applied = []
-    run.duration_ms = result.duration_ms
-    run.log = redact("\n".join(result.log))
-    run.finished_at = now
-    run.error = run.error_code = ""
-    run.retryable = None
-    run.save(
-        update_fields=[
-            "status",
-            "revision_before",
-            "revision_after",
-            "applied",
-            "duration_ms",
-            "log",
-            "finished_at",
-            "error",
-            "error_code",
-            "retryable",
-        ]
-    )
+    _record_success(run, result, status=RunStatus.SUCCEEDED, heads=heads, changed=True)
     target = run.target
-    target.revision = run.revision_after
-    target.status = target_status_for(run.revision_after, heads)
-    target.last_error = ""
-    target.last_checked_at = now
-    target.last_migrated_at = now
-    target.save(
-        update_fields=[
-            "revision",
-            "status",
-            "last_error",
-            "last_checked_at",
-            "last_migrated_at",
-            "updated_at",
-        ]
-    )
     logger.info("Restored %s (run %s); it stands at %s", target.name, run.pk, target.revision)
     return run

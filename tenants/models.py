@@ -338,3 +338,27 @@ class MigrationRun(models.Model):
     @property
     def is_active(self):
         return self.status in ACTIVE_RUN_STATUSES
+
+    def outcome(self):
+        """The run as plain data, as the API and ``migrate_tenants --json`` show it."""
+        return {
+            "run": self.pk,
+            "target": self.target.name,
+            "provider": self.target.provider,
+            "region": self.target.region,
+            "kind": self.kind,
+            "phase": self.phase or None,
+            "trigger": self.trigger,
+            "status": self.status,
+            "requested_revision": self.requested_revision,
+            "revision_before": self.revision_before or None,
+            "revision_after": self.revision_after or None,
+            "applied": self.applied,
+            "duration_ms": self.duration_ms,
+            "error": self.error or None,
+            "error_code": self.error_code or None,
+            "retryable": self.retryable,
+            "attempt": self.attempt,
+            "worker_cluster": self.worker_cluster or None,
+            "drift_report": self.drift_report or None,
+        }

@@ -163,23 +163,7 @@ class Command(BaseCommand):
                 return
         if options["verify"]:
             return self._verify(options, user, scopes)
-        unknown = missing_tenants(options["tenant"])
-        if unknown:
-            raise CommandError(
-                f"Unknown tenant id(s): {', '.join(unknown)}.", returncode=EXIT_USAGE
-            )
-        targets = list(
-            select_targets(
-                all_targets=options["all"],
-                shared=options["shared"],
-                tenant_ids=options["tenant"],
-                target_names=options["target"],
-                strategies=options["strategy"],
-                providers=options["provider"],
-                regions=options["region"],
-                failed=options["failed"],
-            )
-        )
+        targets = list(self._select(options))
         if not targets:
             if not any(
                 options[k]
@@ -331,21 +315,7 @@ class Command(BaseCommand):
                 "--strategy, --failed, --provider or --region.",
                 returncode=EXIT_USAGE,
             )
-        unknown = missing_tenants(options["tenant"])
-        if unknown:
-            raise CommandError(
-                f"Unknown tenant id(s): {', '.join(unknown)}.", returncode=EXIT_USAGE
-            )
-        targets = select_targets(
-            all_targets=options["all"],
-            shared=options["shared"],
-            tenant_ids=options["tenant"],
-            target_names=options["target"],
-            strategies=options["strategy"],
-            providers=options["provider"],
-            regions=options["region"],
-            failed=options["failed"],
-        )
+        targets = self._select(options)
         results = verify_records(
             targets, trigger=Trigger.COMMAND, acting_user=user, record_every_run=True
         )
@@ -427,6 +397,24 @@ class Command(BaseCommand):
 
     # --- helpers --------------------------------------------------------------------------
 
+    def _select(self, options):
+        """The targets the scope and filter options name (``tenants.selection``)."""
+        unknown = missing_tenants(options["tenant"])
+        if unknown:
+            raise CommandError(
+                f"Unknown tenant id(s): {', '.join(unknown)}.", returncode=EXIT_USAGE
+            )
+        return select_targets(
+            all_targets=options["all"],
+            shared=options["shared"],
+            tenant_ids=options["tenant"],
+            target_names=options["target"],
+            strategies=options["strategy"],
+            providers=options["provider"],
+            regions=options["region"],
+            failed=options["failed"],
+        )
+
     def _acting_user(self, username):
         if not username:
             return None
@@ -449,7 +437,7 @@ class Command(BaseCommand):
     def _emit(self, runs, options, dispatches=()):
         skipped = [d for d in dispatches if d.run is None]
         if options["json"]:
-            payload = [run_as_dict(run) for run in runs] + [
+            payload = [run.outcome() for run in runs] + [
                 {"target": d.target.name, "status": "not-queued", "error": d.reason}
                 for d in skipped
             ]
@@ -459,24 +447,6 @@ class Command(BaseCommand):
             self.stderr.write(d.message)
         if runs:
             self.stdout.write(summary_table(runs))
-
-
-def run_as_dict(run):
-    return {
-        "run": run.pk,
-        "target": run.target.name,
-        "provider": run.target.provider,
-        "region": run.target.region,
-        "status": run.status,
-        "requested_revision": run.requested_revision,
-        "revision_before": run.revision_before or None,
-        "revision_after": run.revision_after or None,
-        "applied": run.applied,
-        "duration_ms": run.duration_ms,
-        "error": run.error or None,
-        "error_code": run.error_code or None,
-        "retryable": run.retryable,
-    }
 
 
 def summary_table(runs):
