@@ -1,11 +1,12 @@
 """The fleet dashboard: where every target stands, what runs now, what failed last.
 
 Every number is aggregated in SQL (a handful of GROUP BY queries), so the page costs the same
-with ten tenants or ten thousand. It refreshes itself while runs are queued or running.
+with ten tenants or ten thousand. It refreshes itself while runs are queued or running (or a
+target is migrating).
 """
 
 from django.contrib.admin.views.decorators import staff_member_required
-from django.db.models import Count, Q
+from django.db.models import Count, Exists, Min, OuterRef, Q
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.http import urlencode
@@ -15,12 +16,16 @@ from tenants.models import (
     FINISHED_RUN_STATUSES,
     MigrationRun,
     MigrationTarget,
+    Provider,
     RunStatus,
     TargetStatus,
+    Trigger,
 )
 
 RECENT_FAILURES = 10
 ACTIVE_RUNS_SHOWN = 50
+ACTIVE_BATCHES_SHOWN = 20
+FINGERPRINT_GROUPS_SHOWN = 30
 
 
 def _targets_url(**filters):
@@ -84,8 +89,25 @@ def fleet_dashboard(request):
         )
         .order_by("region", "provider")
     )
+    provider_labels = dict(Provider.choices)
     for row in by_provider_region:
+        row["provider_label"] = provider_labels.get(row["provider"], row["provider"])
         row["url"] = _targets_url(provider__exact=row["provider"], region__exact=row["region"])
+
+    # Targets at one revision share one schema fingerprint per provider: another fingerprint,
+    # or a drifted target, stands out. Groups with drift first.
+    fingerprints = list(
+        MigrationTarget.objects.values("revision", "provider", "schema_fingerprint")
+        .annotate(n=Count("id"), drifted_n=Count("id", filter=Q(drifted=True)))
+        .order_by("-drifted_n", "revision", "provider", "-n")[:FINGERPRINT_GROUPS_SHOWN]
+    )
+    for row in fingerprints:
+        row["provider_label"] = provider_labels.get(row["provider"], row["provider"])
+        row["fingerprint"] = row["schema_fingerprint"][:12]
+        filters = {"revision": row["revision"], "provider__exact": row["provider"]}
+        if row["drifted_n"]:
+            filters["drifted__exact"] = "1"
+        row["url"] = _targets_url(**filters)
 
     active_runs = list(
         MigrationRun.objects.filter(status__in=ACTIVE_RUN_STATUSES)
@@ -93,23 +115,40 @@ def fleet_dashboard(request):
         .order_by("created_at")[:ACTIVE_RUNS_SHOWN]
     )
     active_count = MigrationRun.objects.filter(status__in=ACTIVE_RUN_STATUSES).count()
-    active_batches = set(
+    # The batches with runs under way, newest first. Ordered explicitly: with the model's
+    # default ordering, DISTINCT would also cover created_at and return one batch many times.
+    active_batches = list(
         MigrationRun.objects.filter(status__in=ACTIVE_RUN_STATUSES, batch__isnull=False)
-        .values_list("batch", flat=True)
-        .distinct()[:20]
+        .values("batch")
+        .annotate(started=Min("created_at"))
+        .order_by("-started")
+        .values_list("batch", flat=True)[:ACTIVE_BATCHES_SHOWN]
+    )
+    # Progress counts targets, not runs: a retry of a failed attempt is a newer run of the same
+    # target in the same batch, and only each target's latest run in the batch says where it is.
+    later_attempt = MigrationRun.objects.filter(
+        batch=OuterRef("batch"), target=OuterRef("target"), pk__gt=OuterRef("pk")
     )
     batches = list(
         MigrationRun.objects.filter(batch__in=active_batches)
-        .values("batch", "trigger")
+        .filter(~Exists(later_attempt))
+        .values("batch")
         .annotate(
+            trigger=Min("trigger"),
+            started=Min("created_at"),
             total=Count("id"),
             done=Count("id", filter=Q(status__in=FINISHED_RUN_STATUSES)),
             failed=Count("id", filter=Q(status__in=[RunStatus.FAILED, RunStatus.INTERRUPTED])),
         )
-        .order_by("batch")
+        .order_by("-started")
     )
+    trigger_labels = dict(Trigger.choices)
     for batch in batches:
-        batch["percent"] = round(100 * batch["done"] / batch["total"]) if batch["total"] else 100
+        size = batch["total"] or 1
+        batch["trigger_label"] = trigger_labels.get(batch["trigger"], batch["trigger"])
+        batch["percent"] = round(100 * batch["done"] / size)
+        batch["failed_percent"] = round(100 * batch["failed"] / size)
+        batch["ok_percent"] = batch["percent"] - batch["failed_percent"]
 
     failures = list(
         MigrationRun.objects.filter(status__in=[RunStatus.FAILED, RunStatus.INTERRUPTED])
@@ -125,11 +164,20 @@ def fleet_dashboard(request):
         "statuses": statuses,
         "revisions": revisions,
         "by_provider_region": by_provider_region,
+        "fingerprints": fingerprints,
+        # Groups with drift come first: only when every group shown has drift can there be more
+        # drifted targets than these ("12+ drifted").
+        "drifted_total": sum(row["drifted_n"] for row in fingerprints),
+        "drifted_more": len(fingerprints) >= FINGERPRINT_GROUPS_SHOWN
+        and fingerprints[-1]["drifted_n"] > 0,
         "active_runs": active_runs,
         "active_count": active_count,
         "batches": batches,
         "failures": failures,
-        "refresh": active_count > 0,
+        # The counts come from separate statements: a run that finishes between them can leave
+        # a target shown as migrating with nothing in progress. Refreshing while either says
+        # "under way" means the page never settles on such a half-updated picture.
+        "refresh": active_count > 0 or by_status.get(TargetStatus.MIGRATING, 0) > 0,
         "runs_url": reverse("admin:tenants_migrationrun_changelist"),
     }
     return TemplateResponse(request, "admin/tenants/fleet.html", context)
