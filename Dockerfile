@@ -26,6 +26,8 @@ RUN mkdir -p controlplane tenants migrator tenant_migrations \
     && rm -rf build *.egg-info
 
 COPY . .
+# The admin's static files, served by WhiteNoise from the image.
+RUN DEBUG=true STATIC_ROOT=/app/static python manage.py collectstatic --noinput -v0
 
 # An unprivileged user; DATA_DIR (SQLite files, demo databases) is a volume it owns.
 RUN useradd --create-home --uid 10001 controlplane \
@@ -36,5 +38,4 @@ VOLUME ["/app/var"]
 
 EXPOSE 8000
 # The web process; compose.yaml runs the workers from the same image with `manage.py qcluster`.
-# Serve the admin's static files from a proxy (`manage.py collectstatic` fills DATA_DIR/static).
 CMD ["sh", "-c", "python manage.py migrate --noinput && python manage.py startup_migrations && exec gunicorn controlplane.wsgi --bind 0.0.0.0:8000 --workers 2 --access-logfile -"]

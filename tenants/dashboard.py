@@ -79,6 +79,7 @@ def fleet_dashboard(request):
         )
     for entry in revisions:
         entry["percent"] = round(100 * entry["count"] / top)
+    phase_counts = _phase_counts(revisions)
 
     by_provider_region = list(
         MigrationTarget.objects.values("provider", "region")
@@ -163,6 +164,7 @@ def fleet_dashboard(request):
         "heads": heads,
         "statuses": statuses,
         "revisions": revisions,
+        "phase_counts": phase_counts,
         "by_provider_region": by_provider_region,
         "fingerprints": fingerprints,
         # Groups with drift come first: only when every group shown has drift can there be more
@@ -187,3 +189,20 @@ def _admin_context(request):
     from django.contrib import admin
 
     return admin.site.each_context(request)
+
+
+def _phase_counts(revisions):
+    """Targets before expand, expanded and contracted, from the per-revision counts (no query);
+    None when the script directory has no expand/contract branches."""
+    try:
+        from migrator import phases
+
+        if not phases.has_phases():
+            return None
+        counts = {"before expand": 0, "expanded": 0, "contracted": 0}
+        for entry in revisions:
+            revision = "" if entry["revision"] == "(none recorded)" else entry["revision"]
+            counts[phases.state(revision).label] += entry["count"]
+        return counts
+    except Exception:  # noqa: BLE001 - the dashboard still shows everything else
+        return None

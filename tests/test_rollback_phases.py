@@ -225,3 +225,18 @@ def test_a_target_only_expanded_is_behind_head(registered_tenant, settings):
     run = migrate_once(tenant.target, revision="expand@head", phase="expand")
     assert run.revision_after == "x002_expand_full_name"
     assert run.target.status == "behind"
+
+
+def test_dashboard_shows_where_the_fleet_stands_on_each_phase(
+    admin_client, target_factory, settings
+):
+    settings.TENANT_MIGRATIONS_DIR = str(FIXTURES / "expand_contract")
+    target_factory(revision="x001_accounts")
+    target_factory(revision="x002_expand_full_name")
+    target_factory(revision="x002_expand_full_name")
+    target_factory(revision="x003_contract_drop_display_name")
+    text = admin_client.get(reverse("fleet-dashboard")).content.decode()
+    section = text.split('id="fleet-phases"')[1].split("</table>")[0]
+    assert "Before expand</td><td class=\"fleet-num\">1" in section
+    assert "Expanded</td><td class=\"fleet-num\">2" in section
+    assert "Contracted</td><td class=\"fleet-num\">1" in section
