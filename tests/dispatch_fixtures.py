@@ -2,7 +2,7 @@
 
 import pytest
 
-HEAD = "0004_accounts_display_name"
+HEAD = "0006_contract_drop_display_name"
 
 
 @pytest.fixture

@@ -11,7 +11,9 @@ import pytest
 from migrator import engines, locks, runner
 
 REPO = Path(__file__).resolve().parent.parent
-HEAD = "0004_accounts_display_name"
+# The example chain ends in expand and contract branches: "heads" upgrades both (plain Alembic
+# asks for it; the control plane's runner takes "head" to mean every labelled head).
+HEAD = "0006_contract_drop_display_name"
 
 
 def alembic(*args, **env):
@@ -29,10 +31,10 @@ def test_upgrade_and_downgrade_a_sqlite_file(tmp_path):
     path = tmp_path / "dev.sqlite3"
     url = f"sqlite:///{path}"
 
-    upgraded = alembic("-x", f"url={url}", "upgrade", "head")
+    upgraded = alembic("-x", f"url={url}", "upgrade", "heads")
 
     assert upgraded.returncode == 0, upgraded.stderr
-    assert f"Running upgrade 0003_projects_account_name -> {HEAD}" in upgraded.stderr
+    assert f"Running upgrade 0004_accounts_display_name -> {HEAD}" in upgraded.stderr
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [(HEAD,)]
     current = alembic("-x", f"url={url}", "current")
@@ -49,12 +51,12 @@ def test_heads_and_history_need_no_database():
     heads = alembic("heads")
 
     assert heads.returncode == 0, heads.stderr
-    assert HEAD in heads.stdout
+    assert HEAD in heads.stdout and "0005_expand_full_name (expand)" in heads.stdout
     assert "0001_accounts" in alembic("history").stdout
 
 
 def test_offline_sql_for_sql_server():
-    result = alembic("-x", "url=mssql+pyodbc://author@localhost/dev", "upgrade", "head", "--sql")
+    result = alembic("-x", "url=mssql+pyodbc://author@localhost/dev", "upgrade", "heads", "--sql")
 
     assert result.returncode == 0, result.stderr
     assert "CREATE TABLE accounts" in result.stdout
@@ -67,7 +69,7 @@ def test_upgrade_a_postgresql_database_the_runner_then_agrees_with(pg_database, 
     # The password holds @ : / %; URL rendering quotes them for the command line.
     url = db.sqlalchemy_url().render_as_string(hide_password=False)
 
-    result = alembic("-x", f"url={url}", "upgrade", "head")
+    result = alembic("-x", f"url={url}", "upgrade", "heads")
 
     assert result.returncode == 0, result.stderr
     assert db.admin_password not in result.stderr
@@ -83,7 +85,7 @@ def test_cli_waits_for_the_control_planes_lock(pg_database, target_for):
 
     with engines.connect(target_for(db)) as connection:
         with locks.target_lock(connection, timeout=1, target_name="abc123"):
-            result = alembic("-x", f"url={url}", "upgrade", "head", MIGRATION_LOCK_TIMEOUT="1")
+            result = alembic("-x", f"url={url}", "upgrade", "heads", MIGRATION_LOCK_TIMEOUT="1")
 
     assert result.returncode != 0
     assert "locked by another run" in result.stderr

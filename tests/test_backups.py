@@ -172,7 +172,7 @@ def test_backup_before_the_upgrade_restores_rows_and_revision(provider, tenant_o
     execute(
         tenant.engine,
         "DELETE FROM accounts",
-        "INSERT INTO accounts (email, display_name) VALUES ('mallory@example.com', 'M')",
+        "INSERT INTO accounts (email, full_name) VALUES ('mallory@example.com', 'M')",
         "CREATE TABLE late_table (id INTEGER PRIMARY KEY)",
     )
 
@@ -182,7 +182,7 @@ def test_backup_before_the_upgrade_restores_rows_and_revision(provider, tenant_o
     assert emails(tenant.engine) == ["ada@example.com", "grace@example.com"]
     assert version(tenant.engine) == "0002_projects"
     columns = {c["name"] for c in sa_inspect(tenant.engine).get_columns("accounts")}
-    assert "display_name" not in columns
+    assert "full_name" not in columns and "display_name" not in columns
     restored = MigrationRun.objects.get(target=target, kind="restore")
     assert restored.status == "succeeded"
     assert restored.restored_from_id == run.pk

@@ -17,6 +17,8 @@ CHAIN = [
     "0002_projects",
     "0003_projects_account_name",
     "0004_accounts_display_name",
+    "0005_expand_full_name",
+    "0006_contract_drop_display_name",
 ]
 
 
@@ -44,13 +46,22 @@ def test_whole_chain_for_sql_server():
         "ALTER TABLE accounts ADD display_name VARCHAR(200) NULL",
         "UPDATE alembic_version SET version_num='0004_accounts_display_name' "
         "WHERE alembic_version.version_num = '0003_projects_account_name'",
+        # The expand/contract pair: add and backfill full_name, then drop display_name.
+        "ALTER TABLE accounts ADD full_name VARCHAR(200) NULL",
+        "UPDATE accounts SET full_name = display_name WHERE full_name IS NULL",
+        "UPDATE alembic_version SET version_num='0005_expand_full_name'",
+        "ALTER TABLE accounts DROP COLUMN display_name",
+        "UPDATE alembic_version SET version_num='0006_contract_drop_display_name' "
+        "WHERE alembic_version.version_num = '0005_expand_full_name'",
     ]
     assert [statement for statement in expected_in_order if statement not in sql] == []
     positions = [sql.find(statement) for statement in expected_in_order]
     assert positions == sorted(positions)
     # One transaction per revision, batches separated for sqlcmd.
-    assert sql.count("BEGIN TRANSACTION;") == 4
-    assert sql.count("COMMIT;") == 4
+    assert sql.count("BEGIN TRANSACTION;") == len(CHAIN)
+    assert sql.count("COMMIT;") == len(CHAIN)
+    # The PostgreSQL-only trigger of the expand revision is not rendered for SQL Server.
+    assert "TRIGGER" not in sql
     assert "\nGO\n" in sql
 
 
@@ -63,7 +74,7 @@ def test_part_of_the_chain_needs_no_connection():
         ),
     )
 
-    preview = runner.sql_preview(target, "0002_projects", "0004_accounts_display_name")
+    preview = runner.sql_preview(target, "0002_projects", "head")
 
     assert preview.revisions == CHAIN[2:]
     assert "CREATE TABLE accounts" not in preview.sql

@@ -57,20 +57,26 @@ def columns(tenant, table):
 def test_downgrade_then_upgrade_again(provider, registered_tenant):
     tenant = registered_tenant(provider)
     assert migrate_once(tenant.target).revision_after == HEAD
-    assert "display_name" in columns(tenant, "accounts")
+    assert "full_name" in columns(tenant, "accounts")
 
     code, out, err = command("--tenant", tenant.id, "--to", "0002_projects", "--sync", "--yes")
     assert code == 0, err
     run = MigrationRun.objects.filter(target=tenant.target).first()
     assert (run.kind, run.status) == ("downgrade", "succeeded")
-    assert run.applied == ["0004_accounts_display_name", "0003_projects_account_name"]
+    assert run.applied == [
+        "0006_contract_drop_display_name",
+        "0005_expand_full_name",
+        "0004_accounts_display_name",
+        "0003_projects_account_name",
+    ]
     assert run.revision_before == HEAD and run.revision_after == "0002_projects"
-    assert "display_name" not in columns(tenant, "accounts")
+    assert {"display_name", "full_name"}.isdisjoint(columns(tenant, "accounts"))
     assert MigrationTarget.objects.get(pk=tenant.target_id).revision == "0002_projects"
 
     code, _, err = command("--tenant", tenant.id, "--sync")
     assert code == 0, err
-    assert "display_name" in columns(tenant, "accounts")
+    assert "full_name" in columns(tenant, "accounts")
+    assert MigrationTarget.objects.get(pk=tenant.target_id).status == "up_to_date"
 
 
 def test_downgrade_asks_for_confirmation(registered_tenant, monkeypatch):
@@ -240,3 +246,23 @@ def test_dashboard_shows_where_the_fleet_stands_on_each_phase(
     assert "Before expand</td><td class=\"fleet-num\">1" in section
     assert "Expanded</td><td class=\"fleet-num\">2" in section
     assert "Contracted</td><td class=\"fleet-num\">1" in section
+
+
+def test_the_example_pair_in_tenant_migrations(registered_tenant):
+    """tenant_migrations/ ships a real expand/contract pair: display_name -> full_name."""
+    from sqlalchemy import create_engine, text
+
+    tenant = registered_tenant("postgresql")
+    migrate_once(tenant.target, revision="0004_accounts_display_name")
+    code, _, err = command("--tenant", tenant.id, "--phase", "expand", "--sync")
+    assert code == 0, err
+    assert {"display_name", "full_name"} <= columns(tenant, "accounts")
+    engine = create_engine(tenant.database.sqlalchemy_url())
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO accounts (email, display_name) VALUES ('a@x', 'Ada')"))
+        assert conn.execute(text("SELECT full_name FROM accounts")).scalar() == "Ada"
+    engine.dispose()
+    code, _, err = command("--tenant", tenant.id, "--phase", "contract", "--sync")
+    assert code == 0, err
+    assert "display_name" not in columns(tenant, "accounts")
+    assert MigrationTarget.objects.get(pk=tenant.target_id).status == "up_to_date"

@@ -34,6 +34,17 @@ CHAIN = [
     "0004_accounts_display_name",
 ]
 HEAD = CHAIN[-1]
+LINEAR = FIXTURES / "linear"
+
+
+@pytest.fixture(autouse=True)
+def _linear_chain(settings):
+    """The runner's mechanics, tested on a fixed straight chain (the product's example chain
+    branches into expand/contract; tests/test_rollback_phases.py covers that)."""
+    settings.TENANT_MIGRATIONS_DIR = str(LINEAR)
+    runner.reset()
+    yield
+    runner.reset()
 
 servers = [pytest.mark.postgres, pytest.mark.mysql]
 

@@ -119,7 +119,7 @@ def test_upgrade_matches_the_reference_and_the_app_user_passes(registered_tenant
 def test_column_added_by_hand_is_drift_but_the_run_still_succeeds(registered_tenant, provider):
     tenant = registered_tenant(provider)
     grant_app_everything_to_come(tenant.database)
-    migrate_once(tenant.target, revision="0003_projects_account_name")
+    migrate_once(tenant.target, revision="0005_expand_full_name")
     execute(tenant.database, "ALTER TABLE accounts ADD COLUMN nickname VARCHAR(50)")
 
     run = migrate_once(tenant.target)
