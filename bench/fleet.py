@@ -138,6 +138,22 @@ class PostgresFleet:
         auth = self.user + (f":{self.password}" if self.password else "")
         return f"postgres://{auth}@{self.host}:{self.port}/{name}"
 
+    def drop(self, dbs, threads=4):
+        """Drop these databases and their users now."""
+        from psycopg import sql
+
+        names = {db.name for db in dbs}
+
+        def drop_one(name):
+            with self.connect() as conn:
+                conn.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+                )
+                conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+
+        parallel(drop_one, sorted(names), threads)
+        self.made = [(db, role) for db, role in self.made if db not in names]
+
     def drop_all(self, threads=4):
         from psycopg import sql
 
@@ -211,6 +227,14 @@ class MySQLFleet:
             return Database(self.provider, self.host, self.port, name, name, password)
 
         return parallel(make, names, threads)
+
+    def drop(self, dbs, threads=4):
+        """Drop these databases and their users now."""
+        names = {db.name for db in dbs}
+        keep = [name for name in self.made if name not in names]
+        self.made = sorted(names)
+        self.drop_all(threads)
+        self.made = keep
 
     def drop_all(self, threads=4):
         def drop(name):
@@ -740,7 +764,7 @@ def summarize(values):
     }
 
 
-def memory_child(runs):
+def memory_child(runs, region):
     """In this process: ``run_migration`` on ``runs`` consecutive runs over every registered
     target, alternating downgrade to base and upgrade to head so each run does real DDL. Prints
     JSON: RSS after each hundredth run. Used by the memory phase (``fleet.py _memory``)."""
@@ -756,7 +780,9 @@ def memory_child(runs):
         import cProfile
 
         profile = cProfile.Profile()
-    targets = list(MigrationTarget.objects.filter(provider="postgresql").order_by("name"))
+    targets = list(
+        MigrationTarget.objects.filter(provider="postgresql", region=region).order_by("name")
+    )
     samples = []
     done = 0
     kind = RunKind.DOWNGRADE
@@ -785,12 +811,13 @@ def memory_child(runs):
     print(json.dumps({"runs": done, "seconds": elapsed, "samples": samples}))
 
 
-def measure_memory(plane, runs, profile_path=None):
+def measure_memory(plane, runs, region, profile_path=None):
     env = dict(plane.env)
     if profile_path:
         env["BENCH_PROFILE"] = str(profile_path)
     result = subprocess.run(
-        [PYTHON, str(Path(__file__).resolve()), "_memory", "--runs", str(runs)],
+        [PYTHON, str(Path(__file__).resolve()), "_memory", "--runs", str(runs), "--region",
+         region],
         cwd=ROOT, env=env, capture_output=True, text=True,
     )
     if result.returncode:
@@ -831,27 +858,6 @@ class Bench:
             f"control db {o.control_db}, broker {o.broker}")
         self.vault = OpenBao(self.workdir).start()
         variants = self.variants()
-        fleets = {}
-        for provider, server in self.servers.items():
-            sample = min(o.sample, o.tenants)
-            count = (2 + len(variants)) * o.tenants + sample
-            log(f"Creating {count} {provider} databases, each with its own admin user ...")
-            t = time.perf_counter()
-            fleets[provider] = {
-                "floor": server.create([self.name(provider, "f", i) for i in range(o.tenants)]),
-                "floor_after": server.create(
-                    [self.name(provider, "g", i) for i in range(o.tenants)]
-                ),
-            }
-            for variant in variants:
-                fleets[provider][variant] = server.create(
-                    [self.name(provider, VARIANT_CODES[variant], i) for i in range(o.tenants)]
-                )
-            fleets[provider]["shell"] = server.create(
-                [self.name(provider, "s", i) for i in range(sample)]
-            )
-            log(f"  done in {time.perf_counter() - t:.1f}s")
-
         if o.control_db == "postgres":
             database_url = self.servers["postgresql"].create_plain_database(
                 f"{PREFIX}_{self.run_id}_control"
@@ -866,32 +872,36 @@ class Bench:
         log("Migrating the control-plane database ...")
         self.plane.manage("migrate", "--noinput")
         self.plane.setup_django()
-        self.register(fleets, variants)
+        statements = {p: ddl_statements(p) for p in self.servers}
 
-        statements = {p: ddl_statements(p) for p in fleets}
-        for provider, fleet in fleets.items():
+        # Each phase gets N fresh databases, made just before it and dropped after it: the
+        # server holds one fleet at a time, as it would in production (four fleets of a thousand
+        # template copies no longer fit in the page cache, and every phase then waited on disk).
+        for provider in self.servers:
             result = self.results.setdefault(provider, {})
+            floor = self.fresh(provider, "f")
             log(f"[{provider}] floor: {len(statements[provider])} statements on {o.tenants} "
                 f"databases, {o.workers} processes ...")
             self.quiesce()
-            result["floor"] = measure_floor(
-                fleet["floor"], statements[provider], o.workers, self.roots()
-            )
+            result["floor"] = measure_floor(floor, statements[provider], o.workers, self.roots())
             log(f"  {result['floor']['ms_per_tenant']:.1f} ms/tenant")
             log(f"[{provider}] no-op floor: connect and read alembic_version, same databases ...")
             self.quiesce()
-            result["noop_floor"] = measure_floor(
-                fleet["floor"], [NOOP_STATEMENT], o.workers, self.roots()
-            )
+            result["noop_floor"] = measure_floor(floor, [NOOP_STATEMENT], o.workers, self.roots())
             log(f"  {result['noop_floor']['ms_per_tenant']:.2f} ms/tenant")
+            self.servers[provider].drop(floor)
 
+        memory_targets = None
         for variant, extra_env in variants.items():
+            region = self.region(variant)
+            fleets = {provider: self.fresh(provider, VARIANT_CODES[variant]) for provider in
+                      self.servers}
+            self.register(fleets, region)
             log(f"Starting qcluster with {o.workers} workers ({variant}) ...")
             pids = self.plane.start_cluster(extra_env)
             memory_start = {pid: proc_memory(pid) for pid in pids}
-            for provider in fleets:
+            for provider in self.servers:
                 result = self.results[provider]
-                region = self.region(variant)
                 log(f"[{provider}] {variant}: migrate_tenants --all --region {region} --wait "
                     f"on {o.tenants} targets ...")
                 self.quiesce()
@@ -914,38 +924,54 @@ class Bench:
                 "end": {str(k): v for k, v in memory_end.items()},
                 "recycled": sorted(set(memory_start) - set(live)),
             }
+            # The last fleet stays for the memory phase.
+            if memory_targets is not None:
+                for provider, dbs in memory_targets[1].items():
+                    self.servers[provider].drop(dbs)
+            memory_targets = (region, fleets)
 
-        # The floor once more, after the product runs: the server is not in the same state
-        # right after creating the databases (autovacuum visits each new one). The faster of the
-        # two is the floor the product is compared with.
-        for provider, fleet in fleets.items():
+        # The floor once more, after the product runs; the faster of the two is the floor the
+        # product is compared with.
+        for provider in self.servers:
             result = self.results[provider]
+            floor = self.fresh(provider, "g")
             log(f"[{provider}] floor again, on fresh databases ...")
             self.quiesce()
-            again = measure_floor(
-                fleet["floor_after"], statements[provider], o.workers, self.roots()
-            )
+            again = measure_floor(floor, statements[provider], o.workers, self.roots())
             log(f"  {again['ms_per_tenant']:.1f} ms/tenant")
+            self.servers[provider].drop(floor)
             result["floor_runs"] = [result["floor"], again]
             result["floor"] = min(result["floor_runs"], key=lambda m: m["ms_per_tenant"])
 
-        for provider, fleet in fleets.items():
-            if not fleet["shell"]:
+        for provider in self.servers:
+            sample = min(o.sample, o.tenants)
+            if not sample:
                 continue
-            log(f"[{provider}] shell loop: alembic upgrade head, one process per tenant, "
-                f"{len(fleet['shell'])} tenants, {o.workers} at a time ...")
+            shell = self.fresh(provider, "s", sample)
+            log(f"[{provider}] shell loop: alembic upgrade heads, one process per tenant, "
+                f"{sample} tenants, {o.workers} at a time ...")
             self.quiesce()
-            self.results[provider]["shell"] = measure_shell_loop(
-                fleet["shell"], o.workers, self.roots()
-            )
+            self.results[provider]["shell"] = measure_shell_loop(shell, o.workers, self.roots())
             log(f"  {self.results[provider]['shell']['latency_ms']['mean']:.0f} ms per process")
+            self.servers[provider].drop(shell)
 
-        if o.memory_runs:
+        if o.memory_runs and memory_targets is not None and "postgresql" in self.servers:
             log(f"Memory: {o.memory_runs} consecutive migrations in one process ...")
-            self.results["memory"] = measure_memory(self.plane, o.memory_runs, o.profile)
+            self.results["memory"] = measure_memory(
+                self.plane, o.memory_runs, memory_targets[0], o.profile
+            )
             log(f"  RSS {self.results['memory']['warm_rss_kb']} kB after 10 runs, "
                 f"{self.results['memory']['end_rss_kb']} kB after {o.memory_runs}")
         self.report()
+
+    def fresh(self, provider, group, count=None):
+        """``count`` (N) new databases on ``provider``, each with its own admin user."""
+        count = self.options.tenants if count is None else count
+        log(f"[{provider}] creating {count} databases, each with its own admin user ...")
+        started = time.perf_counter()
+        dbs = self.servers[provider].create([self.name(provider, group, i) for i in range(count)])
+        log(f"  done in {time.perf_counter() - started:.1f}s")
+        return dbs
 
     def quiesce(self):
         server = self.servers.get("postgresql")
@@ -978,22 +1004,22 @@ class Bench:
             roots["qcluster.pusher"] = self.plane.worker_pids("pushing tasks")
         return roots
 
-    def register(self, fleets, variants):
+    def register(self, fleets, region):
+        """Store the secrets of ``fleets`` ({provider: databases}) in OpenBao and register
+        them as targets in ``region``."""
         from django.db import connections
 
         from tenants.models import MigrationTarget
 
         secrets_by_path = {}
         targets = []
-        for provider, fleet in fleets.items():
-            for variant in variants:
-                for db in fleet[variant]:
-                    path = db.name.replace("_", "-")
-                    secrets_by_path[path] = db.secret()
-                    targets.append(MigrationTarget(
-                        name=path, kind="dedicated", provider=provider, vault_path=path,
-                        region=self.region(variant),
-                    ))
+        for provider, dbs in fleets.items():
+            for db in dbs:
+                path = db.name.replace("_", "-")
+                secrets_by_path[path] = db.secret()
+                targets.append(MigrationTarget(
+                    name=path, kind="dedicated", provider=provider, vault_path=path, region=region
+                ))
         log(f"Writing {len(secrets_by_path)} secrets to OpenBao and registering the targets ...")
         self.vault.write(secrets_by_path)
         MigrationTarget.objects.bulk_create(targets, batch_size=500)
@@ -1142,7 +1168,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_memory"]:
         runs = int(argv[argv.index("--runs") + 1])
-        return memory_child(runs)
+        return memory_child(runs, argv[argv.index("--region") + 1])
     options = parse_args(argv)
     if options.cleanup:
         for server in (PostgresFleet(options.postgres_url), MySQLFleet(options.mysql_url)):

@@ -215,10 +215,10 @@ Q_CLUSTER = {
     # A failed migration is recorded on its run and retried by an operator, never blindly.
     "max_attempts": 1,
     "ack_failures": True,
-    # Each run records its own outcome; django-q2 keeps only the last few successful tasks (and
-    # every failed one). Its pruning reads every saved success each time it saves one: 1,000
-    # kept cost its monitor 10 ms per run, a bottleneck for the whole cluster (bench/README.md).
-    "save_limit": 10,
+    # Each run records its own outcome, so django-q2 keeps no successful task (failed ones it
+    # keeps). Its pruning reads every kept success each time it saves one: at 1,000 kept that was
+    # 10 ms per run in its one monitor process, a bottleneck for the cluster (bench/README.md).
+    "save_limit": -1,
     "catch_up": False,
     # The pusher takes up to one task per worker from the queue in one query, not one by one.
     "bulk": Q_WORKERS,
