@@ -787,6 +787,7 @@ def memory_child(runs, region):
     done = 0
     kind = RunKind.DOWNGRADE
     started = time.perf_counter()
+    cpu_started = time.process_time()
     while done < runs:
         batch = targets[: runs - done]
         revision = "base" if kind == RunKind.DOWNGRADE else "head"
@@ -806,9 +807,10 @@ def memory_child(runs, region):
                 samples.append({"runs": done, **proc_memory(os.getpid())})
         kind = RunKind.UPGRADE if kind == RunKind.DOWNGRADE else RunKind.DOWNGRADE
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
     if profile:
         profile.dump_stats(os.environ["BENCH_PROFILE"])
-    print(json.dumps({"runs": done, "seconds": elapsed, "samples": samples}))
+    print(json.dumps({"runs": done, "seconds": elapsed, "cpu_seconds": cpu, "samples": samples}))
 
 
 def measure_memory(plane, runs, region, profile_path=None):
@@ -830,6 +832,7 @@ def measure_memory(plane, runs, region, profile_path=None):
     data["end_rss_kb"] = last["rss_kb"]
     data["growth_pct"] = round((last["rss_kb"] - warm["rss_kb"]) * 100 / warm["rss_kb"], 2)
     data["ms_per_run"] = round(data["seconds"] * 1000 / data["runs"], 2)
+    data["cpu_ms_per_run"] = round(data["cpu_seconds"] * 1000 / data["runs"], 2)
     return data
 
 

@@ -216,14 +216,30 @@ def connect(target: Target) -> Iterator[Connection]:
     Raises ``DatabaseAuthFailed`` when the database rejects the credentials and
     ``DatabaseUnreachable`` when it cannot be reached within ``DATABASE_CONNECT_TIMEOUT``.
     """
-    info = target.connection
+    with _open(target.connection, lambda exc: connect_error(target, exc)) as connection:
+        yield connection
+
+
+@contextmanager
+def connect_as(info: ConnectionInfo) -> Iterator[Connection]:
+    """Open a connection with ``info`` (any user: the app user's grant check logs in with it)
+    on the same engines as ``connect``; a failed connect raises the driver's ``DBAPIError``."""
+    with _open(info, None) as connection:
+        yield connection
+
+
+@contextmanager
+def _open(info: ConnectionInfo, map_error) -> Iterator[Connection]:
+    def failed(exc):
+        return map_error(exc) if map_error is not None else exc
+
     if info.provider not in SERVER_ENGINE_PROVIDERS:
         engine = build_engine(info)
         try:
             try:
                 connection = engine.connect()
             except sa_exc.DBAPIError as exc:
-                raise connect_error(target, exc) from None
+                raise failed(exc) from None
             with connection:
                 yield connection
         finally:
@@ -235,19 +251,29 @@ def connect(target: Target) -> Iterator[Connection]:
     try:
         connection = engine.connect()
     except sa_exc.DBAPIError as exc:
-        raise connect_error(target, exc) from None
+        raise failed(exc) from None
     finally:
         _login.reset(token)
     with connection:
-        try:
-            # Per database (MySQL) or per user (PostgreSQL's search_path), not per server.
-            engine.dialect.default_schema_name = engine.dialect._get_default_schema_name(
-                connection
-            )
-            connection.rollback()
-        except sa_exc.DBAPIError as exc:
-            raise connect_error(target, exc) from None
+        if engine.dialect.name == "mysql":
+            # The dialect's default schema is the database (its has_table, which Alembic asks
+            # about alembic_version, looks there): this connection's, known without a query.
+            engine.dialect.default_schema_name = info.database
         yield connection
+
+
+def refresh_default_schema(connection: Connection) -> str | None:
+    """Read the default schema of ``connection`` into its dialect before reflecting on it.
+
+    A server engine's dialect serves many databases and users; PostgreSQL's default schema
+    follows the user's ``search_path``, so it is read (one query) where reflection needs it,
+    not on every connect.
+    """
+    dialect = connection.dialect
+    if dialect.name == "postgresql":
+        dialect.default_schema_name = dialect._get_default_schema_name(connection)
+        connection.rollback()
+    return dialect.default_schema_name
 
 
 # The connect arguments (database, user, password) of the connection being opened.

@@ -29,7 +29,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +59,8 @@ UPGRADE = "upgrade"
 DOWNGRADE = "downgrade"
 
 _alembic_lock = threading.Lock()
+# Alembic's default version table (env.py keeps it), in the default schema.
+_SELECT_VERSIONS = "SELECT version_num FROM alembic_version"
 _script_directories: dict[str, ScriptDirectory] = {}
 
 
@@ -129,15 +131,21 @@ class SqlPreview:
 # --- Verbs ------------------------------------------------------------------------------------
 
 
-def upgrade(target: Target, revision: str = "head", *, script_location=None) -> RunResult:
+def upgrade(
+    target: Target, revision: str = "head", *, script_location=None, then=None
+) -> RunResult:
     """Upgrade ``target`` to ``revision`` ("head", a revision id, or relative like "+1").
 
     Takes the target-level lock only when something is pending. Raises a ``MigratorError``
     subclass carrying the partial ``RunResult`` as ``.result``: ``MigrationFailed`` when a
     revision raised (the target stays at the last revision that completed), ``TargetLocked``,
     ``DatabaseUnreachable``, ``DatabaseAuthFailed``, ``RevisionNotFound``, ``MultipleHeads``.
+
+    ``then(connection, result)``, when given, is called after an upgrade that applied
+    something, on the run's own connection (no second login), with the target lock released
+    and outside the Alembic lock; the schema verification uses it. What it raises propagates.
     """
-    return _run(target, UPGRADE, revision, script_location)
+    return _run(target, UPGRADE, revision, script_location, then)
 
 
 def downgrade(target: Target, revision: str, *, script_location=None) -> RunResult:
@@ -290,37 +298,47 @@ class _Run:
         return self.result
 
 
-def _run(target: Target, kind: str, destination: str, script_location) -> RunResult:
+def _run(target: Target, kind: str, destination: str, script_location, then=None) -> RunResult:
     name = target.name
     run = _Run(target, kind)
-    with _alembic_lock:
-        script = script_directory(script_location)
-        destination = resolve_destination(script, kind, destination)
-        if kind == UPGRADE:
-            run.say(f"Starting migration for tenant {name}")
-        else:
-            run.say(f"Starting downgrade to {destination} for tenant {name}")
-        try:
-            with _database_errors(target), engines.connect(target) as connection:
+    with ExitStack() as open_connection:
+        with _failed_run(run), _database_errors(target):
+            connection = open_connection.enter_context(engines.connect(target))
+            with _alembic_lock:
+                script = script_directory(script_location)
+                destination = resolve_destination(script, kind, destination)
+                if kind == UPGRADE:
+                    run.say(f"Starting migration for tenant {name}")
+                else:
+                    run.say(f"Starting downgrade to {destination} for tenant {name}")
                 revisions = _read_revisions(connection)
                 run.stood(revisions, before=True)
                 if _plan(script, kind, destination, revisions):
                     _apply(run, script, connection, destination)
                 else:
                     run.say(_found_line(kind, 0, name))
-        except MigratorError as exc:
-            failed = f" at revision {run.running}" if run.running else ""
-            noun = "Migration" if kind == UPGRADE else "Downgrade"
-            run.say(f"{noun} failed for tenant {name}{failed}: {exc}", logging.ERROR)
-            exc.result = run.finish()
-            raise
-    result = run.finish()
-    verb = "applied" if kind == UPGRADE else "reverted"
-    run.say(
-        f"Successfully {verb} {len(result.applied)} migrations for tenant {name} "
-        f"in {result.duration_ms}ms"
-    )
+        result = run.finish()
+        verb = "applied" if kind == UPGRADE else "reverted"
+        run.say(
+            f"Successfully {verb} {len(result.applied)} migrations for tenant {name} "
+            f"in {result.duration_ms}ms"
+        )
+        if then is not None and result.applied:
+            then(connection, result)
     return result
+
+
+@contextmanager
+def _failed_run(run: _Run) -> Iterator[None]:
+    """Log a failed run's last line and hang its partial result on the exception."""
+    try:
+        yield
+    except MigratorError as exc:
+        failed = f" at revision {run.running}" if run.running else ""
+        noun = "Migration" if run.kind == UPGRADE else "Downgrade"
+        run.say(f"{noun} failed for tenant {run.target.name}{failed}: {exc}", logging.ERROR)
+        exc.result = run.finish()
+        raise
 
 
 def _apply(run: _Run, script: ScriptDirectory, connection: Connection, destination: str) -> None:
@@ -395,10 +413,21 @@ def _found_line(kind: str, count: int, name: str) -> str:
 
 def _read_revisions(connection: Connection) -> tuple[str, ...]:
     """The revisions in ``alembic_version`` (empty when the table does not exist yet). Leaves
-    the connection outside any transaction."""
+    the connection outside any transaction.
+
+    One query when the table exists (every run after a target's first); when that query fails,
+    Alembic's own read (which asks the catalog first) says whether the table is missing or
+    raises the real error (no privilege, connection lost).
+    """
     if connection.in_transaction():
         connection.rollback()
-    revisions = MigrationContext.configure(connection).get_current_heads()
+    try:
+        revisions = connection.exec_driver_sql(_SELECT_VERSIONS).scalars().all()
+    except sa_exc.DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise
+        connection.rollback()
+        revisions = MigrationContext.configure(connection).get_current_heads()
     connection.rollback()
     return tuple(revisions)
 

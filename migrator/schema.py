@@ -30,6 +30,8 @@ import re
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 
+from migrator.engines import refresh_default_schema
+
 VERSION_TABLE = "alembic_version"
 # Referential actions that mean "no action": servers report them differently, or not at all.
 _DEFAULT_ACTIONS = {"NO ACTION", "RESTRICT"}
@@ -37,15 +39,35 @@ _DEFAULT_ACTIONS = {"NO ACTION", "RESTRICT"}
 
 def reflect(connection: Connection) -> dict:
     """The normalised schema of ``connection``'s default schema (PostgreSQL's ``public``, the
-    MySQL database, SQLite's ``main``), without ``alembic_version``."""
+    MySQL database, SQLite's ``main``), without ``alembic_version``.
+
+    Read with the inspector's ``get_multi_*`` calls: on PostgreSQL one catalog query per kind
+    (columns, keys, indexes, ...) for all tables at once, not one per table; the other dialects
+    loop over the tables themselves.
+    """
+    refresh_default_schema(connection)
     inspector = inspect(connection)
-    dialect = connection.dialect.name
-    tables = {}
-    for name in sorted(inspector.get_table_names()):
-        if name == VERSION_TABLE:
-            continue
-        tables[name] = _table(inspector, dialect, name)
-    return {"tables": tables}
+    names = [name for name in sorted(inspector.get_table_names()) if name != VERSION_TABLE]
+    if not names:
+        return empty()
+    found = {
+        kind: {table: value for (_, table), value in read(filter_names=names).items()}
+        for kind, read in (
+            ("columns", inspector.get_multi_columns),
+            ("primary_key", inspector.get_multi_pk_constraint),
+            ("indexes", inspector.get_multi_indexes),
+            ("unique_constraints", inspector.get_multi_unique_constraints),
+            ("foreign_keys", inspector.get_multi_foreign_keys),
+        )
+        # In MySQL a unique constraint is a unique index: it is already in the indexes.
+        if not (kind == "unique_constraints" and connection.dialect.name == "mysql")
+    }
+    return {
+        "tables": {
+            name: _table({kind: values.get(name) or [] for kind, values in found.items()})
+            for name in names
+        }
+    }
 
 
 def empty() -> dict:
@@ -66,19 +88,20 @@ def tables(schema: dict) -> list[str]:
 # --- Reflection -----------------------------------------------------------------------------
 
 
-def _table(inspector, dialect: str, name: str) -> dict:
+def _table(reflected: dict) -> dict:
+    """One table's normalised form, from what ``get_multi_*`` returned for it."""
     columns = {
         column["name"]: {
             "type": normalise_type(column["type"]),
             "nullable": bool(column["nullable"]),
             "default": normalise_default(column.get("default")),
         }
-        for column in inspector.get_columns(name)
+        for column in reflected["columns"]
     }
-    primary_key = list(inspector.get_pk_constraint(name).get("constrained_columns") or [])
+    primary_key = list((reflected["primary_key"] or {}).get("constrained_columns") or [])
 
     indexes = {}
-    for index in inspector.get_indexes(name):
+    for index in reflected["indexes"]:
         if index.get("duplicates_constraint"):
             continue  # the index behind a unique constraint: listed as the constraint
         key = index.get("name") or _unnamed("index", index["column_names"])
@@ -88,14 +111,12 @@ def _table(inspector, dialect: str, name: str) -> dict:
         }
 
     unique_constraints = {}
-    if dialect != "mysql":
-        # In MySQL a unique constraint is a unique index: it is already in ``indexes``.
-        for constraint in inspector.get_unique_constraints(name):
-            key = constraint.get("name") or _unnamed("unique", constraint["column_names"])
-            unique_constraints[key] = {"columns": list(constraint["column_names"])}
+    for constraint in reflected.get("unique_constraints", []):
+        key = constraint.get("name") or _unnamed("unique", constraint["column_names"])
+        unique_constraints[key] = {"columns": list(constraint["column_names"])}
 
     foreign_keys = {}
-    for key_ in inspector.get_foreign_keys(name):
+    for key_ in reflected["foreign_keys"]:
         entry = {
             "columns": list(key_["constrained_columns"]),
             "references": key_["referred_table"],

@@ -129,11 +129,15 @@ def _migrate(target, record, kind, revision, run):
         rollback.check_reversible(current, revision, target_name=target.name)
     if run is not None and backups.required(record):
         backups.backup_before_run(target, record, run, kind=kind, revision=revision)
-    verb = runner.downgrade if kind == "downgrade" else runner.upgrade
-    result = verb(target, revision)
-    if run is not None and kind == "upgrade" and result.applied:
-        verify.verify_after_upgrade(target, record, run, result)
-    return result
+    if kind == "downgrade":
+        return runner.downgrade(target, revision)
+    if run is None:
+        return runner.upgrade(target, revision)
+
+    def verify_on(connection, result):
+        verify.verify_after_upgrade(target, record, run, result, connection=connection)
+
+    return runner.upgrade(target, revision, then=verify_on)
 
 
 def read_revision(record):

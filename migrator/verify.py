@@ -44,7 +44,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.utils import timezone
-from sqlalchemy import bindparam, inspect, text
+from sqlalchemy import bindparam, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
@@ -198,10 +198,13 @@ class Verification:
 # --- After an upgrade -------------------------------------------------------------------------
 
 
-def verify_after_upgrade(target: Target, record, run, result) -> Verification | None:
+def verify_after_upgrade(
+    target: Target, record, run, result, *, connection=None
+) -> Verification | None:
     """Verify ``target`` after ``result`` (an upgrade that applied revisions) and record it.
 
-    Called by ``migrator.tasks`` inside the run. Appends the outcome to ``result.log`` and records
+    Called by ``migrator.tasks`` inside the run, on the run's own admin ``connection`` when
+    given (else it opens one). Appends the outcome to ``result.log`` and records
     it with ``tenants.actions.do_record_verification``. Never raises: the run succeeded whatever
     is found here. Returns the ``Verification``, or None when VERIFY_AFTER_UPGRADE is off.
     """
@@ -211,7 +214,10 @@ def verify_after_upgrade(target: Target, record, run, result) -> Verification | 
         return None
     try:
         verification = verify_target(
-            target, revision=result.revision_after, app=_app_credentials(record)
+            target,
+            revision=result.revision_after,
+            app=_app_credentials(record),
+            connection=connection,
         )
     except Exception as exc:  # noqa: BLE001 - verification must never fail the run
         logger.exception("Verifying %s failed", record.name)
@@ -250,20 +256,22 @@ def verify_target(
     revision: str | None,
     app: ConnectionInfo | str | None = None,
     script_location=None,
+    connection=None,
 ) -> Verification:
     """Compare ``target``'s schema (read as admin) with the reference for ``revision``, and
     check the app user's grants when ``app`` is its ``ConnectionInfo`` (a string: why it cannot
-    be checked; empty or None: not applicable).
+    be checked; empty or None: not applicable). Reads the schema on ``connection`` (an open
+    admin connection to ``target``, left open) when given, else on a connection of its own.
 
     Raises nothing for what goes wrong on the way: it is in ``not_verified`` or the grant check.
     """
     started = time.monotonic()
     verification = Verification(target.name, target.provider, revision)
     try:
-        with _driver_errors(target), engines.connect(target) as connection:
-            actual = schema.reflect(connection)
-            namespace = inspect(connection).default_schema_name
-            connection.rollback()
+        with _driver_errors(target), _admin_connection(target, connection) as admin:
+            actual = schema.reflect(admin)
+            namespace = admin.dialect.default_schema_name
+            admin.rollback()
     except MigratorError as exc:
         verification.not_verified = f"the schema could not be read: {exc}"
         verification.duration_ms = _elapsed_ms(started)
@@ -286,6 +294,15 @@ def verify_target(
         verification.grants = GrantCheck(username="?", not_checked=app)
     verification.duration_ms = _elapsed_ms(started)
     return verification
+
+
+@contextlib.contextmanager
+def _admin_connection(target: Target, connection=None) -> Iterator:
+    if connection is not None:
+        yield connection
+        return
+    with engines.connect(target) as opened:
+        yield opened
 
 
 @contextlib.contextmanager
@@ -538,30 +555,26 @@ def check_app_grants(
     if app.provider == "mysql":
         # Every user may open information_schema, even one with no grant on its database.
         login = dataclasses.replace(app, database="information_schema")
-    engine = engines.build_engine(login)
+    logged_in = False
     try:
-        try:
-            connection = engine.connect()
-        except sa_exc.DBAPIError as exc:
-            if getattr(exc.orig, "sqlstate", None) == "42501":  # PostgreSQL: no CONNECT
-                check.missing[f"database {app.database}"] = ["CONNECT"]
-                return check
-            check.not_checked = (
-                f"cannot log in as app user {app.username} "
-                f"({engines.error_reason(exc, app)}): check app_username and app_password in "
-                f"the Vault secret at {app.vault_path}"
-            )
-            return check
-        with connection:
+        with engines.connect_as(login) as connection:
+            logged_in = True
             if app.provider == "postgresql":
                 _postgresql_grants(connection, check, tables, namespace or "public")
             else:
                 _mysql_grants(connection, check, tables, app.database)
             connection.rollback()
     except sa_exc.DBAPIError as exc:
-        check.not_checked = f"the privilege queries failed: {engines.error_reason(exc, app)}"
-    finally:
-        engine.dispose()
+        if logged_in:
+            check.not_checked = f"the privilege queries failed: {engines.error_reason(exc, app)}"
+        elif getattr(exc.orig, "sqlstate", None) == "42501":  # PostgreSQL: no CONNECT
+            check.missing[f"database {app.database}"] = ["CONNECT"]
+        else:
+            check.not_checked = (
+                f"cannot log in as app user {app.username} "
+                f"({engines.error_reason(exc, app)}): check app_username and app_password in "
+                f"the Vault secret at {app.vault_path}"
+            )
     return check
 
 
