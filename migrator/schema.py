@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import OrderedDict
 
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
@@ -37,15 +38,38 @@ VERSION_TABLE = "alembic_version"
 _DEFAULT_ACTIONS = {"NO ACTION", "RESTRICT"}
 
 
-def reflect(connection: Connection) -> dict:
+def reflect(connection: Connection, *, cache: bool = True) -> dict:
     """The normalised schema of ``connection``'s default schema (PostgreSQL's ``public``, the
     MySQL database, SQLite's ``main``), without ``alembic_version``.
 
     Read with the inspector's ``get_multi_*`` calls: on PostgreSQL one catalog query per kind
     (columns, keys, indexes, ...) for all tables at once, not one per table; the other dialects
     loop over the tables themselves.
+
+    On PostgreSQL, with ``cache``, one query first reads a digest of every catalog entry the
+    normalised form is made from (see ``_PG_CATALOG``); a database whose digest this process has
+    already reflected gets that result without the inspector's queries. A fleet migrated by the
+    same revisions has a handful of distinct schemas, so after the first of each, verifying a
+    target costs one catalog query.
     """
-    refresh_default_schema(connection)
+    digest = None
+    if cache and connection.dialect.name == "postgresql":
+        digest = _catalog_digest(connection)
+        known = _reflected.get(digest)
+        if known is not None:
+            _reflected.move_to_end(digest)
+            return json.loads(known)
+    else:
+        refresh_default_schema(connection)
+    reflected = _reflect(connection)
+    if digest is not None:
+        _reflected[digest] = json.dumps(reflected)
+        while len(_reflected) > REFLECTED_KEPT:
+            _reflected.popitem(last=False)
+    return reflected
+
+
+def _reflect(connection: Connection) -> dict:
     inspector = inspect(connection)
     names = [name for name in sorted(inspector.get_table_names()) if name != VERSION_TABLE]
     if not names:
@@ -68,6 +92,68 @@ def reflect(connection: Connection) -> dict:
             for name in names
         }
     }
+
+
+# Normalised schemas this process reflected, by catalog digest (canonical JSON; LRU).
+_reflected: OrderedDict[str, str] = OrderedDict()
+REFLECTED_KEPT = 64
+
+# Every catalog entry PostgreSQL reflection reads for the tables SQLAlchemy lists without a
+# schema (visible in the search_path, not pg_catalog, not temporary), one line each: the columns
+# with their type (an enum's labels, a domain's base type, default and checks), not-null,
+# default, identity and generation; each index's definition and the constraints it backs; each
+# constraint's definition. Schema names are in the lines, OIDs are not, so two databases migrated
+# alike have the same lines; a line is a row literal, so a NULL and an empty text differ. The
+# server version is a line too: another major version may reflect the same catalog otherwise.
+_PG_CATALOG = """
+WITH tables AS (
+    SELECT c.oid, n.nspname || '.' || c.relname AS name
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't'
+      AND pg_catalog.pg_table_is_visible(c.oid) AND n.nspname <> 'pg_catalog'
+)
+SELECT 'schema ' || coalesce(pg_catalog.current_schema(), '')
+UNION ALL
+SELECT 'server ' || pg_catalog.current_setting('server_version_num')
+UNION ALL
+SELECT ROW('column', t.name, a.attname,
+    pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnotnull::text,
+    pg_catalog.pg_get_expr(d.adbin, d.adrelid), a.attidentity::text, a.attgenerated::text,
+    ty.typtype::text, pg_catalog.format_type(ty.typbasetype, ty.typtypmod), ty.typnotnull::text,
+    ty.typdefault,
+    (SELECT string_agg(e.enumlabel, ',' ORDER BY e.enumsortorder)
+     FROM pg_catalog.pg_enum e WHERE e.enumtypid = a.atttypid),
+    (SELECT string_agg(pg_catalog.pg_get_constraintdef(k.oid), ',' ORDER BY k.conname)
+     FROM pg_catalog.pg_constraint k WHERE k.contypid = a.atttypid))::text
+FROM tables t
+JOIN pg_catalog.pg_attribute a ON a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped
+JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid
+LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+UNION ALL
+SELECT ROW('index', t.name, pg_catalog.pg_get_indexdef(i.indexrelid),
+    (SELECT string_agg(k.conname, ',' ORDER BY k.conname) FROM pg_catalog.pg_constraint k
+     WHERE k.conindid = i.indexrelid AND k.conrelid = t.oid))::text
+FROM tables t JOIN pg_catalog.pg_index i ON i.indrelid = t.oid
+UNION ALL
+SELECT ROW('constraint', t.name, k.conname, k.contype::text,
+    pg_catalog.pg_get_constraintdef(k.oid))::text
+FROM tables t JOIN pg_catalog.pg_constraint k ON k.conrelid = t.oid
+"""
+
+
+def _catalog_digest(connection: Connection) -> str:
+    """sha256 of the catalog lines of ``_PG_CATALOG``; sets the dialect's default schema."""
+    lines = sorted(connection.exec_driver_sql(_PG_CATALOG).scalars())
+    connection.rollback()
+    connection.dialect.default_schema_name = next(
+        line.removeprefix("schema ") for line in lines if line.startswith("schema ")
+    )
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def forget_reflected() -> None:
+    """Forget the schemas reflected by this process (tests)."""
+    _reflected.clear()
 
 
 def empty() -> dict:

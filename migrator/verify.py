@@ -340,7 +340,9 @@ reference_builds: Counter = Counter()
 
 
 def reset() -> None:
-    """Forget the references and hashes kept in this process (tests, or after a deploy)."""
+    """Forget the references, hashes and reflected schemas kept in this process (tests, or
+    after a deploy)."""
+    schema.forget_reflected()
     with _references_lock:
         _references.clear()
         _lineage_hashes.clear()

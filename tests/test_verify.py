@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from django.core.management import call_command
 from django.urls import reverse
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from migrator import runner, verify
 from tenants.apps import DRIFT_SCHEDULE, ensure_schedules
@@ -209,6 +211,49 @@ def test_wrong_app_password_is_reported_not_fatal(registered_tenant, vault_secre
     assert run.status == "succeeded" and not run.target.drifted
     assert f"App user: not checked: cannot log in as app user {db.app_username}" in run.drift_report
     assert db.app_password not in run.drift_report + run.log
+
+
+def test_a_schema_seen_before_costs_one_catalog_query_and_hides_no_drift(registered_tenant):
+    """PostgreSQL schemas are recognised by a digest of their catalog: the second tenant with
+    the same schema is verified with one catalog query, and any difference in what the
+    comparison covers, even an enum's labels, still shows as drift."""
+    tenants = [registered_tenant("postgresql") for _ in range(3)]
+    first = migrate_once(tenants[0].target)
+    statements = []
+
+    def count(conn, cursor, statement, *args):
+        statements.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", count)
+    try:
+        second = migrate_once(tenants[1].target)
+    finally:
+        event.remove(Engine, "before_cursor_execute", count)
+
+    assert not second.target.drifted
+    assert second.target.schema_fingerprint == first.target.schema_fingerprint
+    # The columns were read once, by the digest query; none of the inspector's queries ran.
+    column_reads = [statement for statement in statements if "pg_attribute" in statement]
+    assert len(column_reads) == 1 and "WITH tables AS" in column_reads[0]
+
+    for tenant, labels in ((tenants[1], "'free', 'pro'"), (tenants[2], "'free', 'team'")):
+        if tenant is tenants[2]:
+            migrate_once(tenant.target)
+        execute(
+            tenant.database,
+            f"CREATE TYPE tier AS ENUM ({labels})",
+            "ALTER TABLE accounts ADD COLUMN tier tier",
+        )
+    code, out = verify_command("--tenant", tenants[1].id, tenants[2].id)
+
+    assert code == 1, out
+    assert f"{tenants[1].id}: extra column accounts.tier (ENUM('free','pro'), nullable)" in out
+    assert f"{tenants[2].id}: extra column accounts.tier (ENUM('free','team'), nullable)" in out
+    execute(tenants[2].database, "ALTER TABLE accounts DROP COLUMN tier")
+    code, out = verify_command("--tenant", tenants[2].id)
+    assert code == 0, out
+    tenants[2].target.refresh_from_db()
+    assert tenants[2].target.schema_fingerprint == first.target.schema_fingerprint
 
 
 # --- References -------------------------------------------------------------------------------
