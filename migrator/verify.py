@@ -14,11 +14,16 @@ schedule (``check_fleet_for_drift``, every VERIFY_SCHEDULE_MINUTES) or on demand
    DATA_DIR. The hash covers the revision files the reference was built from (and ``env.py``),
    so an edited revision gets a new reference. Without a scratch server for the provider the
    schema is "not verified", never failed;
-3. the app user (PostgreSQL, MySQL/MariaDB) logs in with its own credentials from Vault and asks
-   the server for its privileges: SELECT, INSERT, UPDATE, DELETE on every table (PostgreSQL:
-   USAGE on the schema and on serial sequences too), and no DDL rights (PostgreSQL: CREATE on
-   the database or the schema, owning a table, superuser; MySQL: CREATE, ALTER, DROP, INDEX).
-   Only privilege queries: nothing is written.
+3. the server is asked for the app user's privileges (PostgreSQL, MySQL/MariaDB): SELECT,
+   INSERT, UPDATE, DELETE on every table (PostgreSQL: USAGE on the schema and on serial
+   sequences too), and no DDL rights (PostgreSQL: CREATE on the database or the schema, owning
+   a table, superuser; MySQL: CREATE, ALTER, DROP, INDEX). The fleet check logs in as the app
+   user with its own credentials from Vault, which proves them too; after an upgrade on
+   PostgreSQL the same questions are asked on the run's admin connection about the app role
+   (no second login per run). Only privilege queries: nothing is written.
+
+After a target's first, a PostgreSQL schema already seen by the process costs one catalog query
+(``schema.reflect``'s digest); the whole check after an upgrade runs on the run's connection.
 
 The outcome is a ``Verification``, recorded by ``tenants.actions.do_record_verification`` on the
 target (``schema_fingerprint``, ``drifted``, ``drift_report``, ``verified_at``) and on the run.
@@ -288,7 +293,7 @@ def verify_target(
         verification.differences = schema.compare(reference.schema, actual)
     if isinstance(app, ConnectionInfo):
         verification.grants = check_app_grants(
-            app, tables=schema.tables(actual), namespace=namespace
+            app, tables=schema.tables(actual), namespace=namespace, admin=connection
         )
     elif app:
         verification.grants = GrantCheck(username="?", not_checked=app)
@@ -548,11 +553,30 @@ def _server_statement(server: Target, statement: str) -> None:
 
 
 def check_app_grants(
-    app: ConnectionInfo, *, tables: list[str], namespace: str | None
+    app: ConnectionInfo, *, tables: list[str], namespace: str | None, admin=None
 ) -> GrantCheck:
-    """Log in as the app user and ask the server what it may do on ``tables`` (in schema
-    ``namespace`` on PostgreSQL). Privilege queries only: nothing is written or created."""
+    """Ask the server what the app user may do on ``tables`` (in schema ``namespace`` on
+    PostgreSQL). Privilege queries only: nothing is written or created.
+
+    By default it logs in as the app user, which also proves its credentials in Vault work. On
+    PostgreSQL, given ``admin`` (an open admin connection to the same database), it asks there
+    about the app role instead (``has_table_privilege(role, ...)``): the same answers without a
+    second login, which is what the check after each upgrade does; the scheduled and on-demand
+    verification log in. MySQL only tells a user its own grants, so there it always logs in.
+    """
     check = GrantCheck(username=app.username or "?")
+    if admin is not None and app.provider == "postgresql":
+        try:
+            _postgresql_grants(admin, check, tables, namespace or "public", role=app.username)
+            admin.rollback()
+        except sa_exc.DBAPIError as exc:
+            check.not_checked = f"the privilege queries failed: {engines.error_reason(exc, app)}"
+        if check.not_checked == _NO_SUCH_ROLE:
+            check.not_checked = (
+                f"app user {app.username} does not exist on the server: create it, or fix "
+                f"app_username in the Vault secret at {app.vault_path}"
+            )
+        return check
     login = app
     if app.provider == "mysql":
         # Every user may open information_schema, even one with no grant on its database.
@@ -580,18 +604,40 @@ def check_app_grants(
     return check
 
 
-def _postgresql_grants(connection, check: GrantCheck, tables: list[str], namespace: str) -> None:
+_NO_SUCH_ROLE = "no such role"
+# The role the privilege queries ask about: the app role named by :role, or the user logged in.
+_PG_ROLE = "coalesce(CAST(:role AS name), current_user)"
+
+
+def _postgresql_grants(
+    connection, check: GrantCheck, tables: list[str], namespace: str, *, role: str | None = None
+) -> None:
     """has_table_privilege / has_sequence_privilege / has_schema_privilege /
-    has_database_privilege, each for the current (app) user."""
+    has_database_privilege for ``role``, or for the current (app) user when None."""
+    params = {"schema": namespace, "role": role}
     row = connection.execute(
         text(
-            "SELECT has_schema_privilege(:schema, 'USAGE'), has_schema_privilege(:schema, "
-            "'CREATE'), has_database_privilege(current_database(), 'CREATE'), "
-            "current_database(), (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)"
+            "SELECT r.rolname IS NOT NULL, r.rolcanlogin, r.rolsuper, "
+            "has_database_privilege(r.rolname, current_database(), 'CONNECT'), "
+            "has_schema_privilege(r.rolname, :schema, 'USAGE'), "
+            "has_schema_privilege(r.rolname, :schema, 'CREATE'), "
+            "has_database_privilege(r.rolname, current_database(), 'CREATE'), "
+            "current_database() "
+            "FROM (SELECT coalesce(CAST(:role AS name), current_user) AS name) who "
+            "LEFT JOIN pg_roles r ON r.rolname = who.name"
         ),
-        {"schema": namespace},
+        params,
     ).one()
-    usage, create_in_schema, create_in_database, database, superuser = row
+    exists, can_login, superuser, connect, usage, create_in_schema, create_in_database, database = (
+        row
+    )
+    if not exists:
+        check.not_checked = _NO_SUCH_ROLE
+        return
+    if not can_login:
+        check.missing[f"role {role or check.username}"] = ["LOGIN"]
+    if not connect:
+        check.missing[f"database {database}"] = ["CONNECT"]
     if not usage:
         check.missing[f"schema {namespace}"] = ["USAGE"]
     if superuser:
@@ -606,12 +652,12 @@ def _postgresql_grants(connection, check: GrantCheck, tables: list[str], namespa
     for name, *flags, owner in connection.execute(
         text(
             "SELECT c.relname, "
-            + ", ".join(f"has_table_privilege(c.oid, '{p}')" for p in APP_PRIVILEGES)
-            + ", pg_has_role(c.relowner, 'USAGE') "
+            + ", ".join(f"has_table_privilege({_PG_ROLE}, c.oid, '{p}')" for p in APP_PRIVILEGES)
+            + f", pg_has_role({_PG_ROLE}, c.relowner, 'USAGE') "
             "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE n.nspname = :schema AND c.relkind IN ('r', 'p')"
         ),
-        {"schema": namespace},
+        params,
     ):
         privileges[name] = flags
         if owner and not superuser:
@@ -633,10 +679,12 @@ def _postgresql_grants(connection, check: GrantCheck, tables: list[str], namespa
             "AND d.deptype = 'i') "
             # CASE: the server may test conditions in any order, and has_sequence_privilege
             # raises on a relation that is not a sequence.
-            "AND CASE WHEN c.relkind = 'S' THEN NOT (has_sequence_privilege(c.oid, 'USAGE') "
-            "OR has_sequence_privilege(c.oid, 'UPDATE')) ELSE false END ORDER BY c.relname"
+            "AND CASE WHEN c.relkind = 'S' THEN NOT ("
+            "has_sequence_privilege(coalesce(CAST(:role AS name), current_user), c.oid, 'USAGE') "
+            "OR has_sequence_privilege(coalesce(CAST(:role AS name), current_user), c.oid, "
+            "'UPDATE')) ELSE false END ORDER BY c.relname"
         ),
-        {"schema": namespace},
+        params,
     ):
         check.missing[f"sequence {sequence}"] = ["USAGE"]
 

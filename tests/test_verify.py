@@ -201,16 +201,49 @@ def test_app_user_without_grants_on_a_new_table_is_reported(registered_tenant, p
     assert "lacks INSERT, UPDATE on projects" in tenant.target.drift_report
 
 
-def test_wrong_app_password_is_reported_not_fatal(registered_tenant, vault_secret):
+def test_wrong_app_password_is_reported_by_the_login_check_not_fatal(
+    registered_tenant, vault_secret
+):
     tenant = registered_tenant("postgresql")
     db = tenant.database
+    grant_app_everything_to_come(db)
     vault_secret(tenant.target.vault_path, db.secret(app_password="wrong-" + db.app_password))
 
+    # After an upgrade the grants are asked about as admin: right, whatever the password.
     run = migrate_once(tenant.target)
-
     assert run.status == "succeeded" and not run.target.drifted
-    assert f"App user: not checked: cannot log in as app user {db.app_username}" in run.drift_report
-    assert db.app_password not in run.drift_report + run.log
+    assert f"App user {db.app_username}: may SELECT, INSERT, UPDATE and DELETE" in run.drift_report
+
+    # The fleet check (on demand here, or on its schedule) logs in as the app user.
+    code, out = verify_command("--tenant", tenant.id)
+    tenant.target.refresh_from_db()
+    report = tenant.target.drift_report
+    assert f"App user: not checked: cannot log in as app user {db.app_username}" in report
+    assert f"Vault secret at secret/data/database/{tenant.target.vault_path}" in report
+    assert db.app_password not in report + out + run.log
+
+
+def test_app_role_that_cannot_log_in_or_is_gone_is_reported_after_an_upgrade(registered_tenant):
+    tenant, gone = registered_tenant("postgresql"), registered_tenant("postgresql")
+    for each in (tenant, gone):
+        grant_app_everything_to_come(each.database)
+    execute(tenant.database, f'ALTER ROLE "{tenant.database.app_username}" NOLOGIN')
+    execute(gone.database, f'DROP OWNED BY "{gone.database.app_username}"',
+            f'DROP ROLE "{gone.database.app_username}"')
+
+    run = migrate_once(tenant.target)
+    name = tenant.database.app_username
+    assert run.status == "succeeded"
+    assert f"app user {name} lacks LOGIN on role {name}" in run.drift_report
+
+    run = migrate_once(gone.target)
+    name = gone.database.app_username
+    assert run.status == "succeeded" and not run.target.drifted
+    assert (
+        f"App user: not checked: app user {name} does not exist on the server: create it, or "
+        f"fix app_username in the Vault secret at secret/data/database/{gone.target.vault_path}"
+        in run.drift_report
+    )
 
 
 def test_a_schema_seen_before_costs_one_catalog_query_and_hides_no_drift(registered_tenant):
