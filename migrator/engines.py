@@ -182,13 +182,16 @@ def prepare_session(connection: Connection) -> None:
     """
     if connection.dialect.name != "postgresql":
         return
-    for name, value in (
-        ("lock_timeout", settings.MIGRATION_PG_LOCK_TIMEOUT),
-        ("statement_timeout", settings.MIGRATION_PG_STATEMENT_TIMEOUT),
-    ):
-        connection.execute(
-            text("SELECT set_config(:name, :value, false)"), {"name": name, "value": str(value)}
-        )
+    connection.execute(
+        text(
+            "SELECT set_config('lock_timeout', :lock_timeout, false), "
+            "set_config('statement_timeout', :statement_timeout, false)"
+        ),
+        {
+            "lock_timeout": str(settings.MIGRATION_PG_LOCK_TIMEOUT),
+            "statement_timeout": str(settings.MIGRATION_PG_STATEMENT_TIMEOUT),
+        },
+    )
     connection.commit()
 
 

@@ -83,28 +83,23 @@ def _postgresql(connection: Connection, timeout: float) -> Release | None:
     if timeout <= 0:
         got = connection.execute(text("SELECT pg_try_advisory_lock(:key)"), key).scalar()
     else:
-        previous = connection.execute(text("SELECT current_setting('lock_timeout')")).scalar()
-        _set_pg(connection, "lock_timeout", f"{math.ceil(timeout * 1000)}ms")
+        # SET LOCAL: the bounded wait ends with this transaction, which target_lock commits
+        # (or rolls back) right after; the session's own lock_timeout is back then.
+        connection.execute(
+            text("SELECT set_config('lock_timeout', :value, true)"),
+            {"value": f"{math.ceil(timeout * 1000)}ms"},
+        )
         try:
             connection.execute(text("SELECT pg_advisory_lock(:key)"), key)
         except sa_exc.OperationalError as exc:
             if getattr(exc.orig, "sqlstate", None) != _PG_LOCK_NOT_AVAILABLE:
                 raise
-            # The rollback also undoes set_config above: SET follows transaction semantics.
             connection.rollback()
             return None
-        _set_pg(connection, "lock_timeout", previous)
         got = True
     if not got:
         return None
     return lambda: connection.execute(text("SELECT pg_advisory_unlock(:key)"), key)
-
-
-def _set_pg(connection: Connection, name: str, value: str) -> None:
-    # set_config(..., false) is SET (session), not SET LOCAL, and takes bind parameters.
-    connection.execute(
-        text("SELECT set_config(:name, :value, false)"), {"name": name, "value": value}
-    )
 
 
 def _mysql(connection: Connection, timeout: float) -> Release | None:
