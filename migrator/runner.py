@@ -357,11 +357,17 @@ def _apply(run: _Run, script: ScriptDirectory, connection: Connection, destinati
             run.result.applied.append(run.running)
             run.running = None
 
+    applied_heads = []
+
+    def on_version_apply(*, heads, **_):
+        # Called by Alembic inside each revision's transaction, after it stamped the version.
+        applied_heads.append(tuple(heads))
+
     with locks.target_lock(
         connection, timeout=settings.MIGRATION_LOCK_TIMEOUT, target_name=run.target.name
     ):
         engines.prepare_session(connection)
-        config = _config(script, connection=connection)
+        config = _config(script, connection=connection, on_version_apply=on_version_apply)
         try:
             with (
                 _alembic_log_into(run.result.log),
@@ -375,7 +381,12 @@ def _apply(run: _Run, script: ScriptDirectory, connection: Connection, destinati
             if isinstance(exc, MigratorError):
                 raise
             raise _failure(run, stands_now, exc) from exc
-        run.stood(_read_revisions(connection))
+        if applied_heads and len(applied_heads) == len(run.result.applied):
+            # Every revision committed: the heads after the last one are where it stands.
+            run.stood(applied_heads[-1])
+        else:
+            # An env.py that does not pass on_version_apply on: ask the database.
+            run.stood(_read_revisions(connection))
 
 
 def _failure(run: _Run, stands_now: tuple[str, ...] | None, error: Exception) -> MigrationError:
@@ -504,7 +515,7 @@ def _database_errors(target: Target) -> Iterator[None]:
 def _as_revision(revisions) -> str | None:
     if not revisions:
         return None
-    return ",".join(revisions)
+    return ",".join(sorted(revisions))  # several heads: one spelling, whatever the row order
 
 
 def _describe(revisions) -> str:

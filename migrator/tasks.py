@@ -7,6 +7,7 @@ is process-global, so each worker process runs one migration at a time.
 """
 
 import logging
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -72,29 +73,71 @@ def _elapsed_ms(started):
 def heartbeat(run_id):
     """Write the run's heartbeat every ``RUN_HEARTBEAT_SECONDS`` while the block runs.
 
-    A thread of its own with its own control-plane connection; the migration itself stays on
-    this thread (Alembic is not thread-safe, the heartbeat touches nothing of it).
+    The beats come from one thread per process (``_Heartbeats``), with its own control-plane
+    connection; the migration itself stays on this thread (Alembic is not thread-safe, the
+    heartbeat touches nothing of it). Starting a thread per run cost each run a wait for the new
+    thread to be scheduled, which on a busy worker host was milliseconds (bench/README.md).
     """
-    from tenants import actions
-
-    stop = threading.Event()
-
-    def beat():
-        try:
-            while not stop.wait(settings.RUN_HEARTBEAT_SECONDS):
-                actions.do_heartbeat(run_id)
-        except Exception:  # noqa: BLE001 - a missed heartbeat must not kill the migration
-            logger.warning("Heartbeat of run %s failed", run_id, exc_info=True)
-        finally:
-            connections.close_all()
-
-    thread = threading.Thread(target=beat, name=f"heartbeat-{run_id}", daemon=True)
-    thread.start()
+    _heartbeats.add(run_id)
     try:
         yield
     finally:
-        stop.set()
-        thread.join(timeout=10)
+        _heartbeats.remove(run_id)
+
+
+class _Heartbeats:
+    """The runs in progress in this process, and the thread that beats for them."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._due = {}  # run id -> time.monotonic() of its next beat
+        self._thread = None
+        self._pid = None
+
+    def add(self, run_id):
+        with self._changed:
+            self._due[run_id] = time.monotonic() + settings.RUN_HEARTBEAT_SECONDS
+            # A forked worker inherits the object but not the thread.
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._run, name="heartbeats", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+
+    def remove(self, run_id):
+        with self._changed:
+            self._due.pop(run_id, None)
+
+    def _run(self):
+        while True:
+            with self._changed:
+                due = self._wait_for_due()
+                for run_id in due:
+                    self._due[run_id] = time.monotonic() + settings.RUN_HEARTBEAT_SECONDS
+            self._beat(due)
+
+    def _wait_for_due(self):
+        while True:
+            now = time.monotonic()
+            due = [run_id for run_id, at in self._due.items() if at <= now]
+            if due:
+                return due
+            self._changed.wait(min(self._due.values()) - now if self._due else None)
+
+    @staticmethod
+    def _beat(run_ids):
+        from tenants import actions
+
+        try:
+            for run_id in run_ids:
+                actions.do_heartbeat(run_id)
+        except Exception:  # noqa: BLE001 - a missed heartbeat must not kill the migration
+            logger.warning("Heartbeat of run(s) %s failed", run_ids, exc_info=True)
+        finally:
+            connections.close_all()  # this thread's own connection; beats are far apart
+
+
+_heartbeats = _Heartbeats()
 
 
 def migrate(record, *, kind="upgrade", revision="head", run=None):

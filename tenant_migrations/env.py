@@ -36,13 +36,18 @@ def _cli_url():
 
 
 def _configure_options():
-    return {
+    options = {
         "target_metadata": target_metadata,
         # One transaction per revision: a failing revision leaves the database at the last
         # revision that completed, not at the start of the run.
         "transaction_per_migration": True,
         "compare_type": True,
     }
+    # The control plane follows the heads revision by revision (no read-back at the end).
+    on_version_apply = config.attributes.get("on_version_apply")
+    if on_version_apply is not None:
+        options["on_version_apply"] = on_version_apply
+    return options
 
 
 def run_migrations_offline():
