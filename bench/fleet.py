@@ -752,6 +752,31 @@ def measure_product(plane, provider, region, expect, count, roots):
     }
 
 
+def measure_skip_at_head(plane, provider, region, count, roots):
+    """``migrate_tenants --all --skip-at-head --wait`` with every target recorded at head: no
+    database is read and no run queued. Timed as the whole command, Python start included."""
+    cpu_before = cpu_snapshot(roots)
+    started = time.perf_counter()
+    result, _ = plane.manage(
+        "migrate_tenants", "--all", "--provider", provider, "--region", region, "--wait",
+        "--json", "--skip-at-head",
+    )
+    wall = time.perf_counter() - started
+    statuses = {}
+    for entry in json.loads(result.stdout):
+        statuses[entry["status"]] = statuses.get(entry["status"], 0) + 1
+    if statuses != {"recorded-at-head": count}:
+        raise RuntimeError(f"--skip-at-head left {statuses}, expected {count} recorded-at-head")
+    return {
+        "tenants": count,
+        "wall_s": wall,
+        "ms_per_tenant": wall * 1000 / count,
+        "cpu_ms_per_tenant": cpu_delta(cpu_before, cpu_snapshot(roots), count),
+        "statuses": statuses,
+        "command_ms": {"p50": round(wall * 1000, 1)},
+    }
+
+
 def summarize(values):
     if not values:
         return {}
@@ -919,6 +944,12 @@ class Bench:
                         self.plane, provider, region, "skipped", o.tenants, self.roots()
                     )
                     log(f"  {result['noop']['ms_per_tenant']:.2f} ms/tenant")
+                    log(f"[{provider}] no-op, --skip-at-head: the record trusted, nothing read ...")
+                    self.quiesce()
+                    result["noop_recorded"] = measure_skip_at_head(
+                        self.plane, provider, region, o.tenants, self.roots()
+                    )
+                    log(f"  {result['noop_recorded']['ms_per_tenant']:.2f} ms/tenant")
             live = self.plane.worker_pids()
             memory_end = {pid: proc_memory(pid) for pid in live}
             self.plane.stop_cluster()
@@ -1054,6 +1085,8 @@ class Bench:
             ("shell", "shell loop: alembic CLI per tenant", "latency_ms", "floor"),
             ("noop_floor", "no-op floor: connect, read version", "latency_ms", "noop_floor"),
             ("noop", "no-op pass: product, all at head", "task_ms", "noop_floor"),
+            ("noop_recorded", "  the same, --skip-at-head (no read)", "command_ms",
+             "noop_floor"),
         )
         for provider in self.servers:
             r = self.results.get(provider, {})

@@ -67,6 +67,46 @@ def test_sync_run_over_good_and_failing_targets(registered_tenant):
 
 
 @pytest.mark.django_db
+def test_skip_at_head_leaves_recorded_targets_unread_and_migrates_the_rest(registered_tenant):
+    at_head, behind = registered_tenant("postgresql"), registered_tenant("mysql")
+    assert run_command("--tenant", at_head.id, "--sync")[0] == 0
+    # Behind the control plane's back (nothing recorded): the recorded head no longer holds.
+    from migrator.tasks import migrate
+
+    migrate(at_head.target, kind="downgrade", revision="0004_accounts_display_name")
+    runs_before = MigrationRun.objects.count()
+
+    code, out, err = run_command("--all", "--skip-at-head", "--sync", "--json")
+
+    assert code == 0, err
+    results = {r["target"]: r for r in json.loads(out)}
+    assert results[at_head.id]["status"] == "recorded-at-head"
+    assert results[at_head.id]["revision"] == HEAD
+    assert results[behind.id]["status"] == "succeeded"
+    assert MigrationRun.objects.count() == runs_before + 1  # no run for the one left alone
+
+    # Without the flag every database is read: the change is found and repaired.
+    code, out, _ = run_command("--tenant", at_head.id, "--sync", "--json")
+    [result] = json.loads(out)
+    assert (code, result["status"], len(result["applied"])) == (0, "succeeded", 2)
+
+    code, _, err = run_command("--all", "--skip-at-head", "--sync")
+    assert code == 0
+    assert "2 target(s) recorded at head: left alone without reading their databases" in err
+
+
+@pytest.mark.django_db
+def test_skip_at_head_is_only_for_an_upgrade_to_head(registered_tenant):
+    from django.core.management.base import CommandError
+
+    registered_tenant("postgresql")
+    with pytest.raises(CommandError) as excinfo:
+        call_command("migrate_tenants", "--all", "--skip-at-head", "--to", "0002_projects")
+    assert excinfo.value.returncode == 2
+    assert "--skip-at-head is for an upgrade to head only" in str(excinfo.value)
+
+
+@pytest.mark.django_db
 def test_command_usage_errors_exit_2(registered_tenant):
     from django.core.management.base import CommandError
 

@@ -129,6 +129,15 @@ class Command(BaseCommand):
             metavar="SECONDS",
             help="with --wait: give up waiting after this long (default: wait as long as it takes)",
         )
+        how.add_argument(
+            "--skip-at-head",
+            action="store_true",
+            help="leave out, without reading their databases, the targets the control plane "
+            "recorded at head (up to date, not drifted): a no-op pass over a large fleet in "
+            "milliseconds. Only for an upgrade to head; a database changed behind the control "
+            "plane's back is not seen until it is read again (a pass without this flag, or the "
+            "drift check)",
+        )
         how.add_argument("--json", action="store_true", help="machine-readable results on stdout")
         how.add_argument(
             "--verify",
@@ -188,6 +197,9 @@ class Command(BaseCommand):
             return
 
         plans = self._plans(targets, options)
+        at_head = []
+        if options["skip_at_head"]:
+            plans, at_head = self._leave_out_recorded_at_head(plans, options)
         if options["dry_run"]:
             return self._dry_run(plans, options)
         if any(plan.kind == RunKind.DOWNGRADE for plan in plans):
@@ -211,7 +223,7 @@ class Command(BaseCommand):
         elif options["wait"]:
             self._wait(dispatches, options)
         runs = self._reload(dispatches)
-        self._emit(runs, options, dispatches=dispatches)
+        self._emit(runs, options, dispatches=dispatches, at_head=at_head)
         if options["sync"] or options["wait"]:
             failed = [r for r in runs if r.status not in OK_STATUSES]
             if failed:
@@ -268,6 +280,40 @@ class Command(BaseCommand):
         if downgrades:
             plans.append(Plan(RunKind.DOWNGRADE, revision, "", downgrades))
         return plans
+
+    def _leave_out_recorded_at_head(self, plans, options):
+        """``--skip-at-head``: (the plans without the targets recorded at head, those targets)."""
+        from migrator import runner
+        from tenants.models import TargetStatus
+
+        if options["to"] != "head" or options["phase"] or options["undo_last"]:
+            raise CommandError(
+                "--skip-at-head is for an upgrade to head only (not with --to REVISION, --phase "
+                "or --undo-last).",
+                returncode=EXIT_USAGE,
+            )
+        heads = runner.heads()
+        at_head = []
+        for plan in plans:
+            if plan.kind != RunKind.UPGRADE:
+                continue
+            recorded = [
+                t
+                for t in plan.targets
+                if t.status == TargetStatus.UP_TO_DATE
+                and not t.drifted
+                and actions.target_status_for(t.revision, heads) == TargetStatus.UP_TO_DATE
+            ]
+            if recorded:
+                left = set(recorded)
+                plan.targets = [t for t in plan.targets if t not in left]
+                at_head += recorded
+        if at_head and not options["json"]:
+            self.stderr.write(
+                f"{len(at_head)} target(s) recorded at head: left alone without reading their "
+                "databases (--skip-at-head)."
+            )
+        return [plan for plan in plans if plan.targets], at_head
 
     def _confirm_downgrades(self, plans, options):
         """Refuse irreversible downgrades; ask before the others unless --yes."""
@@ -434,13 +480,25 @@ class Command(BaseCommand):
         by_id = MigrationRun.objects.select_related("target").in_bulk(ids)
         return [by_id[i] for i in ids]
 
-    def _emit(self, runs, options, dispatches=()):
+    def _emit(self, runs, options, dispatches=(), at_head=()):
         skipped = [d for d in dispatches if d.run is None]
         if options["json"]:
-            payload = [run.outcome() for run in runs] + [
-                {"target": d.target.name, "status": "not-queued", "error": d.reason}
-                for d in skipped
-            ]
+            payload = (
+                [run.outcome() for run in runs]
+                + [
+                    {"target": d.target.name, "status": "not-queued", "error": d.reason}
+                    for d in skipped
+                ]
+                + [
+                    {
+                        "target": t.name,
+                        "status": "recorded-at-head",
+                        "revision": t.revision,
+                        "last_checked_at": t.last_checked_at and t.last_checked_at.isoformat(),
+                    }
+                    for t in at_head
+                ]
+            )
             self.stdout.write(json.dumps(payload, indent=2))
             return
         for d in skipped:
