@@ -18,13 +18,18 @@ class ControlPlaneConfig(AppConfig):
 
 
 def preload_worker_modules():
-    """In ``manage.py qcluster``: import the migration task and read the Alembic script directory
+    """In ``manage.py qcluster``: import the migration task, what a run uses (verification,
+    backups, the PostgreSQL and MySQL drivers and dialects) and read the Alembic script directory
     once, before django-q2 forks its workers, instead of in each worker on its first task (about
     1.3 s of CPU per worker, again after every recycle; bench/README.md). The forked workers
-    share those pages."""
+    share those pages. Nothing is connected here: sockets must not cross a fork."""
     try:
-        from migrator import runner, tasks  # noqa: F401
+        from sqlalchemy.dialects import registry
 
+        from migrator import backups, phases, rollback, runner, schema, tasks, verify  # noqa: F401
+
+        for dialect in ("postgresql.psycopg", "mysql.pymysql"):
+            registry.load(dialect).import_dbapi()
         runner.script_directory()
     except Exception:  # noqa: BLE001 - each run reports the problem on its own record
         logger.warning("Could not preload the migration engine in the cluster", exc_info=True)
