@@ -13,7 +13,8 @@ and drops everything it made, also on Ctrl-C:
   connection per database, on fresh databases;
 * shell loop: ``alembic -x url=... upgrade head``, one process per tenant, W at a time, on a
   sample of fresh databases;
-* no-op: the product path again with every target already at head;
+* no-op: the product path again with every target already at head, and the same with
+  ``--skip-at-head`` (the record trusted, no database read);
 * memory: VmHWM / VmRSS of each qcluster worker at start and end, and the RSS of one process
   running ``run_migration`` for ``--memory-runs`` consecutive real migrations.
 """
