@@ -96,6 +96,25 @@ def test_skip_at_head_leaves_recorded_targets_unread_and_migrates_the_rest(regis
 
 
 @pytest.mark.django_db
+def test_wait_follows_a_run_already_under_way_until_it_finishes(registered_tenant):
+    from migrator.tasks import run_migration
+
+    busy, done = registered_tenant("postgresql"), registered_tenant("postgresql")
+    # Somebody else queued both; one of theirs has finished, the other waits for a worker.
+    queued, finished = actions.do_enqueue_runs(
+        [busy.target, done.target], trigger=Trigger.ADMIN, enqueue=False
+    )
+    run_migration(finished.run.pk)
+
+    code, out, err = run_command("--tenant", busy.id, "--wait", "--timeout", "1", "--json")
+
+    # The command found the queued run and waited for it, not for the other run of its batch.
+    assert "Gave up waiting after 1s" in err
+    [result] = json.loads(out)
+    assert (result["run"], result["status"]) == (queued.run.pk, "queued")
+
+
+@pytest.mark.django_db
 def test_skip_at_head_is_only_for_an_upgrade_to_head(registered_tenant):
     from django.core.management.base import CommandError
 

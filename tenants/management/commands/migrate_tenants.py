@@ -386,16 +386,27 @@ class Command(BaseCommand):
                 self.stderr.write(f"[{index}/{len(created)}] {run.target.name}: {run.status}")
 
     def _wait(self, dispatches, options):
-        run_ids = [d.run.pk for d in dispatches if d.run is not None]
-        total = len(run_ids)
+        from django.db.models import Count, Q
+
+        runs = [d.run for d in dispatches if d.run is not None]
+        total = len(runs)
+        # The runs this command queued share its batch; a run already under way for a target
+        # (queued by someone else) is waited for by id. One small query per poll, whatever N.
+        batches = {d.run.batch for d in dispatches if d.created}
+        others = [d.run.pk for d in dispatches if d.run is not None and not d.created]
+        mine = Q(batch__in=batches) if batches else Q(pk__in=[])
         progress = Progress(self.stderr, total, enabled=not options["json"])
         deadline = time.monotonic() + options["timeout"] if options["timeout"] else None
         while True:
             counts = dict.fromkeys(FINISHED_RUN_STATUSES, 0)
-            for status in MigrationRun.objects.filter(
-                pk__in=run_ids, status__in=FINISHED_RUN_STATUSES
-            ).values_list("status", flat=True):
-                counts[status] += 1
+            finished = (
+                MigrationRun.objects.filter(mine | Q(pk__in=others))
+                .filter(status__in=FINISHED_RUN_STATUSES)
+                .values("status")
+                .annotate(count=Count("pk"))
+            )
+            for row in finished:
+                counts[row["status"]] += row["count"]
             progress.update(counts)
             if sum(counts.values()) >= total:
                 progress.finish()
