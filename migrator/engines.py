@@ -12,7 +12,8 @@ its connection opens (SQLAlchemy's ``do_connect`` event). A new engine costs a r
 cache, and SQLAlchemy's class-level caches (PostgreSQL's reflection queries) keep up to 128 of
 those dialects alive: an engine per run cost about 3 ms of CPU per run and made a worker grow
 by 80% over 1,000 migrations (bench/README.md). What SQLAlchemy learns per database rather than
-per server, the default schema, is read again on every connection.
+per server, the default schema, is set on each connection: MySQL's is the connection's database;
+PostgreSQL's is read where reflection needs it (``refresh_default_schema``).
 """
 
 from __future__ import annotations
@@ -265,7 +266,7 @@ def _open(info: ConnectionInfo, map_error) -> Iterator[Connection]:
         yield connection
 
 
-def refresh_default_schema(connection: Connection) -> str | None:
+def refresh_default_schema(connection: Connection) -> None:
     """Read the default schema of ``connection`` into its dialect before reflecting on it.
 
     A server engine's dialect serves many databases and users; PostgreSQL's default schema
@@ -276,7 +277,6 @@ def refresh_default_schema(connection: Connection) -> str | None:
     if dialect.name == "postgresql":
         dialect.default_schema_name = dialect._get_default_schema_name(connection)
         connection.rollback()
-    return dialect.default_schema_name
 
 
 # The connect arguments (database, user, password) of the connection being opened.

@@ -38,7 +38,7 @@ VERSION_TABLE = "alembic_version"
 _DEFAULT_ACTIONS = {"NO ACTION", "RESTRICT"}
 
 
-def reflect(connection: Connection, *, cache: bool = True) -> dict:
+def reflect(connection: Connection) -> dict:
     """The normalised schema of ``connection``'s default schema (PostgreSQL's ``public``, the
     MySQL database, SQLite's ``main``), without ``alembic_version``.
 
@@ -46,14 +46,14 @@ def reflect(connection: Connection, *, cache: bool = True) -> dict:
     (columns, keys, indexes, ...) for all tables at once, not one per table; the other dialects
     loop over the tables themselves.
 
-    On PostgreSQL, with ``cache``, one query first reads a digest of every catalog entry the
+    On PostgreSQL one query first reads a digest of every catalog entry the
     normalised form is made from (see ``_PG_CATALOG``); a database whose digest this process has
     already reflected gets that result without the inspector's queries. A fleet migrated by the
     same revisions has a handful of distinct schemas, so after the first of each, verifying a
     target costs one catalog query.
     """
     digest = None
-    if cache and connection.dialect.name == "postgresql":
+    if connection.dialect.name == "postgresql":
         digest = _catalog_digest(connection)
         known = _reflected.get(digest)
         if known is not None:

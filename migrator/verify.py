@@ -567,15 +567,18 @@ def check_app_grants(
     check = GrantCheck(username=app.username or "?")
     if admin is not None and app.provider == "postgresql":
         try:
-            _postgresql_grants(admin, check, tables, namespace or "public", role=app.username)
+            exists = _postgresql_grants(
+                admin, check, tables, namespace or "public", role=app.username
+            )
             admin.rollback()
         except sa_exc.DBAPIError as exc:
             check.not_checked = f"the privilege queries failed: {engines.error_reason(exc, app)}"
-        if check.not_checked == _NO_SUCH_ROLE:
-            check.not_checked = (
-                f"app user {app.username} does not exist on the server: create it, or fix "
-                f"app_username in the Vault secret at {app.vault_path}"
-            )
+        else:
+            if not exists:
+                check.not_checked = (
+                    f"app user {app.username} does not exist on the server: create it, or fix "
+                    f"app_username in the Vault secret at {app.vault_path}"
+                )
         return check
     login = app
     if app.provider == "mysql":
@@ -604,16 +607,16 @@ def check_app_grants(
     return check
 
 
-_NO_SUCH_ROLE = "no such role"
 # The role the privilege queries ask about: the app role named by :role, or the user logged in.
 _PG_ROLE = "coalesce(CAST(:role AS name), current_user)"
 
 
 def _postgresql_grants(
     connection, check: GrantCheck, tables: list[str], namespace: str, *, role: str | None = None
-) -> None:
+) -> bool:
     """has_table_privilege / has_sequence_privilege / has_schema_privilege /
-    has_database_privilege for ``role``, or for the current (app) user when None."""
+    has_database_privilege for ``role``, or for the current (app) user when None. False when
+    there is no such role (nothing checked)."""
     params = {"schema": namespace, "role": role}
     row = connection.execute(
         text(
@@ -632,8 +635,7 @@ def _postgresql_grants(
         row
     )
     if not exists:
-        check.not_checked = _NO_SUCH_ROLE
-        return
+        return False
     if not can_login:
         check.missing[f"role {role or check.username}"] = ["LOGIN"]
     if not connect:
@@ -687,6 +689,7 @@ def _postgresql_grants(
         params,
     ):
         check.missing[f"sequence {sequence}"] = ["USAGE"]
+    return True
 
 
 def _mysql_grants(connection, check: GrantCheck, tables: list[str], database: str) -> None:

@@ -23,6 +23,7 @@ from tenants.models import (
     RunKind,
     RunStatus,
     Strategy,
+    TargetStatus,
     Trigger,
 )
 from tenants.selection import missing_tenants, select_targets
@@ -284,7 +285,6 @@ class Command(BaseCommand):
     def _leave_out_recorded_at_head(self, plans, options):
         """``--skip-at-head``: (the plans without the targets recorded at head, those targets)."""
         from migrator import runner
-        from tenants.models import TargetStatus
 
         if options["to"] != "head" or options["phase"] or options["undo_last"]:
             raise CommandError(
