@@ -12,7 +12,7 @@ import socket
 import uuid
 from dataclasses import dataclass
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from migrator.redaction import redact
@@ -81,32 +81,34 @@ def do_enqueue_runs(
     (``migrate_tenants --sync``).
     """
     batch = batch or uuid.uuid4()
-    dispatches = []
+    targets = list(targets)
+    dispatches = [None] * len(targets)
     with transaction.atomic():
-        for target in targets:
+        wanted = []  # (position, target) of the targets that get a run
+        for position, target in enumerate(targets):
             if target.held:
-                dispatches.append(Dispatch(target, None, False, "the target is held"))
+                dispatches[position] = Dispatch(target, None, False, "the target is held")
                 continue
             if enqueue:
                 unrouted = routing.unrouted_reason(target.region)
                 if unrouted:
-                    dispatches.append(Dispatch(target, None, False, unrouted))
+                    dispatches[position] = Dispatch(target, None, False, unrouted)
                     continue
-            run, created = _create_or_find_active_run(
-                target,
-                kind=kind,
-                trigger=trigger,
-                triggered_by=acting_user,
-                requested_revision=revision,
-                batch=batch,
-                phase=phase,
-            )
-            if not created:
-                dispatches.append(Dispatch(target, run, False))
-                continue
-            if enqueue:
-                transaction.on_commit(lambda run=run: _enqueue(run))
-            dispatches.append(Dispatch(target, run, True))
+            wanted.append((position, target))
+        runs = _create_or_find_active_runs(
+            [target for _, target in wanted],
+            kind=kind,
+            trigger=trigger,
+            triggered_by=acting_user,
+            requested_revision=revision,
+            batch=batch,
+            phase=phase,
+        )
+        for (position, target), (run, created) in zip(wanted, runs, strict=True):
+            dispatches[position] = Dispatch(target, run, created)
+        new_runs = [d.run for d in dispatches if d.created]
+        if enqueue and new_runs:
+            transaction.on_commit(lambda: _enqueue(new_runs))
     created = sum(d.created for d in dispatches)
     logger.info(
         "%s run(s) queued by %s%s for %s target(s)",
@@ -116,6 +118,50 @@ def do_enqueue_runs(
         len(dispatches),
     )
     return dispatches
+
+
+# Rows per INSERT and ids per IN list: under SQLite's limit of 999 parameters per statement.
+_BULK = 500
+
+
+def _create_or_find_active_runs(targets, **fields):
+    """``(run, created)`` for each of ``targets``: a new queued run, or the target's active one.
+
+    In bulk: one query for the runs already active and one INSERT for the others, so queueing
+    a fleet of a thousand costs a few statements, not a thousand savepoints. When a concurrent
+    trigger queued a run for one of them in between, the constraint refuses the INSERT and each
+    target is then taken one at a time.
+    """
+    active = {}
+    ids = [target.pk for target in targets]
+    for start in range(0, len(ids), _BULK):
+        for run in MigrationRun.objects.filter(
+            target_id__in=ids[start : start + _BULK], status__in=ACTIVE_RUN_STATUSES
+        ):
+            active[run.target_id] = run
+    new = {
+        target.pk: MigrationRun(target=target, **fields)
+        for target in targets
+        if target.pk not in active
+    }
+    if new and connection.features.can_return_rows_from_bulk_insert:
+        try:
+            with transaction.atomic():
+                MigrationRun.objects.bulk_create(new.values(), batch_size=_BULK)
+        except IntegrityError:
+            return [_create_or_find_active_run(target, **fields) for target in targets]
+    elif new:
+        return [_create_or_find_active_run(target, **fields) for target in targets]
+    results = []
+    for target in targets:
+        run = active.get(target.pk)
+        if run is not None:
+            run.target = target
+            results.append((run, False))
+        else:
+            results.append((new[target.pk], True))
+            active[target.pk] = new[target.pk]  # a target listed twice gets one run
+    return results
 
 
 def _create_or_find_active_run(target, **fields):
@@ -132,16 +178,28 @@ def _create_or_find_active_run(target, **fields):
     raise RuntimeError(f"Could not queue a run for {target.name}: it keeps changing state.")
 
 
-def _enqueue(run):
+def _enqueue(runs):
+    """Hand ``runs`` to django-q2, each to its region's cluster, through one broker connection
+    per cluster; record the task ids in one statement per few hundred runs."""
+    from django_q.brokers import get_broker
     from django_q.tasks import async_task
 
-    task_id = async_task(
-        MIGRATION_TASK,
-        run.pk,
-        task_name=f"run-{run.pk}-{run.target.name}",
-        cluster=routing.cluster_for(run.target.region),
-    )
-    MigrationRun.objects.filter(pk=run.pk).update(task_id=task_id or "")
+    brokers = {}
+    for run in runs:
+        cluster = routing.cluster_for(run.target.region)
+        if cluster not in brokers:
+            brokers[cluster] = get_broker(cluster)
+        run.task_id = (
+            async_task(
+                MIGRATION_TASK,
+                run.pk,
+                task_name=f"run-{run.pk}-{run.target.name}",
+                cluster=cluster,
+                broker=brokers[cluster],
+            )
+            or ""
+        )
+    MigrationRun.objects.bulk_update(runs, ["task_id"], batch_size=_BULK)
 
 
 def do_start_run(run_id, *, worker_host):

@@ -62,3 +62,36 @@ def test_queries_per_run_are_a_constant(sqlite_target, migrate):
         assert (run.status, run.applied) == ("skipped", [])
     assert len({count for _, count in noops}) == 1
     assert MigrationRun.objects.count() == 2 * len(targets)
+
+
+def test_queueing_a_fleet_costs_a_few_statements_and_never_a_second_run(
+    target_factory, django_assert_max_num_queries
+):
+    targets = [target_factory(name=f"fleet-{n}") for n in range(1200)]
+    # Someone else already queued a run for one of them.
+    [busy] = actions.do_enqueue_runs([targets[700]], trigger=Trigger.ADMIN, enqueue=False)
+
+    # The active runs read and the new ones inserted many at a time (SQLite takes 999 values per
+    # statement: a few dozen rows), in one transaction: not a savepoint and an INSERT per target.
+    with django_assert_max_num_queries(len(targets) // 20):
+        dispatches = actions.do_enqueue_runs(targets, trigger=Trigger.COMMAND, enqueue=False)
+
+    assert [d.target for d in dispatches] == targets
+    assert sum(d.created for d in dispatches) == len(targets) - 1
+    assert (dispatches[700].created, dispatches[700].run.pk) == (False, busy.run.pk)
+    assert "is already queued; no second migration was started" in dispatches[700].message
+    assert MigrationRun.objects.filter(status="queued").count() == len(targets)
+    created = [d.run for d in dispatches if d.created]
+    assert all(run.pk and run.created_at for run in created)
+    assert MigrationRun.objects.get(pk=created[0].pk).batch == created[-1].batch
+
+
+def test_a_target_listed_twice_gets_one_run(target_factory):
+    target = target_factory(name="twice")
+
+    first, second = actions.do_enqueue_runs([target, target], trigger=Trigger.COMMAND,
+                                            enqueue=False)
+
+    assert (first.created, second.created) == (True, False)
+    assert first.run.pk == second.run.pk
+    assert MigrationRun.objects.filter(target=target).count() == 1
