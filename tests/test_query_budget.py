@@ -89,8 +89,9 @@ def test_queueing_a_fleet_costs_a_few_statements_and_never_a_second_run(
 def test_a_target_listed_twice_gets_one_run(target_factory):
     target = target_factory(name="twice")
 
-    first, second = actions.do_enqueue_runs([target, target], trigger=Trigger.COMMAND,
-                                            enqueue=False)
+    first, second = actions.do_enqueue_runs(
+        [target, target], trigger=Trigger.COMMAND, enqueue=False
+    )
 
     assert (first.created, second.created) == (True, False)
     assert first.run.pk == second.run.pk
