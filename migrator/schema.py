@@ -99,44 +99,57 @@ _reflected: OrderedDict[str, str] = OrderedDict()
 REFLECTED_KEPT = 64
 
 # Every catalog entry PostgreSQL reflection reads for the tables SQLAlchemy lists without a
-# schema (visible in the search_path, not pg_catalog, not temporary), one line each: the columns
-# with their type (an enum's labels, a domain's base type, default and checks), not-null,
-# default, identity and generation; each index's definition and the constraints it backs; each
-# constraint's definition. Schema names are in the lines, OIDs are not, so two databases migrated
-# alike have the same lines; a line is a row literal, so a NULL and an empty text differ. The
-# server version is a line too: another major version may reflect the same catalog otherwise.
+# schema (visible in the search_path, not pg_catalog, not temporary), one line each, as raw
+# catalog values rather than deparsed text (``pg_get_indexdef`` and ``pg_get_constraintdef`` cost
+# the server more than the rest of the query): each column with its number, type, not-null,
+# default, identity and generation, and for a user-defined type (OIDs from 16384 up) an enum's
+# labels or a domain's base type, default and checks, looked up for that column alone (a second
+# pass over pg_attribute doubled the query's cost on a new backend); each index (its columns as
+# column numbers, unique, primary, operator classes, options, collations, expressions,
+# predicate); each constraint (kind, columns, backing index, referenced table and columns,
+# actions). Names are in the lines, OIDs only where PostgreSQL fixes them (built-in types,
+# operator classes, collations), so databases migrated alike have the same lines, and a digest
+# seen before always means the same schema; a database with another history (a dropped column
+# shifts the numbers) just gets a full read. A line is a row literal, so a NULL and an empty text
+# differ. The server version is a line too: another major version may reflect the same catalog
+# otherwise.
 _PG_CATALOG = """
 WITH tables AS (
-    SELECT c.oid, n.nspname || '.' || c.relname AS name
-    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    SELECT c.oid, c.relnamespace::pg_catalog.regnamespace::text || '.' || c.relname AS name
+    FROM pg_catalog.pg_class c
     WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't'
-      AND pg_catalog.pg_table_is_visible(c.oid) AND n.nspname <> 'pg_catalog'
+      AND c.relnamespace <> 'pg_catalog'::pg_catalog.regnamespace
+      AND pg_catalog.pg_table_is_visible(c.oid)
 )
 SELECT 'schema ' || coalesce(pg_catalog.current_schema(), '')
 UNION ALL
 SELECT 'server ' || pg_catalog.current_setting('server_version_num')
 UNION ALL
-SELECT ROW('column', t.name, a.attname,
-    pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnotnull::text,
-    pg_catalog.pg_get_expr(d.adbin, d.adrelid), a.attidentity::text, a.attgenerated::text,
-    ty.typtype::text, pg_catalog.format_type(ty.typbasetype, ty.typtypmod), ty.typnotnull::text,
-    ty.typdefault,
-    (SELECT string_agg(e.enumlabel, ',' ORDER BY e.enumsortorder)
-     FROM pg_catalog.pg_enum e WHERE e.enumtypid = a.atttypid),
-    (SELECT string_agg(pg_catalog.pg_get_constraintdef(k.oid), ',' ORDER BY k.conname)
-     FROM pg_catalog.pg_constraint k WHERE k.contypid = a.atttypid))::text
+SELECT ROW('column', t.name, a.attnum, a.attname,
+    pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnotnull, a.attidentity, a.attgenerated,
+    pg_catalog.pg_get_expr(d.adbin, d.adrelid),
+    CASE WHEN a.atttypid >= 16384 THEN (
+        SELECT ROW(ty.typtype, pg_catalog.format_type(ty.typbasetype, ty.typtypmod), ty.typnotnull,
+            ty.typdefault,
+            (SELECT string_agg(e.enumlabel, ',' ORDER BY e.enumsortorder)
+             FROM pg_catalog.pg_enum e WHERE e.enumtypid = ty.oid),
+            (SELECT string_agg(pg_catalog.pg_get_constraintdef(k.oid), ',' ORDER BY k.conname)
+             FROM pg_catalog.pg_constraint k WHERE k.contypid = ty.oid))::text
+        FROM pg_catalog.pg_type ty WHERE ty.oid = a.atttypid) END)::text
 FROM tables t
 JOIN pg_catalog.pg_attribute a ON a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped
-JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid
 LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
 UNION ALL
-SELECT ROW('index', t.name, pg_catalog.pg_get_indexdef(i.indexrelid),
-    (SELECT string_agg(k.conname, ',' ORDER BY k.conname) FROM pg_catalog.pg_constraint k
-     WHERE k.conindid = i.indexrelid AND k.conrelid = t.oid))::text
+SELECT ROW('index', t.name, i.indexrelid::pg_catalog.regclass::text, i.indisunique,
+    i.indisprimary, i.indnkeyatts, i.indkey::text, i.indclass::text, i.indoption::text,
+    i.indcollation::text, pg_catalog.pg_get_expr(i.indexprs, i.indrelid),
+    pg_catalog.pg_get_expr(i.indpred, i.indrelid))::text
 FROM tables t JOIN pg_catalog.pg_index i ON i.indrelid = t.oid
 UNION ALL
-SELECT ROW('constraint', t.name, k.conname, k.contype::text,
-    pg_catalog.pg_get_constraintdef(k.oid))::text
+SELECT ROW('constraint', t.name, k.conname, k.contype, k.conkey::text,
+    k.conindid::pg_catalog.regclass::text, k.confrelid::pg_catalog.regclass::text,
+    k.confkey::text, k.confupdtype, k.confdeltype, k.confmatchtype, k.condeferrable,
+    k.condeferred)::text
 FROM tables t JOIN pg_catalog.pg_constraint k ON k.conrelid = t.oid
 """
 

@@ -611,6 +611,27 @@ def check_app_grants(
 _PG_ROLE = "coalesce(CAST(:role AS name), current_user)"
 
 
+# The app role's privileges on every table and sequence of the schema, in one scan of pg_class:
+# SELECT, INSERT, UPDATE, DELETE and ownership for tables; for a sequence, whether INSERT may draw
+# from it (USAGE or UPDATE; an identity column's sequence needs neither).
+_PG_RELATION_GRANTS = """
+SELECT c.relname, c.relkind,
+    c.relkind <> 'S' AND has_table_privilege(r.who, c.oid, 'SELECT'),
+    c.relkind <> 'S' AND has_table_privilege(r.who, c.oid, 'INSERT'),
+    c.relkind <> 'S' AND has_table_privilege(r.who, c.oid, 'UPDATE'),
+    c.relkind <> 'S' AND has_table_privilege(r.who, c.oid, 'DELETE'),
+    c.relkind <> 'S' AND pg_has_role(r.who, c.relowner, 'USAGE'),
+    -- CASE: the server may test conditions in any order, and has_sequence_privilege raises on
+    -- a relation that is not a sequence.
+    CASE WHEN c.relkind = 'S' THEN has_sequence_privilege(r.who, c.oid, 'USAGE')
+        OR has_sequence_privilege(r.who, c.oid, 'UPDATE')
+        OR EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'i') END
+FROM pg_class c, (SELECT coalesce(CAST(:role AS name), current_user) AS who) r
+WHERE c.relnamespace = to_regnamespace(:schema) AND c.relkind IN ('r', 'p', 'S')
+ORDER BY c.relname
+"""
+
+
 def _postgresql_grants(
     connection, check: GrantCheck, tables: list[str], namespace: str, *, role: str | None = None
 ) -> bool:
@@ -649,18 +670,17 @@ def _postgresql_grants(
     if create_in_schema:
         check.excess.append(f"CREATE on schema {namespace}")
 
+    # The tables and sequences of the schema in one scan.
     privileges = {}
     owned = []
-    for name, *flags, owner in connection.execute(
-        text(
-            "SELECT c.relname, "
-            + ", ".join(f"has_table_privilege({_PG_ROLE}, c.oid, '{p}')" for p in APP_PRIVILEGES)
-            + f", pg_has_role({_PG_ROLE}, c.relowner, 'USAGE') "
-            "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE n.nspname = :schema AND c.relkind IN ('r', 'p')"
-        ),
+    for name, kind, *flags, owner, sequence_ok in connection.execute(
+        text(_PG_RELATION_GRANTS),
         params,
     ):
+        if kind == "S":
+            if not sequence_ok:
+                check.missing[f"sequence {name}"] = ["USAGE"]
+            continue
         privileges[name] = flags
         if owner and not superuser:
             owned.append(name)
@@ -671,24 +691,6 @@ def _postgresql_grants(
             check.missing[table] = lacking
     if owned:
         check.excess.append(f"owns table {', '.join(sorted(owned))} (may ALTER or DROP)")
-
-    # Serial columns draw from a sequence: INSERT needs USAGE on it (identity columns do not).
-    for (sequence,) in connection.execute(
-        text(
-            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE c.relkind = 'S' AND n.nspname = :schema "
-            "AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid "
-            "AND d.deptype = 'i') "
-            # CASE: the server may test conditions in any order, and has_sequence_privilege
-            # raises on a relation that is not a sequence.
-            "AND CASE WHEN c.relkind = 'S' THEN NOT ("
-            "has_sequence_privilege(coalesce(CAST(:role AS name), current_user), c.oid, 'USAGE') "
-            "OR has_sequence_privilege(coalesce(CAST(:role AS name), current_user), c.oid, "
-            "'UPDATE')) ELSE false END ORDER BY c.relname"
-        ),
-        params,
-    ):
-        check.missing[f"sequence {sequence}"] = ["USAGE"]
     return True
 
 
