@@ -80,6 +80,9 @@ class RunResult:
     applied: list[str] = field(default_factory=list)
     duration_ms: int = 0
     log: list[str] = field(default_factory=list)
+    # What checking the schema after an upgrade found (a ``migrator.verify.Verification``), for
+    # the run's record; None when it was not checked.
+    verification: object = None
 
 
 @dataclass(frozen=True)

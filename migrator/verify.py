@@ -209,11 +209,11 @@ def verify_after_upgrade(
     """Verify ``target`` after ``result`` (an upgrade that applied revisions) and record it.
 
     Called by ``migrator.tasks`` inside the run, on the run's own admin ``connection`` when
-    given (else it opens one). Appends the outcome to ``result.log`` and records
-    it with ``tenants.actions.do_record_verification``. Never raises: the run succeeded whatever
-    is found here. Returns the ``Verification``, or None when VERIFY_AFTER_UPGRADE is off.
+    given (else it opens one). Appends the outcome to ``result.log`` and hangs it on
+    ``result.verification``, which ``tenants.actions.do_record_run_success`` records on the
+    target and the run with the run's outcome. Never raises: the run succeeded whatever is
+    found here. Returns the ``Verification``, or None when VERIFY_AFTER_UPGRADE is off.
     """
-    from tenants import actions
 
     if not settings.VERIFY_AFTER_UPGRADE:
         return None
@@ -233,10 +233,8 @@ def verify_after_upgrade(
             not_verified=f"unexpected error ({type(exc).__name__}): {redact(str(exc))}",
         )
     result.log.extend(verification.log_lines())
-    try:
-        actions.do_record_verification(record, verification, run=run)
-    except Exception:  # noqa: BLE001 - the run's own outcome is recorded next, whatever happens
-        logger.exception("Recording the verification of %s failed", record.name)
+    # Recorded with the run's outcome, in the same transaction (``do_record_run_success``).
+    result.verification = verification
     return verification
 
 

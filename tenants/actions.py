@@ -263,30 +263,35 @@ def _record_success(run, result, *, status, heads, changed):
     run.finished_at = now
     run.error = run.error_code = ""
     run.retryable = None
-    run.save(
-        update_fields=[
-            "status",
-            "revision_before",
-            "revision_after",
-            "applied",
-            "duration_ms",
-            "log",
-            "finished_at",
-            "error",
-            "error_code",
-            "retryable",
-        ]
-    )
+    run_fields = [
+        "status",
+        "revision_before",
+        "revision_after",
+        "applied",
+        "duration_ms",
+        "log",
+        "finished_at",
+        "error",
+        "error_code",
+        "retryable",
+    ]
     target = run.target
+    fields = ["revision", "status", "last_error", "last_checked_at"]
+    verification = getattr(result, "verification", None)
+    if verification is not None:
+        # The check of the schema after the upgrade, on the target and the run in the same saves.
+        verified_fields, run.drift_report = _take_verification(target, verification, now)
+        fields += verified_fields[:-1]
+        run_fields.append("drift_report")
+    run.save(update_fields=run_fields)
     target.revision = run.revision_after
     target.status = target_status_for(run.revision_after, heads)
     target.last_error = ""
     target.last_checked_at = now
-    fields = ["revision", "status", "last_error", "last_checked_at", "updated_at"]
     if changed:
         target.last_migrated_at = now
         fields.append("last_migrated_at")
-    target.save(update_fields=fields)
+    target.save(update_fields=fields + ["updated_at"])
     return run
 
 
@@ -486,20 +491,9 @@ def do_record_verification(
     from tenants.models import Trigger
 
     now = timezone.now()
-    report = verification.report()
     was_drifted, previous_report = target.drifted, target.drift_report
-    target.drift_report = report
-    target.drifted = verification.drifted
-    fields = ["drift_report", "drifted", "updated_at"]
-    if verification.fingerprint:
-        target.schema_fingerprint = verification.fingerprint
-        fields.append("schema_fingerprint")
-    if verification.verified:
-        target.verified_at = now
-        fields.append("verified_at")
+    fields, report = _take_verification(target, verification, now)
     target.save(update_fields=fields)
-    if verification.drifted and not was_drifted:
-        logger.warning("%s drifted from the reference schema of its revision", target.name)
 
     if run is not None:
         run.drift_report = report
@@ -528,6 +522,24 @@ def do_record_verification(
         started_at=now,
         finished_at=now,
     )
+
+
+def _take_verification(target, verification, now):
+    """Set what ``verification`` found on ``target`` (unsaved); return the fields it changed and
+    the drift report."""
+    report = verification.report()
+    if verification.drifted and not target.drifted:
+        logger.warning("%s drifted from the reference schema of its revision", target.name)
+    target.drift_report = report
+    target.drifted = verification.drifted
+    fields = ["drift_report", "drifted"]
+    if verification.fingerprint:
+        target.schema_fingerprint = verification.fingerprint
+        fields.append("schema_fingerprint")
+    if verification.verified:
+        target.verified_at = now
+        fields.append("verified_at")
+    return fields + ["updated_at"], report
 
 
 # --- Backups and restores -----------------------------------------------------------------------
