@@ -441,9 +441,22 @@ def _read_revisions(connection: Connection) -> tuple[str, ...]:
         if exc.connection_invalidated:
             raise
         connection.rollback()
+        if _no_such_table(exc):
+            return ()  # a database no revision was applied to yet
         revisions = MigrationContext.configure(connection).get_current_heads()
     connection.rollback()
     return tuple(revisions)
+
+
+def _no_such_table(error: sa_exc.DBAPIError) -> bool:
+    """Does the driver's error say the table does not exist (PostgreSQL's undefined_table, MySQL's
+    ER_NO_SUCH_TABLE)? Then a new database needs no catalog query to say so; anything else (no
+    privilege, another error) goes to Alembic's own read, which raises it."""
+    original = error.orig
+    if getattr(original, "sqlstate", None) == "42P01":
+        return True
+    args = getattr(original, "args", ())
+    return bool(args) and args[0] == 1146
 
 
 def _read_revisions_after(connection: Connection) -> tuple[str, ...] | None:
