@@ -421,3 +421,28 @@ def test_vault_check_says_when_vault_is_unreachable(vault, settings):
     message = str(caught.value)
     assert "\n" not in message
     assert settings.VAULT_ADDR in message and "VAULT_ADDR" in message
+
+
+def test_the_environments_proxy_settings_are_followed(vault, vault_secret, monkeypatch):
+    """HTTP(S)_PROXY and NO_PROXY apply to Vault as to any requests client; they are read once
+    when the process's manager is made, not on every secret read."""
+    path = vault_secret(new_path(), server_secret())
+    try:
+        for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{services.free_port()}")  # nobody
+        reset_secrets_manager()
+        with pytest.raises(VaultUnavailable, match="VAULT_ADDR"):
+            get_secrets_manager().migration_credentials(path, provider="postgresql")
+
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        reset_secrets_manager()
+        manager = get_secrets_manager()
+        assert manager.migration_credentials(path, provider="postgresql").username
+        # Changed after the manager was made: not read again for each request.
+        monkeypatch.delenv("NO_PROXY")
+        manager.invalidate(path)
+        assert manager.migration_credentials(path, provider="postgresql").username
+    finally:
+        monkeypatch.undo()  # before vault_secret's own clean-up talks to OpenBao
+        reset_secrets_manager()
