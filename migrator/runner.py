@@ -28,6 +28,7 @@ import logging
 import re
 import threading
 import time
+import types
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ _alembic_lock = threading.Lock()
 # Alembic's default version table (env.py keeps it), in the default schema.
 _SELECT_VERSIONS = "SELECT version_num FROM alembic_version"
 _script_directories: dict[str, ScriptDirectory] = {}
+_env_code: dict[str, types.CodeType] = {}  # env.py, compiled, by path
 
 
 @dataclass
@@ -223,7 +225,7 @@ def sql_preview(
             starting_rev=from_rev,
             destination_rev=to_rev,
         ):
-            script.run_env()
+            _run_env(script)
         return SqlPreview(dialect, from_rev, to_rev, planned, buffer.getvalue())
 
 
@@ -260,10 +262,27 @@ def script_directory(script_location=None) -> ScriptDirectory:
 
 
 def reset() -> None:
-    """Forget the loaded script directories (tests, or after new revision files were deployed
-    into a running process)."""
+    """Forget the loaded script directories and env.py (tests, or after new revision files were
+    deployed into a running process)."""
     with _alembic_lock:
         _script_directories.clear()
+        _env_code.clear()
+
+
+def _run_env(script: ScriptDirectory) -> None:
+    """Run the script directory's ``env.py``, as ``ScriptDirectory.run_env`` does, from code
+    compiled once per process: Alembic compiles the file again for every run wherever no bytecode
+    is cached (PYTHONDONTWRITEBYTECODE, which container images often set, or a read-only tree)."""
+    path = Path(script.dir) / "env.py"
+    code = _env_code.get(str(path))
+    if code is None:
+        if not path.exists():  # a deployment with env.pyc only: Alembic knows how to load it
+            script.run_env()
+            return
+        code = _env_code[str(path)] = compile(path.read_bytes(), str(path), "exec")
+    module = types.ModuleType("env_py")
+    module.__file__ = str(path)
+    exec(code, module.__dict__)  # noqa: S102 - the project's own env.py, as Alembic runs it
 
 
 def _config(script: ScriptDirectory, output_buffer=None, **attributes) -> Config:
@@ -376,7 +395,7 @@ def _apply(run: _Run, script: ScriptDirectory, connection: Connection, destinati
                 _alembic_log_into(run.result.log),
                 EnvironmentContext(config, script, fn=steps, destination_rev=destination),
             ):
-                script.run_env()
+                _run_env(script)
         except Exception as exc:
             stands_now = _read_revisions_after(connection)
             if stands_now is not None:

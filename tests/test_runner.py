@@ -271,6 +271,22 @@ def test_sqlite_upgrade_and_downgrade(sqlite_target):
     assert {"accounts", "projects"} <= tables(sqlite_target)
 
 
+def test_env_py_is_compiled_once_per_process(sqlite_target, tmp_path, monkeypatch):
+    other = Target("def456", ConnectionInfo(provider="sqlite", database=str(tmp_path / "o.db")))
+    assert runner.upgrade(sqlite_target).applied == CHAIN
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("env.py compiled again")
+
+    # Later runs execute the code compiled by the first one, and still run env.py each time.
+    monkeypatch.setattr(runner, "compile", no_compiling, raising=False)
+    assert runner.upgrade(other).applied == CHAIN
+    assert runner.downgrade(other, "base").applied[-1] == CHAIN[0]
+    runner.reset()  # new files deployed: env.py is read again
+    with pytest.raises(MigrationError, match="env.py compiled again"):
+        runner.upgrade(other)
+
+
 def test_sqlite_failing_revision_rolls_back_whole(sqlite_target):
     with pytest.raises(MigrationFailed) as caught:
         runner.upgrade(sqlite_target, script_location=FAILING)
