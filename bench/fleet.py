@@ -906,20 +906,10 @@ class Bench:
         # Each phase gets N fresh databases, made just before it and dropped after it: the
         # server holds one fleet at a time, as it would in production (four fleets of a thousand
         # template copies no longer fit in the page cache, and every phase then waited on disk).
-        for provider in self.servers:
-            result = self.results.setdefault(provider, {})
-            floor = self.fresh(provider, "f")
-            log(f"[{provider}] floor: {len(statements[provider])} statements on {o.tenants} "
-                f"databases, {o.workers} processes ...")
-            self.quiesce()
-            result["floor"] = measure_floor(floor, statements[provider], o.workers, self.roots())
-            log(f"  {result['floor']['ms_per_tenant']:.1f} ms/tenant")
-            log(f"[{provider}] no-op floor: connect and read alembic_version, same databases ...")
-            self.quiesce()
-            result["noop_floor"] = measure_floor(floor, [NOOP_STATEMENT], o.workers, self.roots())
-            log(f"  {result['noop_floor']['ms_per_tenant']:.2f} ms/tenant")
-            self.servers[provider].drop(floor)
-
+        # This VM's speed drifts by a third within an hour, so the floor is measured right before
+        # each product variant and once after the last: each variant is compared with the mean
+        # of the two floors around it, taken minutes apart from it, not hours.
+        self.measure_floors(statements)
         memory_targets = None
         for variant, extra_env in variants.items():
             region = self.region(variant)
@@ -964,19 +954,9 @@ class Bench:
                 for provider, dbs in memory_targets[1].items():
                     self.servers[provider].drop(dbs)
             memory_targets = (region, fleets)
-
-        # The floor once more, after the product runs; the faster of the two is the floor the
-        # product is compared with.
+            self.measure_floors(statements)
         for provider in self.servers:
-            result = self.results[provider]
-            floor = self.fresh(provider, "g")
-            log(f"[{provider}] floor again, on fresh databases ...")
-            self.quiesce()
-            again = measure_floor(floor, statements[provider], o.workers, self.roots())
-            log(f"  {again['ms_per_tenant']:.1f} ms/tenant")
-            self.servers[provider].drop(floor)
-            result["floor_runs"] = [result["floor"], again]
-            result["floor"] = min(result["floor_runs"], key=lambda m: m["ms_per_tenant"])
+            self.pair_floors(self.results[provider], list(variants))
 
         for provider in self.servers:
             sample = min(o.sample, o.tenants)
@@ -998,6 +978,47 @@ class Bench:
             log(f"  RSS {self.results['memory']['warm_rss_kb']} kB after 10 runs, "
                 f"{self.results['memory']['end_rss_kb']} kB after {o.memory_runs}")
         self.report()
+
+    def measure_floors(self, statements):
+        """The floor and the no-op floor on N fresh databases of each server, appended to
+        ``floor_runs`` and ``noop_floor_runs`` (the no-op floor reads the databases the floor
+        just migrated)."""
+        o = self.options
+        for provider in self.servers:
+            result = self.results.setdefault(provider, {})
+            runs = result.setdefault("floor_runs", [])
+            floor = self.fresh(provider, f"f{len(runs)}")
+            log(f"[{provider}] floor #{len(runs) + 1}: {len(statements[provider])} statements on "
+                f"{o.tenants} databases, {o.workers} processes ...")
+            self.quiesce()
+            runs.append(measure_floor(floor, statements[provider], o.workers, self.roots()))
+            log(f"  {runs[-1]['ms_per_tenant']:.1f} ms/tenant")
+            log(f"[{provider}] no-op floor: connect and read alembic_version, same databases ...")
+            self.quiesce()
+            noop = measure_floor(floor, [NOOP_STATEMENT], o.workers, self.roots())
+            result.setdefault("noop_floor_runs", []).append(noop)
+            log(f"  {noop['ms_per_tenant']:.2f} ms/tenant")
+            self.servers[provider].drop(floor)
+
+    @staticmethod
+    def pair_floors(result, variants):
+        """Each variant's floor: the mean of the floors measured right before and right after
+        it (``floor_ms_per_tenant``); the no-op pass, which follows the first variant, gets the
+        mean of the no-op floors around it. ``floor`` and ``noop_floor`` are the first runs,
+        with the mean over every run as their ms_per_tenant."""
+        floors, noops = result["floor_runs"], result["noop_floor_runs"]
+
+        def mean(runs):
+            return statistics.fmean(run["ms_per_tenant"] for run in runs)
+
+        for index, variant in enumerate(variants):
+            if variant in result:
+                result[variant]["floor_ms_per_tenant"] = mean(floors[index : index + 2])
+        for key in ("noop", "noop_recorded"):
+            if key in result:
+                result[key]["floor_ms_per_tenant"] = mean(noops[0:2])
+        result["floor"] = {**floors[0], "ms_per_tenant": mean(floors), "wall_s": None}
+        result["noop_floor"] = {**noops[0], "ms_per_tenant": mean(noops), "wall_s": None}
 
     def fresh(self, provider, group, count=None):
         """``count`` (N) new databases on ``provider``, each with its own admin user."""
@@ -1080,11 +1101,12 @@ class Bench:
         }
         rows = [("PHASE", "TENANTS", "WALL S", "MS/TENANT", "x FLOOR", "LATENCY P50 MS")]
         phases = (
-            ("floor", "floor: the DDL with the driver (best of 2)", "latency_ms", "floor"),
+            ("floor", "floor: the DDL with the driver (mean)", "latency_ms", "floor"),
             ("product", "product: migrate_tenants --wait", "task_ms", "floor"),
             ("product_noverify", "  the same, VERIFY_AFTER_UPGRADE=false", "task_ms", "floor"),
             ("shell", "shell loop: alembic CLI per tenant", "latency_ms", "floor"),
-            ("noop_floor", "no-op floor: connect, read version", "latency_ms", "noop_floor"),
+            ("noop_floor", "no-op floor: connect, read version (mean)", "latency_ms",
+             "noop_floor"),
             ("noop", "no-op pass: product, all at head", "task_ms", "noop_floor"),
             ("noop_recorded", "  the same, --skip-at-head (no read)", "command_ms",
              "noop_floor"),
@@ -1095,11 +1117,11 @@ class Bench:
                 if key not in r:
                     continue
                 m = r[key]
-                floor = r.get(versus, {}).get("ms_per_tenant")
+                floor = m.get("floor_ms_per_tenant") or r.get(versus, {}).get("ms_per_tenant")
                 rows.append((
                     f"{provider} {label}",
                     str(m["tenants"]),
-                    f"{m['wall_s']:.2f}",
+                    f"{m['wall_s']:.2f}" if m["wall_s"] is not None else "",
                     f"{m['ms_per_tenant']:.2f}",
                     f"{m['ms_per_tenant'] / floor:.2f}" if floor else "",
                     f"{m[latency].get('p50', 0):.1f}",
@@ -1110,8 +1132,15 @@ class Bench:
               f"broker {o.broker}; {machine['cpus']} CPUs, {machine['memory_gib']} GiB")
         for row in rows:
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-        print("(x FLOOR: the no-op rows against the no-op floor, the others against the DDL "
-              "floor; wall: from the first run queued to the last recorded)")
+        print("(x FLOOR: each product row against the mean of the floors measured right before "
+              "and after it, the no-op rows likewise against the no-op floors; wall: from the "
+              "first run queued to the last recorded)")
+        for provider in self.servers:
+            r = self.results.get(provider, {})
+            floors = ", ".join(f"{m['ms_per_tenant']:.1f}" for m in r.get("floor_runs", []))
+            noops = ", ".join(f"{m['ms_per_tenant']:.2f}" for m in r.get("noop_floor_runs", []))
+            print(f"{provider} floors in the order measured: {floors} ms/tenant; no-op floors: "
+                  f"{noops}")
         print("\nCPU ms per tenant, by process tree (commands: manage.py, pool and alembic "
               "processes that finished; qcluster.*: parts of qcluster)")
         for provider in self.servers:
