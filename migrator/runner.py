@@ -230,7 +230,7 @@ def sql_preview(
 
 
 def resolve_destination(script: ScriptDirectory, kind: str, destination: str) -> str:
-    """"head" means every head when the script directory's heads are all on labelled branches
+    """ "head" means every head when the script directory's heads are all on labelled branches
     (the expand/contract pattern); an unlabelled fork stays an error (``MultipleHeads``)."""
     if kind != UPGRADE or destination != "head":
         return destination
@@ -370,6 +370,7 @@ def _apply(run: _Run, script: ScriptDirectory, connection: Connection, destinati
     def steps(revisions, context):
         # Alembic asks for the steps after reading alembic_version under the lock, and runs
         # each step (its own transaction, committed) before asking for the next one.
+        _share_version_table(context)
         run.stood(revisions, before=True)
         planned = _plan(script, run.kind, destination, revisions)
         run.say(_found_line(run.kind, len(planned), run.target.name))
@@ -409,6 +410,31 @@ def _apply(run: _Run, script: ScriptDirectory, connection: Connection, destinati
         else:
             # An env.py that does not pass on_version_apply on: ask the database.
             run.stood(_read_revisions(connection))
+
+
+_version_tables: dict[tuple, object] = {}
+
+
+def _share_version_table(context: MigrationContext) -> None:
+    """Give ``context`` this process's ``alembic_version`` Table for its dialect, name and schema.
+
+    Alembic builds a new Table for every run, and SQLAlchemy keys compiled statements by the
+    Table object itself, so the INSERT and UPDATE of the version bookkeeping were compiled anew
+    for every revision of every run (a few milliseconds of each run). With one Table per process
+    they come from the engine's statement cache. Same structure: it is what the dialect's
+    ``version_table_impl`` builds for the same arguments.
+    """
+    table = getattr(context, "_version", None)
+    if table is None:  # not an Alembic this was written for: leave it alone
+        return
+    key = (
+        type(context.impl),
+        table.name,
+        table.schema,
+        tuple(c.name for c in table.columns),
+        tuple(table.primary_key.columns.keys()),
+    )
+    context._version = _version_tables.setdefault(key, table)
 
 
 def _failure(run: _Run, stands_now: tuple[str, ...] | None, error: Exception) -> MigrationError:

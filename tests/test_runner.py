@@ -46,6 +46,7 @@ def _linear_chain(settings):
     yield
     runner.reset()
 
+
 servers = [pytest.mark.postgres, pytest.mark.mysql]
 
 
@@ -89,6 +90,33 @@ def test_upgrade_empty_database_to_head(server_database, target_for, caplog):
     logged = [r.getMessage() for r in caplog.records if r.name == "migrator.runner"]
     assert logged == [line for line in result.log if line in logged] and len(logged) == 3
     assert runner.current(target).up_to_date
+
+
+@pytest.mark.postgres
+@pytest.mark.mysql
+def test_version_bookkeeping_is_compiled_once_per_process(server_database, target_for):
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    runner.upgrade(target_for(server_database(), name="first"))
+    compiled = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        if "alembic_version" in statement and statement.lstrip().upper().startswith(
+            ("INSERT", "UPDATE")
+        ):
+            compiled.append(context._get_cache_stats())
+
+    event.listen(Engine, "after_cursor_execute", record)
+    try:
+        result = runner.upgrade(target_for(server_database(), name="second"))
+    finally:
+        event.remove(Engine, "after_cursor_execute", record)
+
+    # A second database of the same server: its version rows are written by statements
+    # SQLAlchemy compiled for the first one.
+    assert result.applied == CHAIN and len(compiled) == len(CHAIN)
+    assert all(stats.startswith("cached since") for stats in compiled), compiled
 
 
 @pytest.mark.postgres
