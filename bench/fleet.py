@@ -10,7 +10,8 @@ and drops everything it made, also on Ctrl-C:
 * product: ``manage.py migrate_tenants --all --wait`` through a real ``manage.py qcluster``
   with W workers, from enqueue until every run is recorded;
 * floor: the same DDL (Alembic's offline SQL) run with the bare driver by W processes, one
-  connection per database, on fresh databases;
+  connection per database, on fresh databases, right before each product variant and after the
+  last; each variant is compared with the mean of the floors around it;
 * shell loop: ``alembic -x url=... upgrade head``, one process per tenant, W at a time, on a
   sample of fresh databases;
 * no-op: the product path again with every target already at head, and the same with
