@@ -605,13 +605,10 @@ def check_app_grants(
     return check
 
 
-# The role the privilege queries ask about: the app role named by :role, or the user logged in.
-_PG_ROLE = "coalesce(CAST(:role AS name), current_user)"
-
-
-# The app role's privileges on every table and sequence of the schema, in one scan of pg_class:
+# The role's privileges on every table and sequence of the schema, in one scan of pg_class:
 # SELECT, INSERT, UPDATE, DELETE and ownership for tables; for a sequence, whether INSERT may draw
-# from it (USAGE or UPDATE; an identity column's sequence needs neither).
+# from it (USAGE or UPDATE; an identity column's sequence needs neither). The role is the app
+# role named by :role, or the user logged in.
 _PG_RELATION_GRANTS = """
 SELECT c.relname, c.relkind,
     c.relkind <> 'S' AND has_table_privilege(r.who, c.oid, 'SELECT'),

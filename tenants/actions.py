@@ -144,14 +144,14 @@ def _create_or_find_active_runs(targets, **fields):
         for target in targets
         if target.pk not in active
     }
-    if new and connection.features.can_return_rows_from_bulk_insert:
+    if new:
         try:
+            if not connection.features.can_return_rows_from_bulk_insert:
+                raise IntegrityError("no primary keys from a bulk insert on this database")
             with transaction.atomic():
                 MigrationRun.objects.bulk_create(new.values(), batch_size=_BULK)
         except IntegrityError:
             return [_create_or_find_active_run(target, **fields) for target in targets]
-    elif new:
-        return [_create_or_find_active_run(target, **fields) for target in targets]
     results = []
     for target in targets:
         run = active.get(target.pk)
