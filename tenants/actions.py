@@ -281,7 +281,7 @@ def _record_success(run, result, *, status, heads, changed):
     if verification is not None:
         # The check of the schema after the upgrade, on the target and the run in the same saves.
         verified_fields, run.drift_report = _take_verification(target, verification, now)
-        fields += verified_fields[:-1]
+        fields += verified_fields
         run_fields.append("drift_report")
     run.save(update_fields=run_fields)
     target.revision = run.revision_after
@@ -493,7 +493,7 @@ def do_record_verification(
     now = timezone.now()
     was_drifted, previous_report = target.drifted, target.drift_report
     fields, report = _take_verification(target, verification, now)
-    target.save(update_fields=fields)
+    target.save(update_fields=fields + ["updated_at"])
 
     if run is not None:
         run.drift_report = report
@@ -539,7 +539,7 @@ def _take_verification(target, verification, now):
     if verification.verified:
         target.verified_at = now
         fields.append("verified_at")
-    return fields + ["updated_at"], report
+    return fields, report
 
 
 # --- Backups and restores -----------------------------------------------------------------------
