@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from django.conf import settings
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import create_engine, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.pool import NullPool
@@ -47,9 +47,9 @@ SERVER_ENGINE_PROVIDERS = ("postgresql", "mysql")
 # Engines kept per thread; more servers than this (one per dedicated tenant) just cost a new
 # engine for the least recently used one.
 SERVER_ENGINES_KEPT = 8
-# Statements compiled once per engine and reused. What repeats from run to run (Alembic's
-# has_table query, text() statements) is a few dozen entries; Alembic's version-table statements
-# never repeat (a new Table per run) and would only fill a larger cache (500 by default: 10 MB).
+# Statements compiled once per engine and reused. What repeats from run to run (text()
+# statements, the version table's INSERT and UPDATE, the inspector's queries) is a few dozen
+# entries; a larger cache (500 by default: 10 MB) would only keep what never repeats.
 SERVER_ENGINE_STATEMENT_CACHE = 64
 # FreeTDS speaks TDS 7.4 to every SQL Server since 2012; without it FreeTDS may pick an old one.
 FREETDS_TDS_VERSION = "7.4"
@@ -173,27 +173,20 @@ def build_engine(info: ConnectionInfo) -> Engine:
     return engine
 
 
-def prepare_session(connection: Connection) -> None:
-    """Session settings for a migration run, set after the target lock is held.
+def session_settings(connection: Connection) -> dict[str, str]:
+    """Session settings for a migration run, set with the target lock (``locks.target_lock``).
 
     PostgreSQL: ``lock_timeout`` and ``statement_timeout`` from MIGRATION_PG_LOCK_TIMEOUT and
     MIGRATION_PG_STATEMENT_TIMEOUT, so a revision waiting on a lock held by live traffic gives up
     instead of queueing everybody behind it. Session-level (``set_config(..., false)``, not SET
-    LOCAL): they must outlive each revision's own transaction.
+    LOCAL): they must outlive each revision's own transaction. Nothing for the other servers.
     """
     if connection.dialect.name != "postgresql":
-        return
-    connection.execute(
-        text(
-            "SELECT set_config('lock_timeout', :lock_timeout, false), "
-            "set_config('statement_timeout', :statement_timeout, false)"
-        ),
-        {
-            "lock_timeout": str(settings.MIGRATION_PG_LOCK_TIMEOUT),
-            "statement_timeout": str(settings.MIGRATION_PG_STATEMENT_TIMEOUT),
-        },
-    )
-    connection.commit()
+        return {}
+    return {
+        "lock_timeout": str(settings.MIGRATION_PG_LOCK_TIMEOUT),
+        "statement_timeout": str(settings.MIGRATION_PG_STATEMENT_TIMEOUT),
+    }
 
 
 def make_sqlite_ddl_transactional(engine: Engine) -> None:

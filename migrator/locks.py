@@ -5,7 +5,8 @@ migration author's ``alembic`` CLI (``tenant_migrations/env.py`` takes the same 
 provider uses its own session-level lock, which the server releases by itself when the
 connection dies, so a killed worker never leaves a target locked:
 
-* PostgreSQL: ``pg_advisory_lock(key)``, the wait bounded by ``lock_timeout``.
+* PostgreSQL: ``pg_try_advisory_lock(key)``, and when another session holds it
+  ``pg_advisory_lock(key)``, the wait bounded by ``lock_timeout``.
 * MySQL/MariaDB: ``GET_LOCK(name, timeout)``.
 * SQL Server: ``sp_getapplock`` with ``@LockOwner = 'Session'``.
 * SQLite: an exclusive ``flock`` on a file next to the database (see ``_sqlite``).
@@ -17,7 +18,7 @@ import hashlib
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 from sqlalchemy import exc as sa_exc
@@ -44,21 +45,40 @@ _SQLITE_POLL_SECONDS = 0.1
 
 
 @contextmanager
-def target_lock(connection: Connection, *, timeout: float, target_name: str) -> Iterator[None]:
+def target_lock(
+    connection: Connection,
+    *,
+    timeout: float,
+    target_name: str,
+    session_settings: Mapping[str, str] | None = None,
+    released_with_connection: bool = False,
+) -> Iterator[None]:
     """Hold the migration lock of the database behind ``connection`` for the ``with`` block.
 
     Waits up to ``timeout`` seconds for a run elsewhere to finish, then raises ``TargetLocked``.
     Leaves ``connection`` outside any transaction both on entry to the block and on exit, so
     Alembic can open one transaction per revision.
+
+    ``session_settings`` (PostgreSQL only: ``{"lock_timeout": "5s"}``) are set for the session
+    in the statement that takes the lock. With ``released_with_connection`` the block's end
+    does not release the lock: the caller closes the connection right after, and the server
+    releases a session-level lock with its session (a statement and a transaction fewer per run;
+    the migration runner's connections are never pooled). A lock file (SQLite) is always
+    released at the block's end.
     """
-    take = _LOCKS.get(connection.dialect.name, _no_lock)
-    release = take(connection, timeout)
+    dialect = connection.dialect.name
+    if session_settings and dialect != "postgresql":
+        raise ValueError(f"session settings are only set on PostgreSQL, not on {dialect}")
+    take = _LOCKS.get(dialect, _no_lock)
+    release = take(connection, timeout, session_settings or {})
     if release is None:
         raise TargetLocked(
             f"Target {target_name} is locked by another run (another worker, control plane or an "
             f"`alembic` command); waited {timeout:g}s. Try again once that run has finished."
         )
     connection.commit()
+    if released_with_connection and dialect in _SESSION_LOCKS:
+        release = None
     try:
         yield
     finally:
@@ -66,8 +86,9 @@ def target_lock(connection: Connection, *, timeout: float, target_name: str) -> 
             # A failed revision may leave the connection in an aborted transaction.
             if connection.in_transaction():
                 connection.rollback()
-            release()
-            connection.commit()
+            if release is not None:
+                release()
+                connection.commit()
         except sa_exc.DBAPIError:
             # The connection is gone; the server released the session lock with it.
             pass
@@ -76,21 +97,34 @@ def target_lock(connection: Connection, *, timeout: float, target_name: str) -> 
 Release = Callable[[], None]
 
 
-def _postgresql(connection: Connection, timeout: float) -> Release | None:
-    # A session-level advisory lock outlives the per-revision transactions. The wait is bounded
-    # by lock_timeout rather than by polling pg_try_advisory_lock, so waiting runs queue fairly.
-    key = {"key": PG_LOCK_KEY}
-    if timeout <= 0:
-        got = connection.execute(text("SELECT pg_try_advisory_lock(:key)"), key).scalar()
-    else:
-        # SET LOCAL: the bounded wait ends with this transaction, which target_lock commits
-        # (or rolls back) right after; the session's own lock_timeout is back then.
+def _postgresql(
+    connection: Connection, timeout: float, settings: Mapping[str, str]
+) -> Release | None:
+    # A session-level advisory lock outlives the per-revision transactions. Nobody else holds
+    # it, the usual case: one statement takes it and sets the session's settings. Otherwise the
+    # wait is bounded by lock_timeout rather than by polling pg_try_advisory_lock, so waiting
+    # runs queue fairly.
+    params = {"key": PG_LOCK_KEY}
+    assignments = ""
+    for index, (name, value) in enumerate(settings.items()):
+        assignments += f", pg_catalog.set_config(:name{index}, :value{index}, false)"
+        params[f"name{index}"], params[f"value{index}"] = name, str(value)
+    got = connection.execute(
+        text(f"SELECT pg_catalog.pg_try_advisory_lock(:key){assignments}"), params
+    ).scalar()
+    if not got and timeout > 0:
+        # SET LOCAL: the bounded wait ends with this transaction, which target_lock commits (or
+        # rolls back) right after; the session's own lock_timeout and statement_timeout are back
+        # then. The statement timeout is off for the wait alone: lock_timeout bounds it.
         connection.execute(
-            text("SELECT set_config('lock_timeout', :value, true)"),
+            text(
+                "SELECT pg_catalog.set_config('lock_timeout', :value, true), "
+                "pg_catalog.set_config('statement_timeout', '0', true)"
+            ),
             {"value": f"{math.ceil(timeout * 1000)}ms"},
         )
         try:
-            connection.execute(text("SELECT pg_advisory_lock(:key)"), key)
+            connection.execute(text("SELECT pg_catalog.pg_advisory_lock(:key)"), params)
         except sa_exc.OperationalError as exc:
             if getattr(exc.orig, "sqlstate", None) != _PG_LOCK_NOT_AVAILABLE:
                 raise
@@ -99,10 +133,12 @@ def _postgresql(connection: Connection, timeout: float) -> Release | None:
         got = True
     if not got:
         return None
-    return lambda: connection.execute(text("SELECT pg_advisory_unlock(:key)"), key)
+    return lambda: connection.execute(
+        text("SELECT pg_catalog.pg_advisory_unlock(:key)"), {"key": PG_LOCK_KEY}
+    )
 
 
-def _mysql(connection: Connection, timeout: float) -> Release | None:
+def _mysql(connection: Connection, timeout: float, settings) -> Release | None:
     # GET_LOCK names are server-wide, not per database: the name carries the database.
     database = connection.execute(text("SELECT DATABASE()")).scalar() or ""
     name = f"{LOCK_NAMESPACE}:{database}"
@@ -117,7 +153,7 @@ def _mysql(connection: Connection, timeout: float) -> Release | None:
     return lambda: connection.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": name})
 
 
-def _mssql(connection: Connection, timeout: float) -> Release | None:
+def _mssql(connection: Connection, timeout: float, settings) -> Release | None:
     # Application locks are scoped to the current database; status 0 or 1 means granted.
     status = connection.execute(
         text(
@@ -136,14 +172,14 @@ def _mssql(connection: Connection, timeout: float) -> Release | None:
     )
 
 
-def _sqlite(connection: Connection, timeout: float) -> Release | None:
+def _sqlite(connection: Connection, timeout: float, settings) -> Release | None:
     # Not BEGIN EXCLUSIVE: with one transaction per revision that lock would end at the first
     # revision's COMMIT, and another run could start between two revisions. A lock file is held
     # for the whole run; SQLite databases are local files, so every process that can open the
     # database can see the lock. In-memory databases are private to their connection.
     database = connection.engine.url.database
     if fcntl is None or not database or database == ":memory:" or "mode=memory" in database:
-        return _no_lock(connection, timeout)
+        return _no_lock(connection, timeout, settings)
     fd = os.open(f"{os.path.abspath(database)}.migration-lock", os.O_RDWR | os.O_CREAT, 0o600)
     deadline = time.monotonic() + timeout
     while True:
@@ -158,7 +194,7 @@ def _sqlite(connection: Connection, timeout: float) -> Release | None:
             return lambda: os.close(fd)  # closing the descriptor releases the lock
 
 
-def _no_lock(connection: Connection, timeout: float) -> Release:
+def _no_lock(connection: Connection, timeout: float, settings) -> Release:
     # Dialects without a lock here (none that the control plane supports) run unguarded.
     return lambda: None
 
@@ -170,3 +206,5 @@ _LOCKS = {
     "mssql": _mssql,
     "sqlite": _sqlite,
 }
+# Locks the server holds for the session and releases when the session ends.
+_SESSION_LOCKS = {"postgresql", "mysql", "mariadb", "mssql"}

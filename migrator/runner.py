@@ -16,11 +16,11 @@ A run, for one target:
    any lock: a target that is already at the requested revision costs one query and no lock;
 2. otherwise takes the target-level lock (``migrator.locks``: ``pg_advisory_lock``,
    ``GET_LOCK``, ``sp_getapplock`` or a lock file), waiting up to MIGRATION_LOCK_TIMEOUT seconds
-   (``TargetLocked`` after that);
-3. runs ``env.py``, where Alembic reads ``alembic_version`` again under the lock (another run may
-   have done the work meanwhile) and applies what is still pending, one transaction per
+   (``TargetLocked`` after that), and reads ``alembic_version`` again under it (another run may
+   have done the work meanwhile);
+3. runs ``env.py``, where Alembic applies what is still pending from there, one transaction per
    revision, so a failing revision leaves the target at the last revision that completed;
-4. releases the lock (the database also releases it if the connection dies).
+4. closes the connection, which releases the lock (so does the database if the connection dies).
 """
 
 import io
@@ -61,6 +61,7 @@ DOWNGRADE = "downgrade"
 
 _alembic_lock = threading.Lock()
 # Alembic's default version table (env.py keeps it), in the default schema.
+_VERSION_TABLE = "alembic_version"
 _SELECT_VERSIONS = "SELECT version_num FROM alembic_version"
 _script_directories: dict[str, ScriptDirectory] = {}
 _env_code: dict[str, types.CodeType] = {}  # env.py, compiled, by path
@@ -147,8 +148,9 @@ def upgrade(
     ``DatabaseUnreachable``, ``DatabaseAuthFailed``, ``RevisionNotFound``, ``MultipleHeads``.
 
     ``then(connection, result)``, when given, is called after an upgrade that applied
-    something, on the run's own connection (no second login), with the target lock released
-    and outside the Alembic lock; the schema verification uses it. What it raises propagates.
+    something, on the run's own connection (no second login), outside the Alembic lock, with the
+    target lock still held (it goes with the connection); the schema verification uses it.
+    What it raises propagates.
     """
     return _run(target, UPGRADE, revision, script_location, then)
 
@@ -368,9 +370,8 @@ def _apply(run: _Run, script: ScriptDirectory, connection: Connection, destinati
     lock and applies what is still pending."""
 
     def steps(revisions, context):
-        # Alembic asks for the steps after reading alembic_version under the lock, and runs
-        # each step (its own transaction, committed) before asking for the next one.
-        _share_version_table(context)
+        # Alembic asks for the steps with the revisions read under the lock, and runs each step
+        # (its own transaction, committed) before asking for the next one.
         run.stood(revisions, before=True)
         planned = _plan(script, run.kind, destination, revisions)
         run.say(_found_line(run.kind, len(planned), run.target.name))
@@ -387,14 +388,18 @@ def _apply(run: _Run, script: ScriptDirectory, connection: Connection, destinati
         applied_heads.append(tuple(heads))
 
     with locks.target_lock(
-        connection, timeout=settings.MIGRATION_LOCK_TIMEOUT, target_name=run.target.name
+        connection,
+        timeout=settings.MIGRATION_LOCK_TIMEOUT,
+        target_name=run.target.name,
+        session_settings=engines.session_settings(connection),
+        released_with_connection=True,  # _run closes the connection right after the run
     ):
-        engines.prepare_session(connection)
+        found = _read_version_table(connection)
         config = _config(script, connection=connection, on_version_apply=on_version_apply)
         try:
             with (
                 _alembic_log_into(run.result.log),
-                EnvironmentContext(config, script, fn=steps, destination_rev=destination),
+                _environment(config, script, found, fn=steps, destination_rev=destination),
             ):
                 _run_env(script)
         except Exception as exc:
@@ -410,6 +415,64 @@ def _apply(run: _Run, script: ScriptDirectory, connection: Connection, destinati
         else:
             # An env.py that does not pass on_version_apply on: ask the database.
             run.stood(_read_revisions(connection))
+
+
+def _environment(
+    config: Config, script: ScriptDirectory, found: "_VersionTable", **kwargs
+) -> EnvironmentContext:
+    """Alembic's environment for one run on the run's connection, whose ``configure`` (called by
+    env.py) also hands the migration context what the run read from ``alembic_version`` under
+    the target lock (``found``). Set on the instance: Alembic's module proxies (``alembic.context``)
+    are made for EnvironmentContext itself, not for a subclass."""
+    environment = EnvironmentContext(config, script, **kwargs)
+    configure = environment.configure
+
+    def configure_and_tell(*args, **kw):
+        configure(*args, **kw)
+        context = environment.get_context()
+        _share_version_table(context)
+        if context.connection is config.attributes.get("connection"):
+            _tell_version_table(context, found)
+
+    environment.configure = configure_and_tell
+    return environment
+
+
+def _tell_version_table(context: MigrationContext, found: "_VersionTable") -> None:
+    """Let ``context`` take its current heads from ``found`` rather than from the database.
+
+    Alembic asks the catalog whether ``alembic_version`` exists before it reads the table, and
+    asks again before it creates it in a new database: two catalog queries per run that cost a
+    new PostgreSQL backend more than the revision's own statements (bench/README.md), to learn
+    what the run has just read under the lock. Once only: any later question goes to the
+    database. Left alone where the run did not read what Alembic would (another version table,
+    offline SQL, an unknown answer).
+    """
+    if (
+        found.exists is None
+        or context.as_sql
+        or context.version_table != _VERSION_TABLE
+        or context.version_table_schema is not None
+        or not hasattr(context, "_ensure_version_table")
+        or getattr(context, "_version", None) is None
+    ):
+        return
+    unread = [found]
+
+    def get_current_heads():
+        if unread:
+            return unread.pop().revisions
+        return MigrationContext.get_current_heads(context)
+
+    def ensure_version_table(purge=False):
+        if purge or unread:
+            MigrationContext._ensure_version_table(context, purge)
+        elif not found.exists:
+            # In the first revision's transaction, as Alembic creates it.
+            context._version.create(context.connection)
+
+    context.get_current_heads = get_current_heads
+    context._ensure_version_table = ensure_version_table
 
 
 _version_tables: dict[tuple, object] = {}
@@ -470,13 +533,27 @@ def _found_line(kind: str, count: int, name: str) -> str:
 # --- Revisions --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _VersionTable:
+    """What one read of ``alembic_version`` found: its revisions, and whether the table exists
+    (None: not known, when Alembic's own read answered)."""
+
+    revisions: tuple[str, ...]
+    exists: bool | None
+
+
 def _read_revisions(connection: Connection) -> tuple[str, ...]:
     """The revisions in ``alembic_version`` (empty when the table does not exist yet). Leaves
-    the connection outside any transaction.
+    the connection outside any transaction."""
+    return _read_version_table(connection).revisions
+
+
+def _read_version_table(connection: Connection) -> _VersionTable:
+    """Read ``alembic_version``; leaves the connection outside any transaction.
 
     One query when the table exists (every run after a target's first); when that query fails,
-    Alembic's own read (which asks the catalog first) says whether the table is missing or
-    raises the real error (no privilege, connection lost).
+    the driver's error says whether the table is missing, or Alembic's own read (which asks the
+    catalog first) says it or raises the real error (no privilege, connection lost).
     """
     if connection.in_transaction():
         connection.rollback()
@@ -487,10 +564,12 @@ def _read_revisions(connection: Connection) -> tuple[str, ...]:
             raise
         connection.rollback()
         if _no_such_table(exc):
-            return ()  # a database no revision was applied to yet
+            return _VersionTable((), exists=False)  # a database no revision was applied to yet
         revisions = MigrationContext.configure(connection).get_current_heads()
+        connection.rollback()
+        return _VersionTable(tuple(revisions), exists=None)
     connection.rollback()
-    return tuple(revisions)
+    return _VersionTable(tuple(revisions), exists=True)
 
 
 def _no_such_table(error: sa_exc.DBAPIError) -> bool:

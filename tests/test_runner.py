@@ -10,7 +10,7 @@ import pytest
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 
-from migrator import engines, runner
+from migrator import engines, locks, runner
 from migrator.exceptions import (
     MigrationError,
     MigrationFailed,
@@ -121,6 +121,82 @@ def test_version_bookkeeping_is_compiled_once_per_process(server_database, targe
 
 @pytest.mark.postgres
 @pytest.mark.mysql
+def test_a_run_sends_the_revisions_and_few_statements_of_its_own(server_database, target_for):
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    runner.upgrade(target_for(server_database(), name="first"))  # the server's engine is made
+    target = target_for(server_database())
+    sent = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        sent.append(" ".join(statement.split()))
+
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        result = runner.upgrade(target)
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+
+    assert result.applied == CHAIN
+    revisions = ("CREATE ", "ALTER ", "DROP ", "INSERT INTO alembic_version", "UPDATE alembic_version")
+    own = [statement for statement in sent if not statement.startswith(revisions)]
+    read = "SELECT version_num FROM alembic_version"
+    # alembic_version read, the lock taken (PostgreSQL: with the session's timeouts in the same
+    # statement; MySQL names its lock after the database), alembic_version read again under the
+    # lock. Nothing asks the catalog whether alembic_version exists, and nothing releases the
+    # lock: it goes with the connection.
+    lock = own[1:-1]
+    assert own[0] == own[-1] == read and len(lock) == (1 if target.provider == "postgresql" else 2)
+    assert not any("pg_catalog.pg_class" in s or "information_schema" in s for s in sent)
+    assert not any("unlock" in s.lower() or "RELEASE_LOCK" in s for s in sent)
+    # ... and the next run can take it at once.
+    with engines.connect(target) as connection:
+        with locks.target_lock(connection, timeout=0, target_name=target.name):
+            pass
+
+
+@pytest.mark.postgres
+def test_a_short_statement_timeout_does_not_cut_the_wait_for_the_lock(
+    pg_database, target_for, settings, monkeypatch
+):
+    import psycopg
+
+    settings.MIGRATION_PG_STATEMENT_TIMEOUT = "300ms"
+    settings.MIGRATION_LOCK_TIMEOUT = 20
+    db = pg_database()
+    target = target_for(db)
+    holder = psycopg.connect(
+        host=db.host, port=db.port, user="postgres", dbname=db.database, autocommit=True
+    )
+    holder.execute("SELECT pg_advisory_lock(%s)", (locks.PG_LOCK_KEY,))
+    releaser = threading.Timer(1.5, holder.close)  # closing the session releases its lock
+    seen = []
+    original = runner._read_version_table
+
+    def spy(connection):
+        seen.append(connection.execute(text("SHOW statement_timeout")).scalar())
+        connection.rollback()
+        return original(connection)
+
+    monkeypatch.setattr(runner, "_read_version_table", spy)
+    started = time.monotonic()
+    releaser.start()
+    try:
+        result = runner.upgrade(target)
+    finally:
+        releaser.cancel()
+        holder.close()
+
+    # The run waited for the other session (longer than its statement timeout), then ran with
+    # the session's own timeout back in force.
+    assert time.monotonic() - started >= 1.4
+    assert result.applied == CHAIN
+    assert seen[-1] == "300ms"
+
+
+@pytest.mark.postgres
+@pytest.mark.mysql
 def test_at_head_nothing_runs_and_no_lock_is_taken(server_database, target_for, monkeypatch):
     target = target_for(server_database())
     runner.upgrade(target)
@@ -213,15 +289,16 @@ def test_postgresql_session_gets_the_migration_timeouts(
     settings.MIGRATION_PG_STATEMENT_TIMEOUT = "1min"
     target = target_for(pg_database())
     seen = {}
-    original = runner.engines.prepare_session
+    original = runner._read_version_table
 
     def spy(connection):
-        original(connection)
+        # Read again under the lock, right before Alembic runs: the session is set by then.
         seen["lock_timeout"] = connection.execute(text("SHOW lock_timeout")).scalar()
         seen["statement_timeout"] = connection.execute(text("SHOW statement_timeout")).scalar()
         connection.rollback()
+        return original(connection)
 
-    monkeypatch.setattr(runner.engines, "prepare_session", spy)
+    monkeypatch.setattr(runner, "_read_version_table", spy)
     runner.upgrade(target)
 
     assert seen == {"lock_timeout": "3s", "statement_timeout": "1min"}
