@@ -605,24 +605,39 @@ def check_app_grants(
     return check
 
 
-# The role's privileges on every table and sequence of the schema, in one scan of pg_class:
-# SELECT, INSERT, UPDATE, DELETE and ownership for tables; for a sequence, whether INSERT may draw
-# from it (USAGE or UPDATE; an identity column's sequence needs neither). The role is the app
-# role named by :role, or the user logged in.
-_PG_RELATION_GRANTS = """
-SELECT c.relname, c.relkind,
-    c.relkind <> 'S' AND has_table_privilege(r.who, c.oid, 'SELECT'),
-    c.relkind <> 'S' AND has_table_privilege(r.who, c.oid, 'INSERT'),
-    c.relkind <> 'S' AND has_table_privilege(r.who, c.oid, 'UPDATE'),
-    c.relkind <> 'S' AND has_table_privilege(r.who, c.oid, 'DELETE'),
-    c.relkind <> 'S' AND pg_has_role(r.who, c.relowner, 'USAGE'),
+# What the role may do, in one statement: its own attributes and its privileges on the database
+# and the schema (``role``, evaluated once), then one row per table and sequence of the schema,
+# in one scan of pg_class: SELECT, INSERT, UPDATE, DELETE and ownership for tables; for a
+# sequence, whether INSERT may draw from it (USAGE or UPDATE; an identity column's sequence
+# needs neither). The role is the app role named by :role, or the user logged in; when it does
+# not exist, the one row has no relation and NULL privileges (the functions are strict).
+_PG_GRANTS = """
+WITH role AS MATERIALIZED (
+    SELECT r.rolname AS who, r.rolcanlogin, r.rolsuper,
+        has_database_privilege(r.rolname, current_database(), 'CONNECT') AS can_connect,
+        has_schema_privilege(r.rolname, :schema, 'USAGE') AS schema_usage,
+        has_schema_privilege(r.rolname, :schema, 'CREATE') AS schema_create,
+        has_database_privilege(r.rolname, current_database(), 'CREATE') AS database_create,
+        current_database() AS database
+    FROM (SELECT coalesce(CAST(:role AS name), current_user) AS name) asked
+    LEFT JOIN pg_roles r ON r.rolname = asked.name
+)
+SELECT role.who IS NOT NULL, role.rolcanlogin, role.rolsuper, role.can_connect,
+    role.schema_usage, role.schema_create, role.database_create, role.database,
+    c.relname, c.relkind,
+    c.relkind <> 'S' AND has_table_privilege(role.who, c.oid, 'SELECT'),
+    c.relkind <> 'S' AND has_table_privilege(role.who, c.oid, 'INSERT'),
+    c.relkind <> 'S' AND has_table_privilege(role.who, c.oid, 'UPDATE'),
+    c.relkind <> 'S' AND has_table_privilege(role.who, c.oid, 'DELETE'),
+    c.relkind <> 'S' AND pg_has_role(role.who, c.relowner, 'USAGE'),
     -- CASE: the server may test conditions in any order, and has_sequence_privilege raises on
     -- a relation that is not a sequence.
-    CASE WHEN c.relkind = 'S' THEN has_sequence_privilege(r.who, c.oid, 'USAGE')
-        OR has_sequence_privilege(r.who, c.oid, 'UPDATE')
+    CASE WHEN c.relkind = 'S' THEN has_sequence_privilege(role.who, c.oid, 'USAGE')
+        OR has_sequence_privilege(role.who, c.oid, 'UPDATE')
         OR EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'i') END
-FROM pg_class c, (SELECT coalesce(CAST(:role AS name), current_user) AS who) r
-WHERE c.relnamespace = to_regnamespace(:schema) AND c.relkind IN ('r', 'p', 'S')
+FROM role
+LEFT JOIN pg_class c ON role.who IS NOT NULL AND c.relnamespace = to_regnamespace(:schema)
+    AND c.relkind IN ('r', 'p', 'S')
 ORDER BY c.relname
 """
 
@@ -631,24 +646,11 @@ def _postgresql_grants(
     connection, check: GrantCheck, tables: list[str], namespace: str, *, role: str | None = None
 ) -> bool:
     """has_table_privilege / has_sequence_privilege / has_schema_privilege /
-    has_database_privilege for ``role``, or for the current (app) user when None. False when
-    there is no such role (nothing checked)."""
-    params = {"schema": namespace, "role": role}
-    row = connection.execute(
-        text(
-            "SELECT r.rolname IS NOT NULL, r.rolcanlogin, r.rolsuper, "
-            "has_database_privilege(r.rolname, current_database(), 'CONNECT'), "
-            "has_schema_privilege(r.rolname, :schema, 'USAGE'), "
-            "has_schema_privilege(r.rolname, :schema, 'CREATE'), "
-            "has_database_privilege(r.rolname, current_database(), 'CREATE'), "
-            "current_database() "
-            "FROM (SELECT coalesce(CAST(:role AS name), current_user) AS name) who "
-            "LEFT JOIN pg_roles r ON r.rolname = who.name"
-        ),
-        params,
-    ).one()
+    has_database_privilege for ``role``, or for the current (app) user when None, in one
+    statement. False when there is no such role (nothing checked)."""
+    rows = connection.execute(text(_PG_GRANTS), {"schema": namespace, "role": role}).all()
     exists, can_login, superuser, connect, usage, create_in_schema, create_in_database, database = (
-        row
+        rows[0][:8]
     )
     if not exists:
         return False
@@ -665,13 +667,11 @@ def _postgresql_grants(
     if create_in_schema:
         check.excess.append(f"CREATE on schema {namespace}")
 
-    # The tables and sequences of the schema in one scan.
     privileges = {}
     owned = []
-    for name, kind, *flags, owner, sequence_ok in connection.execute(
-        text(_PG_RELATION_GRANTS),
-        params,
-    ):
+    for name, kind, *flags, owner, sequence_ok in (row[8:] for row in rows):
+        if name is None:  # a schema with no table or sequence
+            continue
         if kind == "S":
             if not sequence_ok:
                 check.missing[f"sequence {name}"] = ["USAGE"]
