@@ -200,6 +200,10 @@ MIGRATION_TASK_TIMEOUT = env.int("MIGRATION_TASK_TIMEOUT", default=3600)
 # --- django-q2: ORM broker by default, Redis when REDIS_URL is set ---------------------------
 REDIS_URL = env.str("REDIS_URL", default="")
 Q_WORKERS = env.int("Q_WORKERS", default=2)
+# How long the ORM broker's pusher sleeps when the queue is empty (Redis blocks instead): the
+# wait before a newly queued run starts. django-q2's 0.2 s was a tenth of a 200-target fleet's
+# wall time here (bench/README.md); an idle cluster reads the queue ten times a second.
+Q_POLL = env.float("Q_POLL", default=0.1)
 Q_CLUSTER = {
     # The site name: the same for every cluster of one control plane (it salts the signed task
     # payloads). Which queue a `qcluster` serves is django-q2's own Q_CLUSTER_NAME variable.
@@ -222,7 +226,7 @@ Q_CLUSTER = {
     "catch_up": False,
     # The pusher takes up to one task per worker from the queue in one query, not one by one.
     "bulk": Q_WORKERS,
-    "poll": 0.2,
+    "poll": Q_POLL,
     "label": "Task queue",
 }
 if REDIS_URL:
