@@ -50,7 +50,8 @@ def reflect(connection: Connection) -> dict:
     normalised form is made from (see ``_PG_CATALOG``); a database whose digest this process has
     already reflected gets that result without the inspector's queries. A fleet migrated by the
     same revisions has a handful of distinct schemas, so after the first of each, verifying a
-    target costs one catalog query.
+    target costs one catalog query. That one leaves its transaction open, so that the caller's
+    next catalog question (the grant check after an upgrade) shares it; the caller ends it.
     """
     digest = None
     if connection.dialect.name == "postgresql":
@@ -59,6 +60,7 @@ def reflect(connection: Connection) -> dict:
         if known is not None:
             _reflected.move_to_end(digest)
             return json.loads(known)
+        connection.rollback()  # the inspector's queries are planned as usual
     else:
         refresh_default_schema(connection)
     reflected = _reflect(connection)
@@ -161,12 +163,12 @@ _PG_NESTED_LOOPS = (
 
 
 def _catalog_digest(connection: Connection) -> str:
-    """sha256 of the catalog lines of ``_PG_CATALOG``; sets the dialect's default schema."""
+    """sha256 of the catalog lines of ``_PG_CATALOG``; sets the dialect's default schema.
+    Leaves the connection in the transaction the query ran in (with nested loops set)."""
     # Nested loops over the catalog indexes: a new backend plans and runs the query in half the
     # time it takes with hash joins, which need statistics read for every catalog it touches.
     connection.exec_driver_sql(_PG_NESTED_LOOPS)
     lines = sorted(connection.exec_driver_sql(_PG_CATALOG).scalars())
-    connection.rollback()
     connection.dialect.default_schema_name = next(
         line.removeprefix("schema ") for line in lines if line.startswith("schema ")
     )

@@ -274,7 +274,8 @@ def verify_target(
         with _driver_errors(target), _admin_connection(target, connection) as admin:
             actual = schema.reflect(admin)
             namespace = admin.dialect.default_schema_name
-            admin.rollback()
+            if not _grants_asked_as_admin(app, connection):
+                admin.rollback()  # else the grant check below shares the transaction, ends it
     except MigratorError as exc:
         verification.not_verified = f"the schema could not be read: {exc}"
         verification.duration_ms = _elapsed_ms(started)
@@ -297,6 +298,13 @@ def verify_target(
         verification.grants = GrantCheck(username="?", not_checked=app)
     verification.duration_ms = _elapsed_ms(started)
     return verification
+
+
+def _grants_asked_as_admin(app, connection) -> bool:
+    """Will ``check_app_grants`` ask on the run's own admin ``connection`` (PostgreSQL)?"""
+    return (
+        isinstance(app, ConnectionInfo) and connection is not None and app.provider == "postgresql"
+    )
 
 
 @contextlib.contextmanager
