@@ -38,7 +38,7 @@ VERSION_TABLE = "alembic_version"
 _DEFAULT_ACTIONS = {"NO ACTION", "RESTRICT"}
 
 
-def reflect(connection: Connection) -> dict:
+def reflect(connection: Connection, *, shared=None) -> dict:
     """The normalised schema of ``connection``'s default schema (PostgreSQL's ``public``, the
     MySQL database, SQLite's ``main``), without ``alembic_version``.
 
@@ -52,11 +52,19 @@ def reflect(connection: Connection) -> dict:
     same revisions has a handful of distinct schemas, so after the first of each, verifying a
     target costs one catalog query. That one leaves its transaction open, so that the caller's
     next catalog question (the grant check after an upgrade) shares it; the caller ends it.
+
+    ``shared`` (``get(digest)`` and ``put(digest, text)``, canonical JSON) holds what other
+    processes reflected: a worker that starts after another one read a schema takes it from
+    there instead of running the inspector's queries itself.
     """
     digest = None
     if connection.dialect.name == "postgresql":
         digest = _catalog_digest(connection)
         known = _reflected.get(digest)
+        if known is None and shared is not None:
+            known = shared.get(digest)
+            if known is not None:
+                _remember(digest, known)
         if known is not None:
             _reflected.move_to_end(digest)
             return json.loads(known)
@@ -65,10 +73,17 @@ def reflect(connection: Connection) -> dict:
         refresh_default_schema(connection)
     reflected = _reflect(connection)
     if digest is not None:
-        _reflected[digest] = json.dumps(reflected)
-        while len(_reflected) > REFLECTED_KEPT:
-            _reflected.popitem(last=False)
+        text = json.dumps(reflected)
+        _remember(digest, text)
+        if shared is not None:
+            shared.put(digest, text)
     return reflected
+
+
+def _remember(digest: str, text: str) -> None:
+    _reflected[digest] = text
+    while len(_reflected) > REFLECTED_KEPT:
+        _reflected.popitem(last=False)
 
 
 def _reflect(connection: Connection) -> dict:

@@ -272,7 +272,7 @@ def verify_target(
     verification = Verification(target.name, target.provider, revision)
     try:
         with _driver_errors(target), _admin_connection(target, connection) as admin:
-            actual = schema.reflect(admin)
+            actual = schema.reflect(admin, shared=shared_reflections)
             namespace = admin.dialect.default_schema_name
             if not _grants_asked_as_admin(app, connection):
                 admin.rollback()  # else the grant check below shares the transaction, ends it
@@ -439,6 +439,34 @@ def lineage_hash(script, revision: str) -> str:
     return digest
 
 
+class _SharedReflections:
+    """Normalised schemas by catalog digest (``schema.reflect``), one file each under
+    ``DATA_DIR/reflected-schemas``, for the processes sharing DATA_DIR: each qcluster worker
+    used to run the inspector's queries on its first target (tens of milliseconds of CPU), and
+    again after every recycle. A digest names its schema whatever the database, so a file is
+    never stale; an unreadable one is read again from the database."""
+
+    def path(self, digest: str) -> Path:
+        return Path(settings.DATA_DIR) / "reflected-schemas" / f"{digest}.json"
+
+    def get(self, digest: str) -> str | None:
+        try:
+            text = self.path(digest).read_text()
+            json.loads(text)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            logger.warning("Ignoring the unreadable schema file %s", self.path(digest))
+            return None
+        return text
+
+    def put(self, digest: str, text: str) -> None:
+        _write_text(self.path(digest), text)
+
+
+shared_reflections = _SharedReflections()
+
+
 def _reference_path(provider: str, revision: str, digest: str) -> Path:
     name = revision.replace(",", "+").replace("/", "_")
     return Path(settings.DATA_DIR) / "schema-references" / provider / f"{name}-{digest[:16]}.json"
@@ -458,14 +486,18 @@ def _read_reference(path: Path) -> dict | None:
 
 
 def _write_reference(path: Path, data: dict) -> None:
+    _write_text(path, json.dumps(data, indent=1, sort_keys=True))
+
+
+def _write_text(path: Path, text: str) -> None:
     partial = path.with_name(f".{path.name}.{random.token_hex(4)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps(data, indent=1, sort_keys=True))
+        partial.write_text(text)
         partial.replace(path)  # atomic: a reader sees the whole file or none
     except OSError as exc:
-        # The reference still serves this process; other workers will build their own.
-        logger.warning("Cannot write the reference file %s: %s", path, exc)
+        # What it holds still serves this process; other workers will make their own.
+        logger.warning("Cannot write %s: %s", path, exc)
 
 
 @contextlib.contextmanager

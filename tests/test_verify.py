@@ -6,6 +6,7 @@ local servers. docs/verification.md describes what is compared and reported.
 """
 
 import io
+import json
 import sqlite3
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from django.urls import reverse
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from migrator import runner, verify
+from migrator import runner, schema, verify
 from tenants.apps import DRIFT_SCHEDULE, ensure_schedules
 from tenants.models import MigrationRun, RunKind, TargetStatus
 from tests import services
@@ -287,6 +288,35 @@ def test_a_schema_seen_before_costs_one_catalog_query_and_hides_no_drift(registe
     assert code == 0, out
     tenants[2].target.refresh_from_db()
     assert tenants[2].target.schema_fingerprint == first.target.schema_fingerprint
+
+
+def test_a_worker_takes_a_schema_another_worker_read_from_data_dir(registered_tenant, verifying):
+    tenants = [registered_tenant("postgresql") for _ in range(2)]
+    first = migrate_once(tenants[0].target)
+    [stored] = (Path(verifying.DATA_DIR) / "reflected-schemas").glob("*.json")
+    # Another worker process, which has reflected nothing yet; the file is what it shares.
+    schema.forget_reflected()
+    statements = []
+
+    def count(conn, cursor, statement, *args):
+        statements.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", count)
+    try:
+        second = migrate_once(tenants[1].target)
+    finally:
+        event.remove(Engine, "before_cursor_execute", count)
+
+    assert not second.target.drifted
+    assert second.target.schema_fingerprint == first.target.schema_fingerprint
+    column_reads = [statement for statement in statements if "pg_attribute" in statement]
+    assert len(column_reads) == 1 and "WITH tables AS" in column_reads[0]
+    # A file that cannot be read is read again from the database, and written anew.
+    stored.write_text("{not json")
+    schema.forget_reflected()
+    third = registered_tenant("postgresql")
+    assert not migrate_once(third.target).target.drifted
+    assert json.loads(stored.read_text())["tables"]
 
 
 # --- References -------------------------------------------------------------------------------
