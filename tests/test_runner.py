@@ -531,3 +531,17 @@ def test_script_directory_is_loaded_once_per_process(tmp_path, monkeypatch):
         runner.reset()
 
     assert len(loads) == 1
+
+
+def test_the_cluster_preload_keeps_what_it_loaded_out_of_the_collector():
+    import gc
+
+    from controlplane.apps import preload_worker_modules
+
+    gc.unfreeze()
+    try:
+        preload_worker_modules()
+        # The modules, the dialects and the script directory: what every worker shares.
+        assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()
