@@ -138,7 +138,12 @@ class SqlPreview:
 
 
 def upgrade(
-    target: Target, revision: str = "head", *, script_location=None, then=None
+    target: Target,
+    revision: str = "head",
+    *,
+    script_location=None,
+    then=None,
+    expect_pending=False,
 ) -> RunResult:
     """Upgrade ``target`` to ``revision`` ("head", a revision id, or relative like "+1").
 
@@ -151,8 +156,13 @@ def upgrade(
     something, on the run's own connection (no second login), outside the Alembic lock, with the
     target lock still held (it goes with the connection); the schema verification uses it.
     What it raises propagates.
+
+    ``expect_pending``: the caller expects work (the control plane's record says the target is
+    behind), so the lock is taken first and ``alembic_version`` read once, under it; without
+    it, a first read without the lock lets a target already at ``revision`` go without one.
+    Either way what runs is decided by the read under the lock.
     """
-    return _run(target, UPGRADE, revision, script_location, then)
+    return _run(target, UPGRADE, revision, script_location, then, read_first=not expect_pending)
 
 
 def downgrade(target: Target, revision: str, *, script_location=None) -> RunResult:
@@ -322,7 +332,9 @@ class _Run:
         return self.result
 
 
-def _run(target: Target, kind: str, destination: str, script_location, then=None) -> RunResult:
+def _run(
+    target: Target, kind: str, destination: str, script_location, then=None, read_first=True
+) -> RunResult:
     name = target.name
     run = _Run(target, kind)
     with ExitStack() as open_connection:
@@ -335,9 +347,12 @@ def _run(target: Target, kind: str, destination: str, script_location, then=None
                     run.say(f"Starting migration for tenant {name}")
                 else:
                     run.say(f"Starting downgrade to {destination} for tenant {name}")
-                revisions = _read_revisions(connection)
-                run.stood(revisions, before=True)
-                if _plan(script, kind, destination, revisions):
+                pending = True  # to be read under the lock
+                if read_first:
+                    revisions = _read_revisions(connection)
+                    run.stood(revisions, before=True)
+                    pending = bool(_plan(script, kind, destination, revisions))
+                if pending:
                     _apply(run, script, connection, destination)
                 else:
                     run.say(_found_line(kind, 0, name))
@@ -395,6 +410,7 @@ def _apply(run: _Run, script: ScriptDirectory, connection: Connection, destinati
         released_with_connection=True,  # _run closes the connection right after the run
     ):
         found = _read_version_table(connection)
+        run.stood(found.revisions, before=True)
         config = _config(script, connection=connection, on_version_apply=on_version_apply)
         try:
             with (
@@ -412,7 +428,7 @@ def _apply(run: _Run, script: ScriptDirectory, connection: Connection, destinati
         if applied_heads and len(applied_heads) == len(run.result.applied):
             # Every revision committed: the heads after the last one are where it stands.
             run.stood(applied_heads[-1])
-        else:
+        elif run.result.applied:
             # An env.py that does not pass on_version_apply on: ask the database.
             run.stood(_read_revisions(connection))
 

@@ -289,6 +289,41 @@ def test_target_at_head_is_skipped_in_milliseconds(pg_tenant):
     assert run.duration_ms < 500
 
 
+def test_the_record_decides_which_read_comes_first_never_what_runs(pg_tenant):
+    """A target recorded behind is locked before alembic_version is read (one read); one
+    recorded at head is read without the lock first (a no-op takes no lock); and a record
+    that is wrong changes nothing of what runs."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    sent = []
+
+    def record(conn, cursor, statement, *args):
+        if "alembic_version" in statement or "advisory" in statement:
+            sent.append(" ".join(statement.split())[:40])
+
+    read = "SELECT version_num FROM alembic_version"
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        first = migrate_once(pg_tenant.target)  # recorded: never migrated
+        at_first, sent[:] = list(sent), []
+        again = migrate_once(pg_tenant.target)  # recorded: at head
+        at_head, sent[:] = list(sent), []
+        # The record says behind, the database is at head: read under the lock, nothing runs.
+        MigrationTarget.objects.filter(pk=pg_tenant.target.pk).update(revision="")
+        stale = migrate_once(MigrationTarget.objects.get(pk=pg_tenant.target.pk))
+        at_stale = list(sent)
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+
+    assert first.status == "succeeded" and first.revision_after == HEAD
+    assert "advisory" in at_first[0] and at_first.count(read) == 1
+    assert again.status == "skipped" and at_head == [read]
+    assert stale.status == "skipped" and stale.applied == [] and stale.revision_after == HEAD
+    assert "advisory" in at_stale[0] and at_stale.count(read) == 1
+    assert stale.target.revision == HEAD
+
+
 def test_cancelled_run_is_never_executed(pg_tenant):
     [dispatch] = actions.do_enqueue_runs([pg_tenant.target], trigger=Trigger.ADMIN, enqueue=False)
     assert actions.do_cancel_run(dispatch.run)
