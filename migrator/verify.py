@@ -289,7 +289,8 @@ def verify_target(
         verification.not_verified = f"the reference for {revision} could not be built: {exc}"
     else:
         verification.reference_fingerprint = reference.fingerprint
-        verification.differences = schema.compare(reference.schema, actual)
+        if verification.fingerprint != reference.fingerprint:  # the same form: nothing differs
+            verification.differences = schema.compare(reference.schema, actual)
     if isinstance(app, ConnectionInfo):
         verification.grants = check_app_grants(
             app, tables=schema.tables(actual), namespace=namespace, admin=connection
