@@ -20,10 +20,11 @@ class ControlPlaneConfig(AppConfig):
 
 def preload_worker_modules():
     """In ``manage.py qcluster``: import the migration task, what a run uses (verification,
-    backups, the PostgreSQL and MySQL drivers and dialects) and read the Alembic script directory
-    once, before django-q2 forks its workers, instead of in each worker on its first task (about
-    1.3 s of CPU per worker, again after every recycle; bench/README.md). The forked workers
-    share those pages. Nothing is connected here: sockets must not cross a fork."""
+    backups, the PostgreSQL and MySQL drivers and dialects), read the Alembic script directory
+    with its revisions and compile env.py once, before django-q2 forks its workers, instead of
+    in each worker on its first task (about 1.3 s of CPU per worker, again after every recycle;
+    bench/README.md). The forked workers share those pages. Nothing is connected here: sockets
+    must not cross a fork."""
     try:
         from sqlalchemy.dialects import registry
 
@@ -31,7 +32,7 @@ def preload_worker_modules():
 
         for dialect in ("postgresql.psycopg", "mysql.pymysql"):
             registry.load(dialect).import_dbapi()
-        runner.script_directory()
+        runner.preload()
     except Exception:  # noqa: BLE001 - each run reports the problem on its own record
         logger.warning("Could not preload the migration engine in the cluster", exc_info=True)
     # What is loaded now lives as long as the workers: out of the garbage collector's sight, a

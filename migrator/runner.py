@@ -281,20 +281,35 @@ def reset() -> None:
         _env_code.clear()
 
 
+def preload(script_location=None) -> None:
+    """Read the script directory's revisions and compile env.py now: ``qcluster`` calls it
+    before forking its workers, which then share them instead of each reading them on its
+    first run (and again after each recycle)."""
+    with _alembic_lock:
+        script = script_directory(script_location)
+        script.get_heads()  # loads every revision file into the revision map
+        _env_code_of(script)
+
+
 def _run_env(script: ScriptDirectory) -> None:
     """Run the script directory's ``env.py``, as ``ScriptDirectory.run_env`` does, from code
     compiled once per process: Alembic compiles the file again for every run wherever no bytecode
     is cached (PYTHONDONTWRITEBYTECODE, which container images often set, or a read-only tree)."""
+    code = _env_code_of(script)
+    if code is None:  # a deployment with env.pyc only: Alembic knows how to load it
+        script.run_env()
+        return
+    module = types.ModuleType("env_py")
+    module.__file__ = str(Path(script.dir) / "env.py")
+    exec(code, module.__dict__)  # noqa: S102 - the project's own env.py, as Alembic runs it
+
+
+def _env_code_of(script: ScriptDirectory) -> types.CodeType | None:
     path = Path(script.dir) / "env.py"
     code = _env_code.get(str(path))
-    if code is None:
-        if not path.exists():  # a deployment with env.pyc only: Alembic knows how to load it
-            script.run_env()
-            return
+    if code is None and path.exists():
         code = _env_code[str(path)] = compile(path.read_bytes(), str(path), "exec")
-    module = types.ModuleType("env_py")
-    module.__file__ = str(path)
-    exec(code, module.__dict__)  # noqa: S102 - the project's own env.py, as Alembic runs it
+    return code
 
 
 def _config(script: ScriptDirectory, output_buffer=None, **attributes) -> Config:

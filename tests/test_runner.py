@@ -543,5 +543,9 @@ def test_the_cluster_preload_keeps_what_it_loaded_out_of_the_collector():
         preload_worker_modules()
         # The modules, the dialects and the script directory: what every worker shares.
         assert gc.get_freeze_count() > 10_000
+        # The revisions are read and env.py compiled: a worker's first run does neither.
+        script = runner.script_directory()
+        assert "_revision_map" in vars(script.revision_map)  # Alembic's memoized map
+        assert str(Path(script.dir) / "env.py") in runner._env_code
     finally:
         gc.unfreeze()
