@@ -247,12 +247,8 @@ def test_app_role_that_cannot_log_in_or_is_gone_is_reported_after_an_upgrade(reg
     )
 
 
-def test_a_schema_seen_before_costs_one_catalog_query_and_hides_no_drift(registered_tenant):
-    """PostgreSQL schemas are recognised by a digest of their catalog: the second tenant with
-    the same schema is verified with one catalog query, and any difference in what the
-    comparison covers, even an enum's labels, still shows as drift."""
-    tenants = [registered_tenant("postgresql") for _ in range(3)]
-    first = migrate_once(tenants[0].target)
+def migrate_counting_statements(target):
+    """``migrate_once(target)``, and every statement it sent to a database."""
     statements = []
 
     def count(conn, cursor, statement, *args):
@@ -260,15 +256,28 @@ def test_a_schema_seen_before_costs_one_catalog_query_and_hides_no_drift(registe
 
     event.listen(Engine, "before_cursor_execute", count)
     try:
-        second = migrate_once(tenants[1].target)
+        return migrate_once(target), statements
     finally:
         event.remove(Engine, "before_cursor_execute", count)
 
-    assert not second.target.drifted
-    assert second.target.schema_fingerprint == first.target.schema_fingerprint
-    # The columns were read once, by the digest query; none of the inspector's queries ran.
+
+def assert_recognised(run, first, statements):
+    """``run``'s target was verified with the schema of ``first``'s, read once, by the digest
+    query: none of the inspector's queries ran."""
+    assert not run.target.drifted
+    assert run.target.schema_fingerprint == first.target.schema_fingerprint
     column_reads = [statement for statement in statements if "pg_attribute" in statement]
     assert len(column_reads) == 1 and "WITH tables AS" in column_reads[0]
+
+
+def test_a_schema_seen_before_costs_one_catalog_query_and_hides_no_drift(registered_tenant):
+    """PostgreSQL schemas are recognised by a digest of their catalog: the second tenant with
+    the same schema is verified with one catalog query, and any difference in what the
+    comparison covers, even an enum's labels, still shows as drift."""
+    tenants = [registered_tenant("postgresql") for _ in range(3)]
+    first = migrate_once(tenants[0].target)
+    second, statements = migrate_counting_statements(tenants[1].target)
+    assert_recognised(second, first, statements)
 
     for tenant, labels in ((tenants[1], "'free', 'pro'"), (tenants[2], "'free', 'team'")):
         if tenant is tenants[2]:
@@ -296,21 +305,8 @@ def test_a_worker_takes_a_schema_another_worker_read_from_data_dir(registered_te
     [stored] = (Path(verifying.DATA_DIR) / "reflected-schemas").glob("*.json")
     # Another worker process, which has reflected nothing yet; the file is what it shares.
     schema.forget_reflected()
-    statements = []
-
-    def count(conn, cursor, statement, *args):
-        statements.append(statement)
-
-    event.listen(Engine, "before_cursor_execute", count)
-    try:
-        second = migrate_once(tenants[1].target)
-    finally:
-        event.remove(Engine, "before_cursor_execute", count)
-
-    assert not second.target.drifted
-    assert second.target.schema_fingerprint == first.target.schema_fingerprint
-    column_reads = [statement for statement in statements if "pg_attribute" in statement]
-    assert len(column_reads) == 1 and "WITH tables AS" in column_reads[0]
+    second, statements = migrate_counting_statements(tenants[1].target)
+    assert_recognised(second, first, statements)
     # A file that cannot be read is read again from the database, and written anew.
     stored.write_text("{not json")
     schema.forget_reflected()
