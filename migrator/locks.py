@@ -124,7 +124,9 @@ def _postgresql(
             {"value": f"{math.ceil(timeout * 1000)}ms"},
         )
         try:
-            connection.execute(text("SELECT pg_catalog.pg_advisory_lock(:key)"), params)
+            connection.execute(
+                text("SELECT pg_catalog.pg_advisory_lock(:key)"), {"key": PG_LOCK_KEY}
+            )
         except sa_exc.OperationalError as exc:
             if getattr(exc.orig, "sqlstate", None) != _PG_LOCK_NOT_AVAILABLE:
                 raise

@@ -13,7 +13,8 @@ lock therefore serializes every verb within a process. Parallelism comes from pr
 A run, for one target:
 
 1. opens one connection (``migrator.engines.connect``) and reads ``alembic_version``, without
-   any lock: a target that is already at the requested revision costs one query and no lock;
+   any lock: a target that is already at the requested revision costs one query and no lock
+   (skipped when the caller expects work, ``upgrade(expect_pending=True)``: step 2 reads it);
 2. otherwise takes the target-level lock (``migrator.locks``: ``pg_advisory_lock``,
    ``GET_LOCK``, ``sp_getapplock`` or a lock file), waiting up to MIGRATION_LOCK_TIMEOUT seconds
    (``TargetLocked`` after that), and reads ``alembic_version`` again under it (another run may
