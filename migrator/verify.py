@@ -302,7 +302,9 @@ def verify_target(
 
 
 def _grants_asked_as_admin(app, connection) -> bool:
-    """Will ``check_app_grants`` ask on the run's own admin ``connection`` (PostgreSQL)?"""
+    """Are the app user's grants asked on the admin ``connection`` (PostgreSQL), not by logging
+    in? ``check_app_grants`` decides with it, and ``verify_target`` leaves its transaction open
+    for it."""
     return (
         isinstance(app, ConnectionInfo) and connection is not None and app.provider == "postgresql"
     )
@@ -604,7 +606,7 @@ def check_app_grants(
     verification log in. MySQL only tells a user its own grants, so there it always logs in.
     """
     check = GrantCheck(username=app.username or "?")
-    if admin is not None and app.provider == "postgresql":
+    if _grants_asked_as_admin(app, admin):
         try:
             exists = _postgresql_grants(
                 admin, check, tables, namespace or "public", role=app.username
