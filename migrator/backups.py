@@ -209,7 +209,7 @@ def take_backup(target: Target, *, run_id: int, revision: str | None = None) -> 
 def restore_run(run, *, backup_run):
     """Execute the restore ``run`` (kind "restore", running): put the backup taken before
     ``backup_run`` back into the target, with the admin credentials read from Vault at
-    ``{mount}/data/{secrets path}/{target.vault_path}``, and record the outcome through
+    ``{mount}/data/{secrets path}/{target.effective_vault_path}``, and record the outcome through
     ``tenants.actions``. Returns the run as recorded; a failed restore is recorded on the run
     (``restore_failed`` and friends), never raised. Writes heartbeats while it works, so the
     recovery schedule can tell a live restore from a dead one.
@@ -223,7 +223,7 @@ def restore_run(run, *, backup_run):
     try:
         with heartbeat(run.pk):
             connection = get_secrets_manager().migration_credentials(
-                record.vault_path, provider=record.provider
+                record.effective_vault_path, provider=record.provider
             )
             result = restore(
                 Target(record.name, connection),

@@ -143,20 +143,22 @@ _heartbeats = _Heartbeats()
 def migrate(record, *, kind="upgrade", revision="head", run=None):
     """Bring the database of ``record`` (a ``MigrationTarget``) to ``revision``.
 
-    Reads the admin credentials at ``{mount}/data/{secrets path}/{record.vault_path}`` (cached
-    per process). When the database rejects them and Vault has newer ones (a rotation), reads
-    Vault once more and retries once. With ``run``, also does what a recorded run does around
-    the migration: a backup first when the target's policy asks for one and something is
-    pending (a failed backup stops the run before any DDL), and a verification of the schema
-    after an upgrade; both are recorded on the run.
+    Reads the admin credentials at ``{mount}/data/{secrets path}/{path}``, ``path`` being
+    ``record.effective_vault_path`` (cached per process). When the database rejects them and
+    Vault has newer ones (a rotation), reads Vault once more and retries once. With ``run``,
+    also does what a recorded run does around the migration: a backup first when the target's
+    policy asks for one and something is pending (a failed backup stops the run before any
+    DDL), and a verification of the schema after an upgrade; both are recorded on the run.
     """
     secrets = get_secrets_manager()
-    connection = secrets.migration_credentials(record.vault_path, provider=record.provider)
+    connection = secrets.migration_credentials(
+        record.effective_vault_path, provider=record.provider
+    )
     try:
         return _migrate(Target(record.name, connection), record, kind, revision, run)
     except DatabaseAuthFailed:
-        secrets.invalidate(record.vault_path)
-        fresh = secrets.migration_credentials(record.vault_path, provider=record.provider)
+        secrets.invalidate(record.effective_vault_path)
+        fresh = secrets.migration_credentials(record.effective_vault_path, provider=record.provider)
         if fresh == connection:
             raise
         logger.info("Credentials for %s changed in Vault; retrying once", record.name)
@@ -200,7 +202,7 @@ def _recorded_behind(record, revision):
 def read_revision(record):
     """The revision the database of ``record`` stands at now, read from its ``alembic_version``."""
     connection = get_secrets_manager().migration_credentials(
-        record.vault_path, provider=record.provider
+        record.effective_vault_path, provider=record.provider
     )
     return runner.current(Target(record.name, connection)).revision
 

@@ -244,7 +244,7 @@ def _app_credentials(record) -> ConnectionInfo | str:
         return ""
     try:
         return get_secrets_manager().application_credentials(
-            record.vault_path, provider=record.provider
+            record.effective_vault_path, provider=record.provider
         )
     except MigratorError as exc:
         return f"the app credentials could not be read: {exc}"
@@ -801,7 +801,8 @@ def verify_record(record, *, script_location=None) -> Verification:
     try:
         secrets = get_secrets_manager()
         target = Target(
-            record.name, secrets.migration_credentials(record.vault_path, provider=record.provider)
+            record.name,
+            secrets.migration_credentials(record.effective_vault_path, provider=record.provider),
         )
         revision = runner.current(target, script_location=script_location).revision
     except MigratorError as exc:

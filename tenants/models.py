@@ -132,7 +132,7 @@ class MigrationTarget(models.Model):
 
     def save(self, *args, **kwargs):
         if not self.vault_path:
-            self.vault_path = self.default_vault_path()
+            self.vault_path = self.effective_vault_path
         super().save(*args, **kwargs)
 
     def default_vault_path(self):
@@ -142,14 +142,25 @@ class MigrationTarget(models.Model):
 
     def clean(self):
         if not self.vault_path:
-            self.vault_path = self.default_vault_path()
+            self.vault_path = self.effective_vault_path
+
+    @property
+    def effective_vault_path(self):
+        """The path under VAULT_DATABASE_SECRETS_PATH the credentials are read from: the
+        ``vault_path`` field, or when it is blank the default for the target's kind and region.
+
+        The one definition every reader uses (runs, ``vault_check``, verification, backups,
+        restores): a blank field can reach the database without ``save()`` (``loaddata``,
+        ``bulk_create``, ``QuerySet.update``), and must mean the same path everywhere.
+        """
+        return self.vault_path or self.default_vault_path()
 
     @property
     def full_vault_path(self):
         """The KV v2 path the credentials are read from, e.g. ``secret/data/database/shared``."""
         return (
             f"{settings.VAULT_MOUNT_POINT}/data/"
-            f"{settings.VAULT_DATABASE_SECRETS_PATH}/{self.vault_path or self.default_vault_path()}"
+            f"{settings.VAULT_DATABASE_SECRETS_PATH}/{self.effective_vault_path}"
         )
 
 

@@ -374,7 +374,6 @@ class Command(BaseCommand):
         if any(v.drifted for v in results):
             sys.exit(EXIT_FAILED)
 
-
     def _run_inline(self, dispatches, options):
         from migrator.tasks import run_migration
 
@@ -433,7 +432,7 @@ class Command(BaseCommand):
                 entry = {"target": record.name, "provider": record.provider, "kind": plan.kind}
                 try:
                     connection = secrets.migration_credentials(
-                        record.vault_path, provider=record.provider
+                        record.effective_vault_path, provider=record.provider
                     )
                     target = Target(record.name, connection)
                     state = runner.current(target)

@@ -55,9 +55,10 @@ class Command(BaseCommand):
 
         failed = 0
         for target in targets:
-            path = target.vault_path or target.default_vault_path()
             try:
-                connection = manager.migration_credentials(path, provider=target.provider)
+                connection = manager.migration_credentials(
+                    target.effective_vault_path, provider=target.provider
+                )
             except MigratorError as exc:
                 failed += 1
                 self.stdout.write(
