@@ -12,7 +12,7 @@ import socket
 import uuid
 from dataclasses import dataclass
 
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, connection, models, transaction
 from django.utils import timezone
 
 from migrator.redaction import redact
@@ -202,14 +202,22 @@ def _enqueue(runs):
     MigrationRun.objects.bulk_update(runs, ["task_id"], batch_size=_BULK)
 
 
+HELD_BEFORE_START = (
+    "The target was held before the run started; nothing ran. Release it, then run it again."
+)
+
+
 def do_start_run(run_id, *, worker_host):
     """Move a queued run to running; return it, or None when it is not queued any more.
 
     The conditional UPDATE makes the start atomic: a cancelled run, or a run a second worker
-    already took, is never executed.
+    already took, is never executed. Nor is a migration of a target held after its run was
+    queued: that run ends cancelled, saying so (a restore still runs: holding a target keeps
+    migrations off it, not the operator's restore).
     """
     now = timezone.now()
-    started = MigrationRun.objects.filter(pk=run_id, status=RunStatus.QUEUED).update(
+    queued = MigrationRun.objects.filter(pk=run_id, status=RunStatus.QUEUED)
+    started = queued.filter(models.Q(target__held=False) | models.Q(kind=RunKind.RESTORE)).update(
         status=RunStatus.RUNNING,
         started_at=now,
         heartbeat_at=now,
@@ -217,11 +225,69 @@ def do_start_run(run_id, *, worker_host):
         worker_cluster=routing.current_cluster(),
     )
     if not started:
+        if queued.filter(target__held=True).update(
+            status=RunStatus.CANCELLED,
+            finished_at=now,
+            error_code="held",
+            error=HELD_BEFORE_START,
+            worker_host=worker_host,
+        ):
+            logger.info("Run %s cancelled: its target was held before it started", run_id)
         return None
     run = MigrationRun.objects.select_related("target").get(pk=run_id)
-    MigrationTarget.objects.filter(pk=run.target_id).update(status=TargetStatus.MIGRATING)
-    run.target.status = TargetStatus.MIGRATING
+    status = TargetStatus.HELD if run.target.held else TargetStatus.MIGRATING
+    MigrationTarget.objects.filter(pk=run.target_id).update(status=_unless_held(status))
+    run.target.status = status
     return run
+
+
+def _unless_held(status):
+    """``status`` for a target, as an expression that keeps a held target held: the record of a
+    run that ends after its target was held says so without reading the target again."""
+    return models.Case(
+        models.When(held=True, then=models.Value(TargetStatus.HELD)),
+        default=models.Value(status),
+        output_field=models.CharField(),
+    )
+
+
+def _save_status(target, status, fields):
+    """Save ``fields`` of ``target`` with ``status``, or ``held`` when it is held by then."""
+    target.status = _unless_held(status)
+    target.save(update_fields=fields)
+    target.status = TargetStatus.HELD if target.held else status
+
+
+@transaction.atomic
+def do_set_held(target, *, held, acting_user=None):
+    """Hold ``target`` (every migration skips it, and a queued one ends cancelled when it
+    starts) or release it; its status says ``held`` while it is, and where it stands after.
+
+    A released target is failed when its last run failed, migrating while a run is under way,
+    else up to date or behind its heads (unknown before anything was read).
+    """
+    from migrator import runner
+
+    target.held = held
+    if held:
+        status = TargetStatus.HELD
+    elif target.runs.filter(status=RunStatus.RUNNING).exists():
+        status = TargetStatus.MIGRATING
+    elif target.last_error:
+        status = TargetStatus.FAILED
+    elif target.revision or target.last_checked_at:
+        status = target_status_for(target.revision, runner.heads())
+    else:
+        status = TargetStatus.UNKNOWN
+    target.status = status
+    target.save(update_fields=["held", "status", "updated_at"])
+    logger.info(
+        "%s %s%s",
+        target.name,
+        "held" if held else "released",
+        f" by {acting_user}" if acting_user else "",
+    )
+    return target
 
 
 def do_cancel_run(run, *, acting_user=None):
@@ -285,13 +351,12 @@ def _record_success(run, result, *, status, heads, changed):
         run_fields.append("drift_report")
     run.save(update_fields=run_fields)
     target.revision = run.revision_after
-    target.status = target_status_for(run.revision_after, heads)
     target.last_error = ""
     target.last_checked_at = now
     if changed:
         target.last_migrated_at = now
         fields.append("last_migrated_at")
-    target.save(update_fields=fields + ["updated_at"])
+    _save_status(target, target_status_for(run.revision_after, heads), fields + ["updated_at"])
     return run
 
 
@@ -332,13 +397,13 @@ def do_record_run_failure(run, error, *, heads, result=None, duration_ms=None):
         fields.append("revision")
     if run.error_code == "locked":
         # Somebody else is migrating it: the schema did not fail, it is just busy.
-        target.status = target_status_for(target.revision, heads)
+        status = target_status_for(target.revision, heads)
     else:
-        target.status = TargetStatus.FAILED
+        status = TargetStatus.FAILED
     if result is not None and result.applied:
         target.last_migrated_at = now
         fields.append("last_migrated_at")
-    target.save(update_fields=fields)
+    _save_status(target, status, fields)
     return run
 
 
@@ -398,14 +463,13 @@ def do_mark_run_interrupted(run, *, revision, revision_error=""):
     if not updated:
         return False
     target = MigrationTarget.objects.select_for_update().get(pk=run.target_id)
-    target.status = TargetStatus.FAILED
     target.last_error = f"Run #{run.pk} was interrupted."
     target.last_checked_at = now
     fields = ["status", "last_error", "last_checked_at", "updated_at"]
     if not revision_error:
         target.revision = revision or ""
         fields.append("revision")
-    target.save(update_fields=fields)
+    _save_status(target, TargetStatus.FAILED, fields)
     logger.warning("Run %s for %s was interrupted; target released", run.pk, target.name)
     return True
 

@@ -335,6 +335,12 @@ class MigrationTargetAdmin(RunMigrationsActions, admin.ModelAdmin):
     def drift_report_text(self, obj):
         return _drift_report_html(obj.drift_report)
 
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        if "held" in form.changed_data or (obj.held and not change):
+            # Holding or releasing sets the status too: the dashboard and /readyz count it.
+            actions.do_set_held(obj, held=obj.held, acting_user=request.user)
+
     def targets_of(self, queryset):
         return list(queryset)
 
