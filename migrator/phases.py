@@ -7,6 +7,7 @@ fleet rollout runs every target's expand phase, deploys the new application, the
 contract phase, which is refused while any target in scope has not finished expand (the gate).
 """
 
+import weakref
 from dataclasses import dataclass
 
 from migrator import runner
@@ -77,7 +78,8 @@ def lagging_on_expand(targets, *, script_location=None):
     return lagging
 
 
-_applied_cache = {}
+# By script directory as read (a new read after a deploy starts afresh), then by revision.
+_applied_cache: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 
 
 def applied(revision, script_location=None):
@@ -86,11 +88,11 @@ def applied(revision, script_location=None):
     if not revisions:
         return set()
     script = runner.script_directory(script_location)
-    key = (script.dir, revisions)
-    if key not in _applied_cache:
+    cache = _applied_cache.setdefault(script, {})
+    if revisions not in cache:
         try:
             found = {rev.revision for rev in script.iterate_revisions(revisions, "base")}
         except Exception:  # noqa: BLE001 - a revision this code does not know: nothing known done
             found = set()
-        _applied_cache[key] = frozenset(found)
-    return _applied_cache[key]
+        cache[revisions] = frozenset(found)
+    return cache[revisions]

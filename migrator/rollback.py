@@ -97,5 +97,3 @@ def _downgrade_problem(module):
     if any(isinstance(node, ast.Raise) for node in meaningful):
         return "its downgrade() raises"
     return ""
-
-

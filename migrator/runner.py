@@ -26,7 +26,9 @@ A run, for one target:
 
 import io
 import logging
+import os
 import re
+import sys
 import threading
 import time
 import types
@@ -64,8 +66,6 @@ _alembic_lock = threading.Lock()
 # Alembic's default version table (env.py keeps it), in the default schema.
 _VERSION_TABLE = "alembic_version"
 _SELECT_VERSIONS = "SELECT version_num FROM alembic_version"
-_script_directories: dict[str, ScriptDirectory] = {}
-_env_code: dict[str, types.CodeType] = {}  # env.py, compiled, by path
 
 
 @dataclass
@@ -87,6 +87,9 @@ class RunResult:
     # What checking the schema after an upgrade found (a ``migrator.verify.Verification``), for
     # the run's record; None when it was not checked.
     verification: object = None
+    # The head revision(s) of the script directory the run ran against (as on disk when it
+    # started), for the record to say whether the target is up to date.
+    heads: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -259,37 +262,124 @@ def heads(*, script_location=None) -> tuple[str, ...]:
         return tuple(script_directory(script_location).get_heads())
 
 
-# --- The script directory, loaded once per process -------------------------------------------
+# --- The script directory, as it is on disk ---------------------------------------------------
+
+
+@dataclass
+class _Loaded:
+    """One script directory as this process read it, and the disk it was read from."""
+
+    script: ScriptDirectory
+    fingerprint: tuple
+    env_code: types.CodeType | None = None
+
+
+class _ScriptDirectories:
+    """The script directories this process has read, checked against the disk before each use.
+
+    Reading a script directory (every revision file imported into Alembic's revision map) and
+    compiling env.py costs more than a small run (bench/README.md), so it is done once per process
+    and location, and ``qcluster`` does it before forking its workers (``preload``). What a
+    long-running process read is only trusted while the disk still says the same: every use
+    compares a fingerprint of the directory (the name, size and modification time of env.py and
+    of each file under ``versions/``, a few ``stat`` calls) with the one taken when it was read,
+    and reads the directory again when they differ. A revision deployed, changed or removed while
+    the workers run is therefore seen by the next run, without a restart.
+    """
+
+    def __init__(self):
+        self._loaded: dict[str, _Loaded] = {}
+        self._lock = threading.Lock()
+
+    def get(self, location: str) -> _Loaded:
+        fingerprint = _fingerprint(location)
+        with self._lock:
+            loaded = self._loaded.get(location)
+            if loaded is not None and loaded.fingerprint == fingerprint:
+                return loaded
+            if loaded is not None:
+                logger.info("The script directory %s changed on disk; reading it again", location)
+                _forget_modules_under(location)
+            config = Config()
+            config.set_main_option("script_location", location)
+            loaded = _Loaded(ScriptDirectory.from_config(config), fingerprint)
+            env_py = Path(location) / "env.py"
+            if env_py.exists():
+                loaded.env_code = compile(env_py.read_bytes(), str(env_py), "exec")
+            self._loaded[location] = loaded
+            return loaded
+
+    def env_code(self, script: ScriptDirectory) -> types.CodeType | None:
+        """env.py as compiled when ``script`` was read, without looking at the disk again: a
+        run's env.py and revisions come from the same read."""
+        with self._lock:
+            loaded = self._loaded.get(_location(script.dir))
+        if loaded is not None and loaded.script is script:
+            return loaded.env_code
+        env_py = Path(script.dir) / "env.py"
+        return compile(env_py.read_bytes(), str(env_py), "exec") if env_py.exists() else None
+
+    def reset(self) -> None:
+        with self._lock:
+            self._loaded.clear()
+
+
+_scripts = _ScriptDirectories()
+
+
+def _fingerprint(location: str) -> tuple:
+    """Names, sizes and modification times of env.py and of every file under versions/ (the
+    bytecode caches aside): what changes when revisions are deployed, edited or removed."""
+    found = []
+    for path in (Path(location) / "env.py", Path(location) / "script.py.mako"):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        found.append((path.name, stat.st_size, stat.st_mtime_ns))
+    for folder, directories, files in os.walk(Path(location) / "versions"):
+        directories[:] = sorted(d for d in directories if d != "__pycache__")
+        for name in sorted(files):
+            try:
+                stat = os.stat(os.path.join(folder, name))
+            except OSError:  # removed while we looked: the next look sees it gone
+                continue
+            found.append((os.path.join(folder, name), stat.st_size, stat.st_mtime_ns))
+    return tuple(found)
+
+
+def _forget_modules_under(location: str) -> None:
+    """Drop from ``sys.modules`` what was imported from the script directory (helpers that
+    revisions import), so the next read runs the code now on disk."""
+    root = os.path.join(location, "")
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if file and os.path.abspath(file).startswith(root):
+            del sys.modules[name]
+
+
+def _location(script_location=None) -> str:
+    return str(Path(script_location or settings.TENANT_MIGRATIONS_DIR).resolve())
 
 
 def script_directory(script_location=None) -> ScriptDirectory:
-    """The ``ScriptDirectory`` at ``script_location`` (default: TENANT_MIGRATIONS_DIR), read
-    from disk once per process and location; Alembic then keeps its revision map in memory."""
-    location = str(Path(script_location or settings.TENANT_MIGRATIONS_DIR).resolve())
-    script = _script_directories.get(location)
-    if script is None:
-        config = Config()
-        config.set_main_option("script_location", location)
-        script = _script_directories[location] = ScriptDirectory.from_config(config)
-    return script
+    """The ``ScriptDirectory`` at ``script_location`` (default: TENANT_MIGRATIONS_DIR), as it is
+    on disk now: read once per process and kept while the disk does not change (see
+    ``_ScriptDirectories``); Alembic keeps its revision map in memory."""
+    return _scripts.get(_location(script_location)).script
 
 
 def reset() -> None:
-    """Forget the loaded script directories and env.py (tests, or after new revision files were
-    deployed into a running process)."""
-    with _alembic_lock:
-        _script_directories.clear()
-        _env_code.clear()
+    """Forget the loaded script directories and env.py (tests)."""
+    _scripts.reset()
 
 
 def preload(script_location=None) -> None:
     """Read the script directory's revisions and compile env.py now: ``qcluster`` calls it
     before forking its workers, which then share them instead of each reading them on its
-    first run (and again after each recycle)."""
+    first run (and again after each recycle). A worker still checks the disk before each run."""
     with _alembic_lock:
-        script = script_directory(script_location)
-        script.get_heads()  # loads every revision file into the revision map
-        _env_code_of(script)
+        script_directory(script_location).get_heads()  # loads every revision into the map
 
 
 def _run_env(script: ScriptDirectory) -> None:
@@ -306,11 +396,7 @@ def _run_env(script: ScriptDirectory) -> None:
 
 
 def _env_code_of(script: ScriptDirectory) -> types.CodeType | None:
-    path = Path(script.dir) / "env.py"
-    code = _env_code.get(str(path))
-    if code is None and path.exists():
-        code = _env_code[str(path)] = compile(path.read_bytes(), str(path), "exec")
-    return code
+    return _scripts.env_code(script)
 
 
 def _config(script: ScriptDirectory, output_buffer=None, **attributes) -> Config:
@@ -358,6 +444,7 @@ def _run(
             connection = open_connection.enter_context(engines.connect(target))
             with _alembic_lock:
                 script = script_directory(script_location)
+                run.result.heads = tuple(script.get_heads())
                 destination = resolve_destination(script, kind, destination)
                 if kind == UPGRADE:
                     run.say(f"Starting migration for tenant {name}")

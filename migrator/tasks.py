@@ -50,11 +50,14 @@ def run_migration(run_id):
         logger.exception("Unexpected error in run %s for %s", run_id, run.target.name)
         error = _UnexpectedError(f"Unexpected error ({type(exc).__name__}): {redact(str(exc))}")
     if error is None:
-        actions.do_record_run_success(run, result, heads=runner.heads())
+        actions.do_record_run_success(run, result, heads=_heads_of(result))
     else:
         logger.error("%s", error)
         actions.do_record_run_failure(
-            run, error, heads=runner.heads(), duration_ms=_elapsed_ms(started)
+            run,
+            error,
+            heads=_heads_of(getattr(error, "result", None)),
+            duration_ms=_elapsed_ms(started),
         )
         if error.retryable:
             actions.do_schedule_retry(run)
@@ -63,6 +66,11 @@ def run_migration(run_id):
 
 class _UnexpectedError(MigratorError):
     code = "internal_error"
+
+
+def _heads_of(result):
+    """The heads the run ran against; the script directory's heads now when it ran none."""
+    return getattr(result, "heads", None) or runner.heads()
 
 
 def _elapsed_ms(started):

@@ -1,0 +1,152 @@
+"""Deploying new revisions while the workers run: the next run sees the script directory as it
+is on disk, without a restart of ``qcluster``."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from tenants.models import MigrationTarget
+from tests.workers import manage, process_env, qcluster
+
+pytestmark = [pytest.mark.vault, pytest.mark.postgres, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+LINEAR_HEAD = "0004_accounts_display_name"
+
+REVISION = '''"""{doc}
+
+Revision ID: {revision}
+Revises: {down}
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "{revision}"
+down_revision = "{down}"
+branch_labels = None
+depends_on = None
+
+
+def upgrade():
+{upgrade}
+
+
+def downgrade():
+    op.drop_table("{table}")
+'''
+
+
+def write_revision(versions, revision, down, table, *, broken=False):
+    create = (
+        f'    op.create_table("{table}", sa.Column("id", sa.Integer, primary_key=True))\n'
+        f'    op.execute("INSERT INTO {table} (id) VALUES (1)")'
+    )
+    if broken:
+        create += '\n    op.execute("UPDATE no_such_table SET x = 1")'
+    text = REVISION.format(
+        doc=f"Adds {table}" + (" (broken)" if broken else ""),
+        revision=revision,
+        down=down,
+        table=table,
+        upgrade=create,
+    )
+    (versions / f"{revision}.py").write_text(text)
+
+
+@pytest.fixture
+def script_copy(tmp_path, settings):
+    """A script directory of its own (tenant_migrations' env.py, the four linear revisions),
+    which the test deploys revisions into; the workers and commands read it through
+    TENANT_MIGRATIONS_DIR."""
+    location = tmp_path / "migrations"
+    location.mkdir()
+    shutil.copy(ROOT / "tenant_migrations" / "env.py", location)
+    shutil.copy(ROOT / "tenant_migrations" / "script.py.mako", location)
+    shutil.copytree(
+        ROOT / "tests" / "alembic_fixtures" / "linear" / "versions",
+        location / "versions",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    settings.TENANT_MIGRATIONS_DIR = str(location)
+    return location
+
+
+def migrate(tenant, env):
+    """``migrate_tenants --tenant ID --wait --json``, as an operator types it: (exit code, the
+    tenant's row)."""
+    result = manage(
+        "migrate_tenants", "--tenant", tenant.id, "--wait", "--json", "--timeout", "90", env=env
+    )
+    rows = json.loads(result.stdout or "[]")
+    assert rows, (result.returncode, result.stdout, result.stderr)
+    return result.returncode, rows[-1]
+
+
+def tables(db):
+    engine = sa.create_engine(db.sqlalchemy_url(), poolclass=sa.pool.NullPool)
+    try:
+        return set(sa.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_revision_deployed_while_the_workers_run_is_applied_by_the_next_run(
+    registered_tenant, script_copy, tmp_path
+):
+    tenant = registered_tenant("postgresql")
+    env = process_env(TENANT_MIGRATIONS_DIR=script_copy, workers=1)
+    log = tmp_path / "qcluster.log"
+    versions = script_copy / "versions"
+    with qcluster(env, log):
+        code, row = migrate(tenant, env)
+        assert (code, row["status"], row["revision_after"]) == (0, "succeeded", LINEAR_HEAD)
+
+        # Deployed while the cluster (which read the directory before forking) keeps running.
+        write_revision(versions, "0005_deploy_notes", LINEAR_HEAD, "deploy_notes")
+        code, row = migrate(tenant, env)
+        assert (code, row["status"]) == (0, "succeeded"), (row, log.read_text())
+        assert row["applied"] == ["0005_deploy_notes"]
+        assert row["revision_after"] == "0005_deploy_notes"
+        assert "deploy_notes" in tables(tenant.database)
+        target = MigrationTarget.objects.get(pk=tenant.target.pk)
+        assert (target.revision, target.status) == ("0005_deploy_notes", "up_to_date")
+
+        # A broken revision fails; fixed on disk, the retry runs the new code.
+        write_revision(versions, "0006_audit", "0005_deploy_notes", "audit", broken=True)
+        code, row = migrate(tenant, env)
+        assert (code, row["status"]) == (1, "failed"), row
+        assert "no_such_table" in row["error"]
+        assert "audit" not in tables(tenant.database)
+
+        write_revision(versions, "0006_audit", "0005_deploy_notes", "audit")
+        code, row = migrate(tenant, env)
+        assert (code, row["status"], row["applied"]) == (0, "succeeded", ["0006_audit"]), (
+            row,
+            log.read_text(),
+        )
+    assert "audit" in tables(tenant.database)
+    target = MigrationTarget.objects.get(pk=tenant.target.pk)
+    assert (target.revision, target.status) == ("0006_audit", "up_to_date")
+
+
+@pytest.mark.django_db
+def test_a_web_process_shows_the_heads_on_disk_now(admin_client, client, script_copy, settings):
+    from django.urls import reverse
+
+    settings.METRICS_TOKEN = ""
+
+    def head_info():
+        text = client.get(reverse("metrics")).content.decode()
+        return [line for line in text.splitlines() if line.startswith("tenant_migrations_head_")]
+
+    assert head_info() == [f'tenant_migrations_head_info{{revision="{LINEAR_HEAD}"}} 1.0']
+    write_revision(script_copy / "versions", "0005_deploy_notes", LINEAR_HEAD, "deploy_notes")
+
+    assert head_info() == ['tenant_migrations_head_info{revision="0005_deploy_notes"} 1.0']
+    page = admin_client.get(reverse("fleet-dashboard")).content.decode()
+    assert "head: <strong>0005_deploy_notes</strong>" in page
