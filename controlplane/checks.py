@@ -97,6 +97,7 @@ def check_settings(app_configs=None, **kwargs):
     for name in ("DATABASE_CONNECT_TIMEOUT", "MIGRATION_TASK_TIMEOUT", "VAULT_TIMEOUT"):
         if getattr(settings, name) <= 0:
             errors.append(checks.Error(f"{name} must be more than 0.", id="controlplane.E010"))
+    errors += _check_run_liveness()
     if not os.path.isfile(os.path.join(settings.TENANT_MIGRATIONS_DIR, "env.py")):
         errors.append(
             checks.Error(
@@ -104,6 +105,33 @@ def check_settings(app_configs=None, **kwargs):
                 "Alembic script directory (no env.py in it).",
                 id="controlplane.E011",
             )
+        )
+    return errors
+
+
+def _check_run_liveness():
+    """The heartbeat, the window after which a silent run is taken for dead, and the bound on a
+    queued run that no worker takes."""
+    errors = []
+    beat, stale = settings.RUN_HEARTBEAT_SECONDS, settings.RUN_STALE_AFTER_SECONDS
+    if beat <= 0:
+        errors.append(
+            checks.Error("RUN_HEARTBEAT_SECONDS must be more than 0.", id="controlplane.E030")
+        )
+    elif stale <= beat:
+        errors.append(
+            checks.Error(
+                f"RUN_STALE_AFTER_SECONDS ({stale}) must be more than RUN_HEARTBEAT_SECONDS "
+                f"({beat}): a run is taken for dead after this long without a heartbeat, so a "
+                "live run would be closed between two beats.",
+                hint="Leave room for several missed beats under load, e.g. the defaults 120 and "
+                "15.",
+                id="controlplane.E031",
+            )
+        )
+    if settings.RUN_QUEUED_TIMEOUT_SECONDS <= 0:
+        errors.append(
+            checks.Error("RUN_QUEUED_TIMEOUT_SECONDS must be more than 0.", id="controlplane.E032")
         )
     return errors
 

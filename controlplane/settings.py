@@ -166,6 +166,9 @@ MSSQL_ODBC_DRIVER = env.str("MSSQL_ODBC_DRIVER", default="ODBC Driver 18 for SQL
 # as abandoned (its worker was killed) by the recovery schedule and `migrate_tenants --recover`.
 RUN_HEARTBEAT_SECONDS = env.int("RUN_HEARTBEAT_SECONDS", default=15)
 RUN_STALE_AFTER_SECONDS = env.int("RUN_STALE_AFTER_SECONDS", default=120)
+# A queued run that no worker took this long while its queue made no progress (no run of that
+# cluster started or running) is closed as abandoned, and tried again while attempts remain.
+RUN_QUEUED_TIMEOUT_SECONDS = env.int("RUN_QUEUED_TIMEOUT_SECONDS", default=300)
 # A run that fails with a retryable error (Vault or database unreachable, target locked) is
 # tried again, up to RUN_MAX_ATTEMPTS in all, waiting RUN_RETRY_BACKOFF_SECONDS, then twice
 # that, and so on.

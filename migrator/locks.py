@@ -140,12 +140,17 @@ def _postgresql(
     )
 
 
-def _mysql(connection: Connection, timeout: float, settings) -> Release | None:
+def _mysql_lock_name(connection: Connection) -> str:
     # GET_LOCK names are server-wide, not per database: the name carries the database.
     database = connection.execute(text("SELECT DATABASE()")).scalar() or ""
     name = f"{LOCK_NAMESPACE}:{database}"
     if len(name) > _MYSQL_MAX_LOCK_NAME:
         name = f"{LOCK_NAMESPACE}:{hashlib.sha256(database.encode()).hexdigest()[:40]}"
+    return name
+
+
+def _mysql(connection: Connection, timeout: float, settings) -> Release | None:
+    name = _mysql_lock_name(connection)
     got = connection.execute(
         text("SELECT GET_LOCK(:name, :timeout)"),
         {"name": name, "timeout": max(0, math.ceil(timeout))},
@@ -174,15 +179,22 @@ def _mssql(connection: Connection, timeout: float, settings) -> Release | None:
     )
 
 
+def _sqlite_lock_file(connection: Connection) -> str | None:
+    database = connection.engine.url.database
+    if fcntl is None or not database or database == ":memory:" or "mode=memory" in database:
+        return None
+    return f"{os.path.abspath(database)}.migration-lock"
+
+
 def _sqlite(connection: Connection, timeout: float, settings) -> Release | None:
     # Not BEGIN EXCLUSIVE: with one transaction per revision that lock would end at the first
     # revision's COMMIT, and another run could start between two revisions. A lock file is held
     # for the whole run; SQLite databases are local files, so every process that can open the
     # database can see the lock. In-memory databases are private to their connection.
-    database = connection.engine.url.database
-    if fcntl is None or not database or database == ":memory:" or "mode=memory" in database:
+    path = _sqlite_lock_file(connection)
+    if path is None:
         return _no_lock(connection, timeout, settings)
-    fd = os.open(f"{os.path.abspath(database)}.migration-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -210,3 +222,53 @@ _LOCKS = {
 }
 # Locks the server holds for the session and releases when the session ends.
 _SESSION_LOCKS = {"postgresql", "mysql", "mariadb", "mssql"}
+
+
+def is_held(connection: Connection) -> bool:
+    """Does some session hold the migration lock of the database behind ``connection`` now?
+
+    Asked without taking the lock, so a run starting at that moment is never kept out:
+    PostgreSQL's ``pg_locks`` (the advisory lock's row in this database), MySQL/MariaDB's
+    ``IS_USED_LOCK``, SQL Server's ``APPLOCK_TEST``, SQLite's lock file (a non-blocking
+    ``flock``, let go at once). Recovery asks this before it declares a silent run dead: a
+    session that still holds the lock belongs to a run that is alive, or to another migration of
+    that database.
+    """
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        unsigned = PG_LOCK_KEY & 0xFFFFFFFFFFFFFFFF
+        return bool(
+            connection.execute(
+                text(
+                    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_locks l "
+                    "JOIN pg_catalog.pg_database d ON d.oid = l.database "
+                    "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+                    "AND d.datname = pg_catalog.current_database() "
+                    "AND l.classid::bigint = :high AND l.objid::bigint = :low)"
+                ),
+                {"high": unsigned >> 32, "low": unsigned & 0xFFFFFFFF},
+            ).scalar()
+        )
+    if dialect in ("mysql", "mariadb"):
+        name = _mysql_lock_name(connection)
+        holder = connection.execute(text("SELECT IS_USED_LOCK(:name)"), {"name": name}).scalar()
+        return holder is not None
+    if dialect == "mssql":
+        free = connection.execute(
+            text("SELECT APPLOCK_TEST('public', :resource, 'Exclusive', 'Session')"),
+            {"resource": LOCK_NAMESPACE},
+        ).scalar()
+        return free == 0
+    if dialect == "sqlite":
+        path = _sqlite_lock_file(connection)
+        if path is None or not os.path.exists(path):
+            return False
+        fd = os.open(path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing the descriptor lets go of a lock taken just now
+        return False
+    return False

@@ -215,8 +215,24 @@ def read_revision(record):
     return runner.current(Target(record.name, connection)).revision
 
 
+def target_lock_held(record):
+    """Does a session hold the migration lock of ``record``'s database now
+    (``migrator.locks.is_held``)? Reads the admin credentials from Vault (cached) to ask."""
+    from migrator import engines, locks
+
+    connection = get_secrets_manager().migration_credentials(
+        record.effective_vault_path, provider=record.provider
+    )
+    with engines.connect(Target(record.name, connection)) as db:
+        return locks.is_held(db)
+
+
 def recover_stale_runs():
     """Close every run whose worker stopped sending heartbeats, and release its target.
+
+    A silent run whose target's migration lock is still held is left running: the session that
+    holds it is alive, so the run is too (its heartbeat thread was starved, e.g. by a revision
+    that holds the GIL); it is closed once the lock is free.
 
     Scheduled every minute in the workers (``tenants: recover stale runs``) and run on demand by
     ``migrate_tenants --recover``. For each, reads the target's real revision back from its
@@ -226,6 +242,18 @@ def recover_stale_runs():
 
     lines = []
     for run in actions.stale_runs().select_related("target"):
+        try:
+            if target_lock_held(run.target):
+                # A silent run whose session still holds the lock is alive: a revision that
+                # holds the GIL starves the heartbeat thread, not the database session.
+                lines.append(
+                    f"Run #{run.pk} for {run.target.name}: no heartbeat since "
+                    f"{run.heartbeat_at:%H:%M:%S} UTC, but the target's migration lock is still "
+                    "held (by this run, or another migration of that database); left running"
+                )
+                continue
+        except MigratorError:
+            pass  # the database cannot be asked: judged by the heartbeat alone, as before
         try:
             revision, problem = read_revision(run.target), ""
         except MigratorError as exc:
