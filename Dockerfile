@@ -32,7 +32,8 @@ RUN DEBUG=true STATIC_ROOT=/app/static python manage.py collectstatic --noinput 
 # An unprivileged user; DATA_DIR (SQLite files, demo databases) is a volume it owns.
 RUN useradd --create-home --uid 10001 controlplane \
     && mkdir -p /app/var \
-    && chown -R controlplane /app/var
+    && chown -R controlplane /app/var \
+    && chmod 700 /app/var
 USER controlplane
 VOLUME ["/app/var"]
 

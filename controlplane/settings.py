@@ -5,6 +5,8 @@ Values are read here and nowhere else; misconfiguration is reported by the syste
 ``controlplane.checks`` (``manage.py check``), which also run when the WSGI/ASGI app starts.
 """
 
+import os
+from datetime import timedelta
 from pathlib import Path
 
 import environ
@@ -15,8 +17,37 @@ env = environ.Env()
 # An optional .env file for local work; real environment variables win.
 environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 
+
+def private_directory(path):
+    """Create ``path`` readable by this user only (0700). An existing directory is left as it is:
+    it may be a volume or a folder somebody else chose the permissions of."""
+    if not path.exists():
+        path.mkdir(parents=True, mode=0o700)
+        path.chmod(0o700)  # mkdir's mode is masked by the umask
+
+
+def private_file(path):
+    """Create ``path`` empty and readable by this user only (0600), or take the group's and other
+    users' access away from an existing one this user owns. SQLite gives its -wal and -shm files
+    the database file's permissions, and takes an empty file for a new database."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        for name in (path, f"{path}-wal", f"{path}-shm"):
+            try:
+                info = os.stat(name)
+                if info.st_uid == os.getuid() and info.st_mode & 0o077:
+                    os.chmod(name, info.st_mode & 0o700)
+            except OSError:  # not there, or not ours to change
+                pass
+    except OSError:  # no such directory: SQLite says so when it opens the database
+        pass
+
+
 DATA_DIR = Path(env.str("DATA_DIR", default=str(BASE_DIR / "var")))
-DATA_DIR.mkdir(parents=True, exist_ok=True)
+# DATA_DIR holds the SQLite control plane (sessions, the users' password hashes), the backups and
+# the demo's databases: nobody else on the host reads it.
+private_directory(DATA_DIR)
 
 DEBUG = env.bool("DEBUG", default=False)
 
@@ -38,7 +69,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
-    "rest_framework.authtoken",
+    "knox",
     "django_q",
     "health_check",
     "controlplane.apps.ControlPlaneConfig",
@@ -100,6 +131,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"].setdefault("TEST", {})["NAME"] = str(
         DATA_DIR / "test-controlplane.sqlite3"
     )
+    if DATABASES["default"]["NAME"] not in ("", ":memory:"):
+        private_file(DATABASES["default"]["NAME"])
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -238,9 +271,16 @@ else:
     Q_CLUSTER["orm"] = "default"
 
 # --- HTTP API ---------------------------------------------------------------------------------
+# API tokens (django-rest-knox) are stored as SHA-512 digests, shown once when made, and expire
+# after API_TOKEN_TTL_DAYS (0: never) unless made with another expiry.
+API_TOKEN_TTL_DAYS = env.int("API_TOKEN_TTL_DAYS", default=90)
+REST_KNOX = {
+    "AUTH_HEADER_PREFIX": "Bearer",
+    "TOKEN_TTL": timedelta(days=API_TOKEN_TTL_DAYS) if API_TOKEN_TTL_DAYS > 0 else None,
+}
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "tenants.authentication.BearerTokenAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],

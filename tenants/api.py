@@ -1,31 +1,19 @@
 """The HTTP trigger of the original design (``POST migrate/{tenantId}``) and run status.
 
-Authenticated with Django REST framework's token authentication (``Authorization: Token KEY``,
-one token per control-plane user, managed in the admin or with ``manage.py drf_create_token``),
-and checked against the ``tenants.run_migrations`` permission.
+Authenticated with API tokens (``Authorization: Bearer TOKEN``), which django-rest-knox stores
+as digests only: made in the admin (*API tokens*) or with ``manage.py create_api_token USERNAME``,
+shown once. Checked against the ``tenants.run_migrations`` permission.
 """
 
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
 from rest_framework import permissions, status
-from rest_framework.authentication import TokenAuthentication
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from tenants import actions
+from tenants.authentication import BearerTokenAuthentication
 from tenants.models import MigrationRun, Tenant, Trigger
-
-
-class BearerTokenAuthentication(TokenAuthentication):
-    """Accepts ``Authorization: Bearer KEY`` as well as DRF's ``Token KEY``."""
-
-    keyword = "Bearer"
-
-    def authenticate(self, request):
-        header = request.META.get("HTTP_AUTHORIZATION", "")
-        if header.startswith("Token "):
-            return TokenAuthentication().authenticate(request)
-        return super().authenticate(request)
 
 
 class CanRunMigrations(permissions.BasePermission):

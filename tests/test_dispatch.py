@@ -334,14 +334,14 @@ def test_admin_preview_sql_shows_the_sql_without_running_it(staff, tenant_factor
 @pytest.fixture
 def api_tokens(django_user_model):
     from django.contrib.auth.models import Permission
-    from rest_framework.authtoken.models import Token
+    from knox.models import AuthToken
 
     operator = django_user_model.objects.create_user("operator")
     operator.user_permissions.add(Permission.objects.get(codename="run_migrations"))
     nobody = django_user_model.objects.create_user("nobody")
     return {
-        "good": Token.objects.create(user=operator).key,
-        "no-permission": Token.objects.create(user=nobody).key,
+        "good": AuthToken.objects.create(user=operator)[1],
+        "no-permission": AuthToken.objects.create(user=nobody)[1],
     }
 
 

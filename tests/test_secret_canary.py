@@ -24,8 +24,8 @@ def test_canary_password_never_leaks(
     admin_client,
     django_user_model,
 ):
+    from knox.models import AuthToken
     from psycopg import sql
-    from rest_framework.authtoken.models import Token
 
     canary_ok = f"CANARY-ok-{secrets.token_hex(8)}"
     canary_bad = f"CANARY-bad-{secrets.token_hex(8)}"
@@ -103,7 +103,7 @@ def test_canary_password_never_leaks(
 
     operator = django_user_model.objects.create_user("operator")
     operator.user_permissions.add(Permission.objects.get(codename="run_migrations"))
-    token = Token.objects.create(user=operator).key
+    token = AuthToken.objects.create(user=operator)[1]
     from django.test import Client
 
     api = Client(headers={"Authorization": f"Bearer {token}"})

@@ -73,7 +73,9 @@ class Command(BaseCommand):
 
     def _run(self, options):
         demo_dir = Path(settings.DATA_DIR) / "demo"
-        demo_dir.mkdir(parents=True, exist_ok=True)
+        # Its databases, logs and the dev server's root token are the demo user's alone.
+        demo_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        demo_dir.chmod(0o700)
         env = {**os.environ, "DEBUG": "true", "DATA_DIR": str(settings.DATA_DIR)}
         env.setdefault("SECRET_KEY", _persistent_secret_key(demo_dir))
 
