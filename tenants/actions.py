@@ -41,9 +41,16 @@ class Dispatch:
     reason: str = ""
 
     @property
+    def unqueued(self):
+        """A new run that the queue broker refused: closed as failed, nothing ran."""
+        return self.created and self.run.error_code == "queue_unavailable"
+
+    @property
     def message(self):
         if self.run is None:
             return f"Not queued for {self.target.name}: {self.reason}."
+        if self.unqueued:
+            return f"Run #{self.run.pk} for {self.target.name} was not queued: {self.run.error}"
         if self.created:
             return (
                 f"Run #{self.run.pk} queued for {self.target.name} ({self.run.requested_revision})."
@@ -180,26 +187,85 @@ def _create_or_find_active_run(target, **fields):
 
 def _enqueue(runs):
     """Hand ``runs`` to django-q2, each to its region's cluster, through one broker connection
-    per cluster; record the task ids in one statement per few hundred runs."""
+    per cluster; record the task ids in one statement per few hundred runs.
+
+    A run is left queued only once its broker accepted its message. When the broker refuses
+    one (Redis down, the control-plane database gone for the ORM broker), that run and the
+    others for that broker are closed as failed with ``error_code`` ``queue_unavailable``,
+    saying so (``do_record_enqueue_failure``): nothing ran, and nothing is left queued that no
+    worker will ever take. Each run object is updated in place, so the caller's ``Dispatch``
+    shows it.
+    """
     from django_q.brokers import get_broker
     from django_q.tasks import async_task
 
-    brokers = {}
+    brokers, refused, queued = {}, {}, []
     for run in runs:
         cluster = routing.cluster_for(run.target.region)
-        if cluster not in brokers:
-            brokers[cluster] = get_broker(cluster)
-        run.task_id = (
-            async_task(
-                MIGRATION_TASK,
-                run.pk,
-                task_name=f"run-{run.pk}-{run.target.name}",
-                cluster=cluster,
-                broker=brokers[cluster],
+        if cluster in refused:
+            refused[cluster][1].append(run)
+            continue
+        try:
+            if cluster not in brokers:
+                brokers[cluster] = get_broker(cluster)
+            run.task_id = (
+                async_task(
+                    MIGRATION_TASK,
+                    run.pk,
+                    task_name=f"run-{run.pk}-{run.target.name}",
+                    cluster=cluster,
+                    broker=brokers[cluster],
+                )
+                or ""
             )
-            or ""
-        )
-    MigrationRun.objects.bulk_update(runs, ["task_id"], batch_size=_BULK)
+        except Exception as exc:  # noqa: BLE001 - any broker error: the run is not queued
+            logger.error("The queue broker refused run %s: %s", run.pk, exc)
+            refused[cluster] = (exc, [run])
+            continue
+        queued.append(run)
+    MigrationRun.objects.bulk_update(queued, ["task_id"], batch_size=_BULK)
+    for error, unqueued in refused.values():
+        do_record_enqueue_failure(unqueued, error)
+
+
+def broker_location():
+    """Where django-q2's broker is, for messages: a Redis URL without its password, or the
+    control plane's own database (the ORM broker)."""
+    from urllib.parse import urlsplit
+
+    from django.conf import settings
+
+    if settings.REDIS_URL:
+        url = urlsplit(settings.REDIS_URL)
+        host = url.hostname or "localhost"
+        return f"{url.scheme}://{host}:{url.port or 6379}{url.path or ''}"
+    return "the control plane's database (ORM broker)"
+
+
+def do_record_enqueue_failure(runs, error):
+    """Close ``runs``, whose messages the broker refused, as failed: nothing ran, nothing is
+    left queued. The targets are left as they stand (nothing touched them)."""
+    reason = redact(str(error)) or type(error).__name__
+    message = (
+        f"The queue broker at {broker_location()} refused the task ({type(error).__name__}: "
+        f"{reason}); nothing ran. Run it again when the broker is back (check REDIS_URL and "
+        "that Redis is running)."
+        if "redis" in broker_location()
+        else f"The queue broker ({broker_location()}) refused the task "
+        f"({type(error).__name__}: {reason}); nothing ran. Run it again when it is back."
+    )
+    now = timezone.now()
+    MigrationRun.objects.filter(pk__in=[run.pk for run in runs], status=RunStatus.QUEUED).update(
+        status=RunStatus.FAILED,
+        error=message,
+        error_code="queue_unavailable",
+        retryable=True,
+        finished_at=now,
+    )
+    for run in runs:
+        run.status, run.error, run.error_code = RunStatus.FAILED, message, "queue_unavailable"
+        run.retryable, run.finished_at = True, now
+    return message
 
 
 HELD_BEFORE_START = (

@@ -31,6 +31,13 @@ def _drift_report_html(report):
     return format_html('<pre style="white-space: pre-wrap">{}</pre>', report)
 
 
+def dispatch_level(dispatch):
+    """How a trigger's message shows: an error when the queue refused the new run."""
+    if dispatch.unqueued:
+        return messages.ERROR
+    return messages.SUCCESS if dispatch.created else messages.WARNING
+
+
 def _run_link(run):
     return format_html(
         '<a href="{}">#{}</a>', reverse("admin:tenants_migrationrun_change", args=[run.pk]), run.pk
@@ -66,7 +73,7 @@ class RunMigrationsActions:
             targets, trigger=Trigger.ADMIN, acting_user=request.user
         )
         for dispatch in dispatches[: self.MESSAGES_PER_ROW_LIMIT]:
-            level = messages.SUCCESS if dispatch.created else messages.WARNING
+            level = dispatch_level(dispatch)
             if dispatch.run is None:
                 level = messages.ERROR
             self.message_user(request, dispatch.message, level)
@@ -203,7 +210,7 @@ class RunMigrationsActions:
                     revision=destination,
                     kind=RunKind.DOWNGRADE,
                 ):
-                    level = messages.SUCCESS if dispatch.created else messages.WARNING
+                    level = dispatch_level(dispatch)
                     self.message_user(request, f"Downgrade: {dispatch.message}", level)
             return None
         revisions = []
@@ -260,7 +267,7 @@ class RunMigrationsActions:
             phase=phase,
         )
         for dispatch in dispatches[: self.MESSAGES_PER_ROW_LIMIT]:
-            level = messages.SUCCESS if dispatch.created else messages.WARNING
+            level = dispatch_level(dispatch)
             self.message_user(request, f"{phase.title()}: {dispatch.message}", level)
 
 

@@ -56,6 +56,10 @@ class MigrateTenantView(ApiView):
             )
         body = run_as_json(dispatch.run, request)
         body["created"] = dispatch.created
+        if dispatch.unqueued:
+            # Recorded as failed, not queued: nothing ran, and a second POST starts a new run.
+            body["detail"] = dispatch.message
+            return Response(body, status=status.HTTP_503_SERVICE_UNAVAILABLE)
         return Response(body, status=status.HTTP_202_ACCEPTED)
 
 

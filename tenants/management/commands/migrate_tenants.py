@@ -219,12 +219,17 @@ class Command(BaseCommand):
                 batch=batch,
                 enqueue=not options["sync"],
             )
+        unqueued = [d for d in dispatches if d.unqueued]
+        for dispatch in unqueued:
+            self.stderr.write(dispatch.message)
         if options["sync"]:
             self._run_inline(dispatches, options)
         elif options["wait"]:
             self._wait(dispatches, options)
         runs = self._reload(dispatches)
         self._emit(runs, options, dispatches=dispatches, at_head=at_head)
+        if unqueued:
+            sys.exit(EXIT_FAILED)
         if options["sync"] or options["wait"]:
             failed = [r for r in runs if r.status not in OK_STATUSES]
             if failed:
