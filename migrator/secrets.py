@@ -12,9 +12,9 @@ each as a ``ConnectionInfo`` whose password is a ``Secret``: it prints as asteri
 end up in a log line or an error message by accident. The raw secret never leaves this module.
 
 The manager logs in lazily (token, AppRole or Kubernetes), renews its token before it expires,
-logs in again when the token was revoked, caches each secret for ``VAULT_CACHE_SECONDS``, and maps
-every transport error to ``migrator.exceptions`` so that no ``requests`` or ``hvac`` exception
-reaches a caller.
+logs in again when the token was revoked, caches each secret for ``VAULT_CACHE_SECONDS`` (a
+run reads its target's secret fresh all the same: ``fresh=True``), and maps every transport
+error to ``migrator.exceptions`` so that no ``requests`` or ``hvac`` exception reaches a caller.
 """
 
 import hmac
@@ -175,6 +175,7 @@ class VaultConfig:
 class _CachedSecret:
     data: dict = field(repr=False)
     expires_at: float
+    version: int | None = None  # KV v2's version of the secret that was read
 
 
 def _environment_session(addr: str) -> requests.Session:
@@ -233,15 +234,20 @@ class SecretsManager:
         """The KV v2 API path of a database secret, e.g. ``secret/data/database/shared``."""
         return f"{self.config.mount_point}/data/{self._relative_path(path)}"
 
-    def migration_credentials(self, path: str, provider: str | None = None) -> ConnectionInfo:
+    def migration_credentials(
+        self, path: str, provider: str | None = None, *, fresh: bool = False
+    ) -> ConnectionInfo:
         """The admin user of the database whose secret is at ``path`` (relative to
         VAULT_DATABASE_SECRETS_PATH), for migrations. Reads (or takes from the cache)
         ``GET /v1/{mount}/data/{database_secrets_path}/{path}``.
 
         ``provider`` is the provider recorded on the target; the secret's optional ``provider``
-        key must agree with it. Raises a ``VaultError`` subclass on any failure.
+        key must agree with it. ``fresh``: read the latest version from Vault whatever the cache
+        holds (and cache it), for a run that decides what to do to the database the secret
+        names: a secret changed to point at another database must never be missed. Raises a
+        ``VaultError`` subclass on any failure.
         """
-        return self._connection_info(path, provider, "admin")
+        return self._connection_info(path, provider, "admin", fresh=fresh)
 
     def application_credentials(self, path: str, provider: str | None = None) -> ConnectionInfo:
         """The app user of the database whose secret is at ``path``, for the application at
@@ -294,10 +300,12 @@ class SecretsManager:
 
     # --- Credentials --------------------------------------------------------------------------
 
-    def _connection_info(self, path: str, provider: str | None, role: str) -> ConnectionInfo:
+    def _connection_info(
+        self, path: str, provider: str | None, role: str, *, fresh: bool = False
+    ) -> ConnectionInfo:
         relative = self._relative_path(path)
         full = self.full_path(path)
-        data = self._secret_data(relative)
+        data = self._secret_data(relative, fresh=fresh)
         provider = _resolve_provider(full, provider, data.get("provider"))
         options = _options(full, data.get("options"))
         if provider == "sqlite":
@@ -331,19 +339,28 @@ class SecretsManager:
             role=role,
         )
 
-    def _secret_data(self, relative: str) -> dict:
-        """The secret's key/value pairs, from the cache or from Vault."""
+    def _secret_data(self, relative: str, *, fresh: bool = False) -> dict:
+        """The secret's key/value pairs, from the cache (unless ``fresh``) or from Vault."""
+        cached = None
         if self.config.cache_seconds > 0:
             with self._lock:
                 cached = self._cache.get(relative)
-                if cached is not None and cached.expires_at > self._clock():
+                if not fresh and cached is not None and cached.expires_at > self._clock():
                     return cached.data
-        data = self._read_secret(relative)
+        data, version = self._read_secret(relative)
+        if cached is not None and version is not None and cached.version not in (None, version):
+            logger.info(
+                "The secret at %s/data/%s changed in Vault (version %s, then %s)",
+                self.config.mount_point,
+                relative,
+                cached.version,
+                version,
+            )
         if self.config.cache_seconds > 0:
             with self._lock:
                 now = self._clock()
                 self._cache[relative] = _CachedSecret(
-                    data=data, expires_at=now + self.config.cache_seconds
+                    data=data, expires_at=now + self.config.cache_seconds, version=version
                 )
                 if len(self._cache) >= self._prune_at:
                     # A worker reads each target of a large fleet once per pass: without this,
@@ -353,8 +370,9 @@ class SecretsManager:
                     self._prune_at = max(_CACHE_PRUNE_MIN, 2 * len(self._cache))
         return data
 
-    def _read_secret(self, relative: str) -> dict:
-        """``GET /v1/{mount}/data/{database_secrets_path}/{path}``: the latest version's data."""
+    def _read_secret(self, relative: str) -> tuple[dict, int | None]:
+        """``GET /v1/{mount}/data/{database_secrets_path}/{path}``: the latest version's data,
+        and its version number (KV v2's ``metadata.version``)."""
         full = f"{self.config.mount_point}/data/{relative}"
         try:
             response = self._with_token(
@@ -395,7 +413,8 @@ class SecretsManager:
             if "password" in key.lower() and isinstance(value, str):
                 register_secret(value)
         logger.debug("Read secret %s (keys: %s)", full, ", ".join(sorted(data)))
-        return data
+        version = ((response.get("data") or {}).get("metadata") or {}).get("version")
+        return data, version if isinstance(version, int) else None
 
     # --- Token lifecycle ----------------------------------------------------------------------
 

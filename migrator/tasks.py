@@ -152,7 +152,9 @@ def migrate(record, *, kind="upgrade", revision="head", run=None):
     """Bring the database of ``record`` (a ``MigrationTarget``) to ``revision``.
 
     Reads the admin credentials at ``{mount}/data/{secrets path}/{path}``, ``path`` being
-    ``record.effective_vault_path`` (cached per process). When the database rejects them and
+    ``record.effective_vault_path``, fresh from Vault: a run never decides what to do (nor
+    "nothing to do") on a cached secret older than the one in Vault, which may now name
+    another database. When the database rejects them and
     Vault has newer ones (a rotation), reads Vault once more and retries once. With ``run``,
     also does what a recorded run does around the migration: a backup first when the target's
     policy asks for one and something is pending (a failed backup stops the run before any
@@ -160,7 +162,7 @@ def migrate(record, *, kind="upgrade", revision="head", run=None):
     """
     secrets = get_secrets_manager()
     connection = secrets.migration_credentials(
-        record.effective_vault_path, provider=record.provider
+        record.effective_vault_path, provider=record.provider, fresh=True
     )
     try:
         return _migrate(Target(record.name, connection), record, kind, revision, run)
@@ -208,9 +210,10 @@ def _recorded_behind(record, revision):
 
 
 def read_revision(record):
-    """The revision the database of ``record`` stands at now, read from its ``alembic_version``."""
+    """The revision the database of ``record`` stands at now, read from its ``alembic_version``
+    (the secret read fresh from Vault: the database it names now)."""
     connection = get_secrets_manager().migration_credentials(
-        record.effective_vault_path, provider=record.provider
+        record.effective_vault_path, provider=record.provider, fresh=True
     )
     return runner.current(Target(record.name, connection)).revision
 
