@@ -33,17 +33,33 @@ MIGRATION_TASK = "migrator.tasks.run_migration"
 
 @dataclass(frozen=True)
 class Dispatch:
-    """What a trigger did for one target: a new run, the run already under way, or nothing."""
+    """What a trigger did for one target: a new run, the run already under way, or nothing.
+
+    ``kind`` and ``revision`` are what was asked: when the run already under way does something
+    else (a downgrade asked while an upgrade is queued), the request was not carried out.
+    """
 
     target: MigrationTarget
     run: MigrationRun | None
     created: bool
     reason: str = ""
+    kind: str = RunKind.UPGRADE
+    revision: str = "head"
+
+    @property
+    def carried_out(self):
+        """A run doing what was asked exists: a new one the queue took, or one under way with
+        the same aim."""
+        if self.run is None or self.unqueued:
+            return False
+        return self.created or (
+            self.run.kind == self.kind and self.run.requested_revision == self.revision
+        )
 
     @property
     def unqueued(self):
         """A new run that the queue broker refused: closed as failed, nothing ran."""
-        return self.created and self.run.error_code == "queue_unavailable"
+        return self.created and self.run is not None and self.run.error_code == "queue_unavailable"
 
     @property
     def message(self):
@@ -54,6 +70,12 @@ class Dispatch:
         if self.created:
             return (
                 f"Run #{self.run.pk} queued for {self.target.name} ({self.run.requested_revision})."
+            )
+        if not self.carried_out:
+            return (
+                f"Run #{self.run.pk} for {self.target.name} is already {self.run.status} "
+                f"({self.run.kind} to {self.run.requested_revision}); your {self.kind} to "
+                f"{self.revision} was not queued. Cancel that run or wait for it, then ask again."
             )
         return (
             f"Run #{self.run.pk} for {self.target.name} is already {self.run.status}; "
@@ -94,12 +116,14 @@ def do_enqueue_runs(
         wanted = []  # (position, target) of the targets that get a run
         for position, target in enumerate(targets):
             if target.held:
-                dispatches[position] = Dispatch(target, None, False, "the target is held")
+                dispatches[position] = Dispatch(
+                    target, None, False, "the target is held", kind, revision
+                )
                 continue
             if enqueue:
                 unrouted = routing.unrouted_reason(target.region)
                 if unrouted:
-                    dispatches[position] = Dispatch(target, None, False, unrouted)
+                    dispatches[position] = Dispatch(target, None, False, unrouted, kind, revision)
                     continue
             wanted.append((position, target))
         runs = _create_or_find_active_runs(
@@ -112,7 +136,7 @@ def do_enqueue_runs(
             phase=phase,
         )
         for (position, target), (run, created) in zip(wanted, runs, strict=True):
-            dispatches[position] = Dispatch(target, run, created)
+            dispatches[position] = Dispatch(target, run, created, "", kind, revision)
         new_runs = [d.run for d in dispatches if d.created]
         if enqueue and new_runs:
             transaction.on_commit(lambda: _enqueue(new_runs))
@@ -124,6 +148,35 @@ def do_enqueue_runs(
         f" ({acting_user})" if acting_user else "",
         len(dispatches),
     )
+    return dispatches
+
+
+def do_enqueue_plan(rows, *, trigger, acting_user=None, enqueue=True, batch=None):
+    """Queue the accepted rows of a plan (``tenants.planning.plan``), each as it was shown: its
+    kind, its destination, its phase; all in one batch. Returns one ``Dispatch`` per accepted
+    row, in order; rows refused or left out by the planner get none.
+    """
+    batch = batch or uuid.uuid4()
+    accepted = [row for row in rows if row.accepted]
+    groups = {}
+    for position, row in enumerate(accepted):
+        key = (row.kind, row.destination, row.phase)
+        groups.setdefault(key, []).append(position)
+    dispatches = [None] * len(accepted)
+    with transaction.atomic():
+        for (kind, destination, phase), positions in groups.items():
+            found = do_enqueue_runs(
+                [accepted[p].target for p in positions],
+                trigger=trigger,
+                acting_user=acting_user,
+                revision=destination,
+                kind=kind,
+                phase=phase,
+                batch=batch,
+                enqueue=enqueue,
+            )
+            for position, dispatch in zip(positions, found, strict=True):
+                dispatches[position] = dispatch
     return dispatches
 
 
@@ -716,16 +769,19 @@ def do_start_restore_run(target, *, backup_run, worker_host, trigger=None, actin
             requested_revision=backup_run.revision_before or "base",
             restored_from=backup_run,
         )
+    asked = {"kind": RunKind.RESTORE, "revision": backup_run.revision_before or "base"}
     if not created:
-        return Dispatch(target, run, False)
+        return Dispatch(target, run, False, **asked)
     started = do_start_run(run.pk, worker_host=worker_host)
     if started is None:
         run.refresh_from_db()
-        return Dispatch(target, None, False, f"restore run #{run.pk} was {run.status} at once")
+        return Dispatch(
+            target, None, False, f"restore run #{run.pk} was {run.status} at once", **asked
+        )
     logger.info(
         "Restore of run %s's backup started on %s (run %s)", backup_run.pk, target.name, run.pk
     )
-    return Dispatch(target, started, True)
+    return Dispatch(target, started, True, **asked)
 
 
 @transaction.atomic

@@ -10,12 +10,10 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
-from tenants import actions
+from tenants import actions, planning
 from tenants.models import (
     MigrationRun,
     MigrationTarget,
-    RunKind,
-    RunStatus,
     TargetStatus,
     Tenant,
     Trigger,
@@ -47,8 +45,9 @@ def _run_link(run):
 class RunMigrationsActions:
     """Admin actions that start migrations; shown only with ``tenants.run_migrations``.
 
-    Thin loops in django-allauth's manner: call the action, report each row with
-    ``message_user``. Subclasses say how the selected rows map to targets.
+    Thin loops in django-allauth's manner: ask the planner (``tenants.planning``) for one row
+    per target, show the rows (a confirmation page, or a message per row), hand the accepted
+    ones to ``actions.do_enqueue_plan``. Subclasses say how the selected rows map to targets.
     """
 
     actions = [
@@ -68,15 +67,22 @@ class RunMigrationsActions:
     def targets_of(self, queryset):
         raise NotImplementedError
 
-    def _dispatch(self, request, targets):
-        dispatches = actions.do_enqueue_runs(
-            targets, trigger=Trigger.ADMIN, acting_user=request.user
-        )
+    def _queue(self, request, rows, prefix=""):
+        """Say why each row not queued was not, queue the others, report each run."""
+        by_reason = {}
+        for row in rows:
+            if not row.accepted:
+                level = messages.ERROR if row.refusal else messages.WARNING
+                by_reason.setdefault((row.reason, level), []).append(row.target.name)
+        for (reason, level), names in by_reason.items():
+            shown = ", ".join(names[:50]) + (", …" if len(names) > 50 else "")
+            self.message_user(request, f"{prefix}Not queued for {shown}: {reason}.", level)
+        dispatches = actions.do_enqueue_plan(rows, trigger=Trigger.ADMIN, acting_user=request.user)
         for dispatch in dispatches[: self.MESSAGES_PER_ROW_LIMIT]:
             level = dispatch_level(dispatch)
-            if dispatch.run is None:
+            if not dispatch.carried_out:
                 level = messages.ERROR
-            self.message_user(request, dispatch.message, level)
+            self.message_user(request, prefix + dispatch.message, level)
         rest = dispatches[self.MESSAGES_PER_ROW_LIMIT :]
         if rest:
             created = sum(d.created for d in rest)
@@ -89,7 +95,8 @@ class RunMigrationsActions:
 
     @admin.action(description="Migrate to head", permissions=["run_migrations"])
     def migrate_to_head(self, request, queryset):
-        self._dispatch(request, self.targets_of(queryset))
+        rows = planning.plan(self.targets_of(queryset), planning.Intent.upgrade())
+        self._queue(request, rows)
 
     @admin.action(description="Retry failed migrations", permissions=["run_migrations"])
     def retry_failed(self, request, queryset):
@@ -97,38 +104,34 @@ class RunMigrationsActions:
         if not targets:
             self.message_user(request, "None of the selected targets has failed.", messages.INFO)
             return
-        self._dispatch(request, targets)
+        self._queue(request, planning.plan(targets, planning.Intent.upgrade()))
 
     @admin.action(description="Preview the SQL (dry run)", permissions=["run_migrations"])
     def preview_sql(self, request, queryset):
-        from migrator import runner
-        from migrator.exceptions import MigratorError
-
+        rows = planning.plan(
+            self.targets_of(queryset), planning.Intent.upgrade(), live=True, sql=True
+        )
         groups = {}
-        for target in self.targets_of(queryset):
-            groups.setdefault((target.provider, target.revision or None), []).append(target)
-        previews = []
-        for (provider, revision), targets in sorted(
-            groups.items(), key=lambda item: (item[0][0], item[0][1] or "")
-        ):
-            try:
-                sql = runner.sql_preview(provider, revision, "head").sql
-                error = ""
-            except MigratorError as exc:
-                sql, error = "", str(exc)
-            previews.append(
-                {
-                    "provider": provider,
-                    "revision": revision,
-                    "targets": targets,
-                    "sql": sql,
-                    "error": error,
-                }
+        for row in rows:
+            key = (
+                row.target.provider,
+                row.stands,
+                row.source,
+                row.goes_to,
+                row.sql,
+                row.no_sql,
+                row.reason,
+                row.source_note,
+                row.status,
             )
+            groups.setdefault(key, []).append(row)
         context = {
             **self.admin_site.each_context(request),
             "title": "Preview the SQL of a migration to head",
-            "previews": previews,
+            "groups": [
+                {"row": group[0], "targets": [row.target for row in group]}
+                for group in groups.values()
+            ],
             "opts": self.model._meta,
         }
         return TemplateResponse(request, "admin/tenants/preview_sql.html", context)
@@ -137,96 +140,57 @@ class RunMigrationsActions:
 
     @admin.action(description="Downgrade to a revision…", permissions=["run_migrations"])
     def downgrade_to_revision(self, request, queryset):
-        from migrator import rollback
-
         targets = self.targets_of(queryset)
-        revision = request.POST.get("revision", "")
+        choices = planning.downgrade_choices(targets)
+        revision = request.POST.get("revision", "") or (choices[0] if choices else "")
+        if revision and revision not in choices:
+            self.message_user(
+                request,
+                f"{revision} is not a revision every selected target can be downgraded to; "
+                "choose one in the list.",
+                messages.ERROR,
+            )
+            revision = choices[0] if choices else ""
         rows = []
         if revision:
-            for target in targets:
-                if rollback.is_downgrade(target.revision, revision):
-                    rows.append((target, revision))
-                else:
-                    self.message_user(
-                        request,
-                        f"{target.name} is at {target.revision or 'base'}, not above {revision}: "
-                        "left alone.",
-                        messages.WARNING,
-                    )
-        return self._downgrade(
+            rows = planning.plan(targets, planning.Intent.downgrade(revision), live=True, sql=True)
+        return self._confirm(
             request,
             rows,
             action="downgrade_to_revision",
             title="Downgrade to a revision",
-            choose_revision=True,
+            choices=choices,
+            revision=revision,
         )
 
     @admin.action(description="Undo the last run", permissions=["run_migrations"])
     def undo_last_run(self, request, queryset):
-        rows = []
-        for target in self.targets_of(queryset):
-            last = (
-                target.runs.filter(kind=RunKind.UPGRADE, status=RunStatus.SUCCEEDED)
-                .order_by("-finished_at", "-id")
-                .first()
-            )
-            if last is None:
-                self.message_user(
-                    request, f"{target.name} has no successful run to undo.", messages.WARNING
-                )
-            else:
-                rows.append((target, last.revision_before or "base"))
-        return self._downgrade(request, rows, action="undo_last_run", title="Undo the last run")
+        rows = planning.plan(self.targets_of(queryset), planning.Intent.undo(), live=True, sql=True)
+        return self._confirm(request, rows, action="undo_last_run", title="Undo the last run")
 
-    def _downgrade(self, request, rows, *, action, title, choose_revision=False):
-        """The confirmation page of a downgrade (each target, where it is, where it goes, the SQL
-        it will run, and whatever makes it impossible); on confirmation, the runs."""
-        from migrator import rollback, runner
-        from migrator.exceptions import MigratorError
-
-        plans = []
-        for target, destination in rows:
-            problems, sql = [], ""
-            try:
-                problems = [str(p) for p in rollback.irreversible(target.revision, destination)]
-                sql = runner.sql_preview(
-                    target.provider, target.revision or None, destination, kind="downgrade"
-                ).sql
-            except MigratorError as exc:
-                problems.append(str(exc))
-            plans.append(
-                {"target": target, "destination": destination, "sql": sql, "problems": problems}
-            )
-        blocked = [plan for plan in plans if plan["problems"]]
-        if request.POST.get("confirm") == "yes" and plans and not blocked:
-            by_destination = {}
-            for plan in plans:
-                by_destination.setdefault(plan["destination"], []).append(plan["target"])
-            for destination, targets in by_destination.items():
-                for dispatch in actions.do_enqueue_runs(
-                    targets,
-                    trigger=Trigger.ADMIN,
-                    acting_user=request.user,
-                    revision=destination,
-                    kind=RunKind.DOWNGRADE,
-                ):
-                    level = dispatch_level(dispatch)
-                    self.message_user(request, f"Downgrade: {dispatch.message}", level)
+    def _confirm(self, request, rows, *, action, title, choices=(), revision=""):
+        """The confirmation page of a plan (each target, where it stands and whether that was
+        read live, where it goes, the SQL or why none, and what refuses it); on confirmation,
+        the runs. A refused row stops the whole request: nothing is queued."""
+        accepted = [row for row in rows if row.accepted]
+        refused = [row for row in rows if row.refusal]
+        if request.POST.get("confirm") == "yes" and accepted and not refused:
+            self._queue(request, rows)
             return None
-        revisions = []
-        if choose_revision:
-            script = runner.script_directory()
-            revisions = ["base"] + [r.revision for r in script.walk_revisions()]
+        downgrades = all(row.kind == "downgrade" for row in accepted)
         context = {
             **self.admin_site.each_context(request),
             "title": title,
             "opts": self.model._meta,
             "action": action,
             "selected": request.POST.getlist(admin.helpers.ACTION_CHECKBOX_NAME),
-            "revisions": revisions,
-            "revision": request.POST.get("revision", ""),
-            "plans": plans,
-            "blocked": blocked,
+            "choose_revision": action == "downgrade_to_revision",
+            "revisions": choices,
+            "revision": revision,
+            "rows": rows,
+            "accepted": accepted,
+            "refused": refused,
+            "verb": "downgrade" if downgrades else "run it for",
         }
         return TemplateResponse(request, "admin/tenants/downgrade_confirm.html", context)
 
@@ -241,34 +205,8 @@ class RunMigrationsActions:
         self._phase(request, queryset, "contract")
 
     def _phase(self, request, queryset, phase):
-        from migrator import phases
-
-        if not phases.has_phases():
-            self.message_user(
-                request, "The script directory has no expand/contract branches.", messages.ERROR
-            )
-            return
-        targets = self.targets_of(queryset)
-        if phase == phases.CONTRACT:
-            lagging = phases.lagging_on_expand(targets)
-            if lagging:
-                self.message_user(
-                    request,
-                    f"Contract refused: {len(lagging)} target(s) have not finished expand: "
-                    + ", ".join(t.name for t in lagging[:50]),
-                    messages.ERROR,
-                )
-                return
-        dispatches = actions.do_enqueue_runs(
-            targets,
-            trigger=Trigger.ADMIN,
-            acting_user=request.user,
-            revision=phases.destination(phase),
-            phase=phase,
-        )
-        for dispatch in dispatches[: self.MESSAGES_PER_ROW_LIMIT]:
-            level = dispatch_level(dispatch)
-            self.message_user(request, f"{phase.title()}: {dispatch.message}", level)
+        rows = planning.plan(self.targets_of(queryset), planning.Intent.blue_green(phase))
+        self._queue(request, rows, prefix=f"{phase.title()}: ")
 
 
 @admin.register(MigrationTarget)

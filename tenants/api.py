@@ -11,7 +11,7 @@ from rest_framework import permissions, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from tenants import actions
+from tenants import actions, planning
 from tenants.authentication import BearerTokenAuthentication
 from tenants.models import MigrationRun, Tenant, Trigger
 
@@ -41,25 +41,55 @@ def run_as_json(run, request):
 
 
 class MigrateTenantView(ApiView):
-    """``POST /api/tenants/<id>/migrate`` -> 202 with the run (a new one, or the one under way)."""
+    """``POST /api/tenants/<id>/migrate``: migrate the tenant's database.
+
+    Body (JSON, optional): ``{"revision": "head"}`` (a revision id, ``head``, or a relative one
+    such as ``+1``) and ``"allow_downgrade": true`` to let a revision below where the database
+    stands downgrade it. Answers 202 with the run (a new one, ``created`` true, or the one
+    already under way with the same aim, ``created`` false and a ``reason``), or 409 with
+    ``status`` ``refused`` (or ``not-queued``) and a ``reason`` when nothing was queued: the
+    planner refused it (held target, unknown revision, a downgrade not allowed or impossible)
+    or another run of the target is under way with another aim.
+    """
 
     def post(self, request, tenant_id):
         tenant = get_object_or_404(Tenant.objects.select_related("target"), pk=tenant_id)
-        revision = str(request.data.get("revision") or "head") if request.data else "head"
-        [dispatch] = actions.do_enqueue_runs(
-            [tenant.target], trigger=Trigger.API, acting_user=request.user, revision=revision
+        data = request.data if isinstance(request.data, dict) else {}
+        revision = str(data.get("revision") or "head").strip() or "head"
+        intent = planning.Intent.upgrade(
+            revision, allow_downgrade=data.get("allow_downgrade") is True
         )
-        if dispatch.run is None:
+        [row] = planning.plan([tenant.target], intent)
+        if not row.accepted:
             return Response(
-                {"detail": dispatch.message, "target": tenant.target.name},
+                {
+                    "status": "refused" if row.refusal else "not-queued",
+                    "target": tenant.target.name,
+                    "reason": row.reason,
+                    "detail": f"Not queued for {tenant.target.name}: {row.reason}.",
+                    "plan": row.as_dict(),
+                },
                 status=status.HTTP_409_CONFLICT,
             )
-        body = run_as_json(dispatch.run, request)
-        body["created"] = dispatch.created
+        [dispatch] = actions.do_enqueue_plan([row], trigger=Trigger.API, acting_user=request.user)
         if dispatch.unqueued:
             # Recorded as failed, not queued: nothing ran, and a second POST starts a new run.
-            body["detail"] = dispatch.message
+            body = run_as_json(dispatch.run, request)
+            body.update(created=True, detail=dispatch.message, reason=dispatch.message)
             return Response(body, status=status.HTTP_503_SERVICE_UNAVAILABLE)
+        if not dispatch.carried_out:
+            body = {
+                "status": "not-queued",
+                "target": tenant.target.name,
+                "reason": dispatch.message,
+                "detail": dispatch.message,
+            }
+            if dispatch.run is not None:
+                body["run"] = run_as_json(dispatch.run, request)
+            return Response(body, status=status.HTTP_409_CONFLICT)
+        body = run_as_json(dispatch.run, request)
+        body["created"] = dispatch.created
+        body["reason"] = None if dispatch.created else dispatch.message
         return Response(body, status=status.HTTP_202_ACCEPTED)
 
 

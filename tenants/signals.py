@@ -8,7 +8,7 @@ need nothing: their shared database is migrated for all of them.
 from django.db.models.signals import post_save
 from django.dispatch import receiver
 
-from tenants import actions
+from tenants import actions, planning
 from tenants.models import Strategy, Tenant, Trigger
 
 
@@ -18,4 +18,5 @@ def migrate_new_tenant(sender, instance, created, raw=False, **kwargs):
         return
     if instance.strategy == Strategy.SHARED:
         return
-    actions.do_enqueue_runs([instance.target], trigger=Trigger.SIGNAL)
+    rows = planning.plan([instance.target], planning.Intent.upgrade())
+    actions.do_enqueue_plan(rows, trigger=Trigger.SIGNAL)

@@ -8,36 +8,22 @@ needs the ``tenants.run_migrations`` permission.
 import json
 import sys
 import time
-import uuid
-from dataclasses import dataclass, field
 
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
 from migrator.phases import PHASES
-from tenants import actions
+from tenants import actions, planning
 from tenants.models import (
-    FINISHED_RUN_STATUSES,
+    ACTIVE_RUN_STATUSES,
     MigrationRun,
     Provider,
     RunKind,
     RunStatus,
     Strategy,
-    TargetStatus,
     Trigger,
 )
 from tenants.selection import missing_tenants, select_targets
-
-
-@dataclass
-class Plan:
-    """Runs of one kind to one revision for a group of targets."""
-
-    kind: str
-    revision: str
-    phase: str = ""
-    targets: list = field(default_factory=list)
-
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -160,189 +146,109 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options):
+        self._check_usage(options)
         user = self._acting_user(options["as_user"])
-        scopes = ("all", "shared", "tenant", "target", "strategy", "failed", "provider", "region")
         if options["recover"]:
-            from migrator.tasks import recover_stale_runs
-
-            lines = recover_stale_runs()
-            for line in lines:
-                self.stderr.write(line)
-            self.stderr.write(f"Recovered {len(lines)} abandoned run(s).")
-            if not any(options[k] for k in scopes):
+            self._recover()
+            if not self._scoped(options):
                 return
         if options["verify"]:
-            return self._verify(options, user, scopes)
+            return self._verify(options, user)
         targets = list(self._select(options))
         if not targets:
-            if not any(
-                options[k]
-                for k in (
-                    "all",
-                    "shared",
-                    "tenant",
-                    "target",
-                    "strategy",
-                    "failed",
-                    "provider",
-                    "region",
-                )
-            ):
-                raise CommandError(
-                    "Say which targets: --all, --shared, --tenant ID, --target NAME, --strategy, "
-                    "--failed, --provider or --region.",
-                    returncode=EXIT_USAGE,
-                )
-            self._emit([], options)
+            self._emit([], [], options)
             self.stderr.write("No target matches.")
             return
-
-        plans = self._plans(targets, options)
-        at_head = []
-        if options["skip_at_head"]:
-            plans, at_head = self._leave_out_recorded_at_head(plans, options)
+        intent = self._intent(options)
+        rows = planning.plan(
+            targets, intent, live=options["dry_run"] or options["undo_last"], sql=options["dry_run"]
+        )
         if options["dry_run"]:
-            return self._dry_run(plans, options)
-        if any(plan.kind == RunKind.DOWNGRADE for plan in plans):
-            self._confirm_downgrades(plans, options)
-
-        batch = uuid.uuid4()
-        dispatches = []
-        for plan in plans:
-            dispatches += actions.do_enqueue_runs(
-                plan.targets,
-                trigger=Trigger.COMMAND,
-                acting_user=user,
-                revision=plan.revision,
-                kind=plan.kind,
-                phase=plan.phase,
-                batch=batch,
-                enqueue=not options["sync"],
-            )
-        unqueued = [d for d in dispatches if d.unqueued]
-        for dispatch in unqueued:
-            self.stderr.write(dispatch.message)
+            return self._show_plan(rows, options)
+        self._refuse_downgrades(rows, intent)
+        self._confirm_downgrades(rows, options)
+        dispatches = actions.do_enqueue_plan(
+            rows,
+            trigger=Trigger.COMMAND,
+            acting_user=user,
+            enqueue=not options["sync"],
+        )
         if options["sync"]:
             self._run_inline(dispatches, options)
         elif options["wait"]:
             self._wait(dispatches, options)
-        runs = self._reload(dispatches)
-        self._emit(runs, options, dispatches=dispatches, at_head=at_head)
-        if unqueued:
-            sys.exit(EXIT_FAILED)
-        if options["sync"] or options["wait"]:
-            failed = [r for r in runs if r.status not in OK_STATUSES]
-            if failed:
-                sys.exit(EXIT_FAILED)
+        runs = latest_attempts(dispatches)
+        self._emit(rows, list(zip(dispatches, runs, strict=True)), options)
+        code = self._exit_code(rows, dispatches, runs, options)
+        if code:
+            sys.exit(code)
 
-    # --- what to do to which target ------------------------------------------------------
+    # --- what was asked -------------------------------------------------------------------
 
-    def _plans(self, targets, options):
-        """Group the targets by what each needs: (kind, revision, phase)."""
-        from migrator import phases, rollback
+    SCOPES = ("all", "shared", "tenant", "target", "strategy", "failed", "provider", "region")
 
-        if options["phase"]:
-            phase = options["phase"]
-            if not phases.has_phases():
-                raise CommandError(
-                    "The script directory has no expand/contract branches (revisions with "
-                    "branch_labels=('expand',) and ('contract',)).",
-                    returncode=EXIT_USAGE,
-                )
-            if phase == phases.CONTRACT:
-                lagging = phases.lagging_on_expand(targets)
-                if lagging:
-                    names = ", ".join(t.name for t in lagging[:50])
-                    raise CommandError(
-                        f"Contract refused: {len(lagging)} target(s) have not finished the "
-                        f"expand phase: {names}. Run `migrate_tenants --phase expand` for them "
-                        "first (and deploy the new application), then contract.",
-                        returncode=EXIT_FAILED,
-                    )
-            return [Plan(RunKind.UPGRADE, phases.destination(phase), phase, list(targets))]
-        if options["undo_last"]:
-            by_destination = {}
-            for target in targets:
-                last = (
-                    target.runs.filter(kind=RunKind.UPGRADE, status=RunStatus.SUCCEEDED)
-                    .order_by("-finished_at", "-id")
-                    .first()
-                )
-                if last is None:
-                    self.stderr.write(f"{target.name}: no successful run to undo; left alone.")
-                    continue
-                destination = last.revision_before or "base"
-                by_destination.setdefault(destination, []).append(target)
-            return [
-                Plan(RunKind.DOWNGRADE, destination, "", group)
-                for destination, group in by_destination.items()
-            ]
-        revision = options["to"]
-        downgrades = [t for t in targets if rollback.is_downgrade(t.revision, revision)]
-        upgrades = [t for t in targets if t not in downgrades]
-        plans = []
-        if upgrades:
-            plans.append(Plan(RunKind.UPGRADE, revision, "", upgrades))
-        if downgrades:
-            plans.append(Plan(RunKind.DOWNGRADE, revision, "", downgrades))
-        return plans
+    def _scoped(self, options):
+        return any(options[k] for k in self.SCOPES)
 
-    def _leave_out_recorded_at_head(self, plans, options):
-        """``--skip-at-head``: (the plans without the targets recorded at head, those targets)."""
-        from migrator import runner
-
-        if options["to"] != "head" or options["phase"] or options["undo_last"]:
+    def _check_usage(self, options):
+        """Bad usage exits 2 before anything is read or queued."""
+        if not options["to"].strip():
+            raise CommandError(
+                "--to needs a revision: head, a revision id, base, or a relative one such as -1.",
+                returncode=EXIT_USAGE,
+            )
+        if options["timeout"] < 0:
+            raise CommandError(
+                f"--timeout must be 0 (wait as long as it takes) or a number of seconds, not "
+                f"{options['timeout']}.",
+                returncode=EXIT_USAGE,
+            )
+        if options["skip_at_head"] and (
+            options["to"] != "head" or options["phase"] or options["undo_last"]
+        ):
             raise CommandError(
                 "--skip-at-head is for an upgrade to head only (not with --to REVISION, --phase "
                 "or --undo-last).",
                 returncode=EXIT_USAGE,
             )
-        heads = runner.heads()
-        at_head = []
-        for plan in plans:
-            if plan.kind != RunKind.UPGRADE:
-                continue
-            recorded = [
-                t
-                for t in plan.targets
-                if t.status == TargetStatus.UP_TO_DATE
-                and not t.drifted
-                and actions.target_status_for(t.revision, heads) == TargetStatus.UP_TO_DATE
-            ]
-            if recorded:
-                left = set(recorded)
-                plan.targets = [t for t in plan.targets if t not in left]
-                at_head += recorded
-        if at_head and not options["json"]:
-            self.stderr.write(
-                f"{len(at_head)} target(s) recorded at head: left alone without reading their "
-                "databases (--skip-at-head)."
-            )
-        return [plan for plan in plans if plan.targets], at_head
-
-    def _confirm_downgrades(self, plans, options):
-        """Refuse irreversible downgrades; ask before the others unless --yes."""
-        from migrator import rollback
-        from migrator.exceptions import MigratorError
-
-        lines, problems = [], []
-        for plan in plans:
-            if plan.kind != RunKind.DOWNGRADE:
-                continue
-            for target in plan.targets:
-                lines.append(f"  {target.name}: {target.revision or 'base'} -> {plan.revision}")
-                try:
-                    found = rollback.irreversible(target.revision, plan.revision)
-                except MigratorError as exc:
-                    problems.append(f"{target.name}: {exc}")
-                    continue
-                problems += [f"{target.name}: {p}" for p in found]
-        if problems:
+        if not self._scoped(options) and not options["recover"]:
             raise CommandError(
-                "Downgrade refused before anything ran:\n  " + "\n  ".join(problems),
+                "Say which targets: --all, --shared, --tenant ID, --target NAME, --strategy, "
+                "--failed, --provider or --region.",
                 returncode=EXIT_USAGE,
             )
-        if options["yes"]:
+
+    def _intent(self, options):
+        if options["phase"]:
+            return planning.Intent.blue_green(options["phase"])
+        if options["undo_last"]:
+            return planning.Intent.undo()
+        return planning.Intent.upgrade(
+            options["to"].strip(), skip_recorded_at_head=options["skip_at_head"]
+        )
+
+    def _refuse_downgrades(self, rows, intent):
+        """A downgrade (or an undo) runs for every selected target or for none: a refused row
+        stops it before anything is queued (exit 2)."""
+        downgrading = intent.action == planning.UNDO or any(
+            row.kind == RunKind.DOWNGRADE for row in rows
+        )
+        refused = [row for row in rows if row.refusal]
+        if downgrading and refused:
+            raise CommandError(
+                "Downgrade refused before anything ran:\n  "
+                + "\n  ".join(f"{row.target.name}: {row.refusal}" for row in refused),
+                returncode=EXIT_USAGE,
+            )
+
+    def _confirm_downgrades(self, rows, options):
+        """Ask before downgrading, unless --yes."""
+        lines = [
+            f"  {row.target.name}: {row.stands or 'base'} -> {row.goes_to} ({row.source})"
+            for row in rows
+            if row.accepted and row.kind == RunKind.DOWNGRADE
+        ]
+        if not lines or options["yes"]:
             return
         self.stderr.write(f"This downgrades {len(lines)} target(s):\n" + "\n".join(lines[:50]))
         if not sys.stdin or not sys.stdin.isatty():
@@ -354,18 +260,32 @@ class Command(BaseCommand):
         if answer.strip().lower() != "yes":
             raise CommandError("Nothing was done.", returncode=EXIT_USAGE)
 
+    def _exit_code(self, rows, dispatches, runs, options):
+        """1 when a target was refused, a request was not carried out (another run under way
+        does something else), or, with --sync or --wait, a run did not succeed."""
+        if any(row.refusal for row in rows):
+            return EXIT_FAILED
+        if any(not d.carried_out for d in dispatches):
+            return EXIT_FAILED
+        if options["sync"] or options["wait"]:
+            if any(run.status not in OK_STATUSES for run in runs):
+                return EXIT_FAILED
+        return 0
+
+    def _recover(self):
+        from migrator.tasks import recover_stale_runs
+
+        lines = recover_stale_runs()
+        for line in lines:
+            self.stderr.write(line)
+        self.stderr.write(f"Recovered {len(lines)} abandoned run(s).")
+
     # --- modes ----------------------------------------------------------------------------
 
-    def _verify(self, options, user, scopes):
+    def _verify(self, options, user):
         """Verify the selected targets now (``migrator.verify.verify_records``), in this process."""
         from migrator.verify import verify_records
 
-        if not any(options[k] for k in scopes):
-            raise CommandError(
-                "Say which targets to verify: --all, --shared, --tenant ID, --target NAME, "
-                "--strategy, --failed, --provider or --region.",
-                returncode=EXIT_USAGE,
-            )
         targets = self._select(options)
         results = verify_records(
             targets, trigger=Trigger.COMMAND, acting_user=user, record_every_run=True
@@ -390,29 +310,19 @@ class Command(BaseCommand):
                 self.stderr.write(f"[{index}/{len(created)}] {run.target.name}: {run.status}")
 
     def _wait(self, dispatches, options):
-        from django.db.models import Count, Q
-
-        runs = [d.run for d in dispatches if d.run is not None]
-        total = len(runs)
-        # The runs this command queued share its batch; a run already under way for a target
-        # (queued by someone else) is waited for by id. One small query per poll, whatever N.
-        batches = {d.run.batch for d in dispatches if d.created}
-        others = [d.run.pk for d in dispatches if d.run is not None and not d.created]
-        mine = Q(batch__in=batches) if batches else Q(pk__in=[])
-        progress = Progress(self.stderr, total, enabled=not options["json"])
+        """Show progress by target until each target's last attempt has ended: a retryable
+        failure queues the next attempt in the same batch (``actions.do_schedule_retry``), so a
+        failed attempt with attempts left is not the end of its target."""
+        followed = [d for d in dispatches if d.run is not None]
+        progress = Progress(self.stderr, len(followed), enabled=not options["json"])
         deadline = time.monotonic() + options["timeout"] if options["timeout"] else None
         while True:
-            counts = dict.fromkeys(FINISHED_RUN_STATUSES, 0)
-            finished = (
-                MigrationRun.objects.filter(mine | Q(pk__in=others))
-                .filter(status__in=FINISHED_RUN_STATUSES)
-                .values("status")
-                .annotate(count=Count("pk"))
-            )
-            for row in finished:
-                counts[row["status"]] += row["count"]
+            counts = {}
+            for run in latest_attempts(followed):
+                if not attempt_pending(run):
+                    counts[run.status] = counts.get(run.status, 0) + 1
             progress.update(counts)
-            if sum(counts.values()) >= total:
+            if sum(counts.values()) >= len(followed):
                 progress.finish()
                 return
             if deadline and time.monotonic() > deadline:
@@ -423,37 +333,22 @@ class Command(BaseCommand):
                 return
             time.sleep(0.25)
 
-    def _dry_run(self, plans, options):
-        """Print the SQL each target would run, from the revision it is at now (read live)."""
-        from migrator import runner
-        from migrator.exceptions import MigratorError
-        from migrator.secrets import get_secrets_manager
-        from migrator.targets import Target
-
-        secrets = get_secrets_manager()
-        results = []
-        for plan in plans:
-            for record in plan.targets:
-                entry = {"target": record.name, "provider": record.provider, "kind": plan.kind}
-                try:
-                    connection = secrets.migration_credentials(
-                        record.effective_vault_path, provider=record.provider
-                    )
-                    target = Target(record.name, connection)
-                    state = runner.current(target)
-                    preview = runner.sql_preview(
-                        target, state.revision, plan.revision, kind=plan.kind
-                    )
-                    entry.update(revision_before=state.revision, sql=preview.sql, status="preview")
-                except MigratorError as exc:
-                    entry.update(status="failed", error=str(exc))
-                results.append(entry)
-                if not options["json"]:
-                    self.stdout.write(f"-- {record.name} ({record.provider}, {plan.kind}) --")
-                    self.stdout.write(entry.get("sql") or f"-- error: {entry['error']}")
+    def _show_plan(self, rows, options):
+        """``--dry-run``: each target's row of the plan, with its SQL; nothing is queued.
+        Exit 1 when a target is refused or its live revision could not be read."""
         if options["json"]:
-            self.stdout.write(json.dumps(results, indent=2))
-        if any(r["status"] == "failed" for r in results):
+            self.stdout.write(json.dumps([row.as_dict() for row in rows], indent=2))
+        else:
+            self.stdout.write(plan_table(rows))
+            for row in rows:
+                if row.sql or row.no_sql:
+                    self.stdout.write(
+                        f"\n-- {row.target.name} ({row.target.provider}): "
+                        f"{row.kind} from {row.stands or 'base'} ({row.source}) "
+                        f"to {row.goes_to} --"
+                    )
+                    self.stdout.write(row.sql or f"-- {row.no_sql}")
+        if any(row.refusal or row.source_note for row in rows):
             sys.exit(EXIT_FAILED)
 
     # --- helpers --------------------------------------------------------------------------
@@ -490,36 +385,121 @@ class Command(BaseCommand):
             )
         return user
 
-    def _reload(self, dispatches):
-        ids = [d.run.pk for d in dispatches if d.run is not None]
-        by_id = MigrationRun.objects.select_related("target").in_bulk(ids)
-        return [by_id[i] for i in ids]
-
-    def _emit(self, runs, options, dispatches=(), at_head=()):
-        skipped = [d for d in dispatches if d.run is None]
+    def _emit(self, rows, results, options):
+        """The outcome: a run per queued row (``results``: (dispatch, its latest attempt)),
+        and every row that was not queued, with why."""
+        not_queued = [row for row in rows if not row.accepted]
         if options["json"]:
-            payload = (
-                [run.outcome() for run in runs]
-                + [
-                    {"target": d.target.name, "status": "not-queued", "error": d.reason}
-                    for d in skipped
-                ]
-                + [
-                    {
-                        "target": t.name,
-                        "status": "recorded-at-head",
-                        "revision": t.revision,
-                        "last_checked_at": t.last_checked_at and t.last_checked_at.isoformat(),
-                    }
-                    for t in at_head
-                ]
-            )
+            payload = [
+                {**run.outcome(), **({} if d.carried_out and d.created else {"reason": d.message})}
+                for d, run in results
+            ] + [_not_queued_as_dict(row) for row in not_queued]
             self.stdout.write(json.dumps(payload, indent=2))
             return
-        for d in skipped:
-            self.stderr.write(d.message)
-        if runs:
-            self.stdout.write(summary_table(runs))
+        at_head = [row for row in not_queued if row.left_out and row.recorded_at_head]
+        if at_head:
+            self.stderr.write(
+                f"{len(at_head)} target(s) recorded at head: left alone without reading their "
+                "databases (--skip-at-head)."
+            )
+        by_reason = {}
+        for row in not_queued:
+            if row not in at_head:
+                by_reason.setdefault(row.reason, []).append(row.target.name)
+        for reason, names in by_reason.items():
+            self.stderr.write(f"Not queued for {', '.join(names[:50])}: {reason}.")
+        for dispatch, _ in results:
+            if not dispatch.created or dispatch.unqueued:
+                self.stderr.write(dispatch.message)
+        if results:
+            self.stdout.write(summary_table([run for _, run in results]))
+
+
+def _not_queued_as_dict(row):
+    if row.recorded_at_head:
+        return {
+            "target": row.target.name,
+            "status": "recorded-at-head",
+            "revision": row.stands,
+            "last_checked_at": row.target.last_checked_at
+            and row.target.last_checked_at.isoformat(),
+        }
+    return {**row.as_dict(), "status": "not-queued", "error": row.reason}
+
+
+def latest_attempts(dispatches):
+    """For each dispatch with a run, the latest attempt of that run (a retry is a new run of
+    the same batch and target), in order; one query."""
+    from django.db.models import Q
+
+    followed = [d for d in dispatches if d.run is not None]
+    if not followed:
+        return []
+    wanted = Q()
+    for batch in {d.run.batch for d in followed}:
+        wanted |= Q(batch=batch, target_id__in=[d.target.pk for d in followed])
+    latest = {}
+    for run in MigrationRun.objects.filter(wanted).select_related("target"):
+        key = (run.batch, run.target_id)
+        if key not in latest or (run.attempt, run.pk) > (latest[key].attempt, latest[key].pk):
+            latest[key] = run
+    return [latest.get((d.run.batch, d.target.pk), d.run) for d in followed]
+
+
+def attempt_pending(run):
+    """Whether ``run``'s target is not done yet: the run is queued or running, or it failed
+    with a retryable error and has attempts left, so that its next attempt is about to be
+    queued (the retry is written just after the failure). Bounded: a failure a minute old
+    with no successor is final (another run took the target)."""
+    from datetime import timedelta
+
+    from django.conf import settings
+    from django.utils import timezone
+
+    if run.status in ACTIVE_RUN_STATUSES:
+        return True
+    return bool(
+        run.status == RunStatus.FAILED
+        and run.retryable
+        and run.attempt < settings.RUN_MAX_ATTEMPTS
+        and run.finished_at
+        and run.finished_at > timezone.now() - timedelta(seconds=60)
+    )
+
+
+def plan_table(rows):
+    """The plan as a plain-text table: where each target stands (and whether that was read
+    live or from the record), where it goes, how many revisions, and why not when it does not."""
+    header = ("TARGET", "PROVIDER", "KIND", "STANDS AT", "FROM", "GOES TO", "STEPS", "NOTE")
+    table = [
+        (
+            row.target.name,
+            row.target.provider,
+            row.kind,
+            row.stands or "base",
+            row.source,
+            row.goes_to,
+            "" if not row.steps_known else str(len(row.steps)),
+            (row.reason or row.source_note or row.no_sql).splitlines()[0][:120]
+            if (row.reason or row.source_note or row.no_sql)
+            else "",
+        )
+        for row in rows
+    ]
+    widths = [max(len(str(r[i])) for r in [header, *table]) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *table]
+    ]
+    counts = {}
+    for row in rows:
+        counts[row.status] = counts.get(row.status, 0) + 1
+    lines.append("")
+    lines.append(
+        "Preview: nothing was run. "
+        + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    )
+    return "\n".join(lines)
 
 
 def summary_table(runs):

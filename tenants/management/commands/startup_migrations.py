@@ -14,7 +14,7 @@ import sys
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from tenants import actions
+from tenants import actions, planning
 from tenants.models import MigrationTarget, RunStatus, Strategy, Trigger
 
 
@@ -41,7 +41,12 @@ class Command(BaseCommand):
         failed = []
         if options["shared"] or settings.MIGRATE_SHARED_ON_STARTUP:
             shared = list(MigrationTarget.objects.filter(kind=Strategy.SHARED))
-            for dispatch in actions.do_enqueue_runs(shared, trigger=Trigger.STARTUP, enqueue=False):
+            rows = planning.plan(shared, planning.Intent.upgrade())
+            for row in rows:
+                if row.refusal:
+                    failed.append(row.target.name)
+                    self.stderr.write(f"Shared database {row.target.name}: {row.refusal}.")
+            for dispatch in actions.do_enqueue_plan(rows, trigger=Trigger.STARTUP, enqueue=False):
                 if dispatch.run is None or not dispatch.created:
                     self.stderr.write(dispatch.message)
                     continue
@@ -59,10 +64,14 @@ class Command(BaseCommand):
                         f"{dispatch.run.error}"
                     )
         if options["all"] or settings.MIGRATE_ON_STARTUP:
-            others = MigrationTarget.objects.exclude(kind=Strategy.SHARED)
-            dispatches = actions.do_enqueue_runs(others, trigger=Trigger.STARTUP)
+            others = list(MigrationTarget.objects.exclude(kind=Strategy.SHARED))
+            rows = planning.plan(others, planning.Intent.upgrade())
+            dispatches = actions.do_enqueue_plan(rows, trigger=Trigger.STARTUP)
             queued = sum(d.created for d in dispatches)
             self.stdout.write(f"Queued {queued} run(s) for the workers.")
+            for row in rows:
+                if not row.accepted:
+                    self.stderr.write(f"Not queued for {row.target.name}: {row.reason}.")
             previously_failed = [t.name for t in others if t.status == "failed"]
             if previously_failed:
                 self.stderr.write(
