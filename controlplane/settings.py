@@ -287,6 +287,9 @@ REST_FRAMEWORK = {
     "UNAUTHENTICATED_USER": None,
 }
 
+# Error pages (DEBUG) and error reports never show a credential: controlplane/error_reports.py.
+DEFAULT_EXCEPTION_REPORTER_FILTER = "controlplane.error_reports.CredentialFilter"
+
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
 LOGGING = {
     "version": 1,

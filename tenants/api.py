@@ -5,15 +5,17 @@ as digests only: made in the admin (*API tokens*) or with ``manage.py create_api
 shown once. Checked against the ``tenants.run_migrations`` permission.
 """
 
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
-from rest_framework import permissions, status
+from rest_framework import permissions, serializers, status
+from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from tenants import actions, planning
 from tenants.authentication import BearerTokenAuthentication
-from tenants.models import MigrationRun, Tenant, Trigger
+from tenants.models import MigrationRun, Tenant, Trigger, slug_validator
 
 
 class CanRunMigrations(permissions.BasePermission):
@@ -40,6 +42,27 @@ def run_as_json(run, request):
     }
 
 
+class MigrateRequest(serializers.Serializer):
+    """The optional body: ``{"revision": "..."}`` (default ``head``). A body that is not an
+    object, a revision that is not a string, longer than a run records or with a NUL byte is a
+    400 naming the field."""
+
+    revision = serializers.CharField(
+        max_length=64, required=False, allow_blank=True, allow_null=True
+    )
+
+
+def tenant_or_404(tenant_id):
+    """The tenant, 404 when there is none, 400 when ``tenant_id`` cannot be a tenant id."""
+    try:
+        slug_validator(tenant_id)
+    except DjangoValidationError as exc:
+        raise ValidationError(
+            {"tenant": f"{tenant_id!r} is not a tenant id: {exc.messages[0]}"}
+        ) from None
+    return get_object_or_404(Tenant.objects.select_related("target"), pk=tenant_id)
+
+
 class MigrateTenantView(ApiView):
     """``POST /api/tenants/<id>/migrate``: migrate the tenant's database.
 
@@ -49,15 +72,17 @@ class MigrateTenantView(ApiView):
     already under way with the same aim, ``created`` false and a ``reason``), or 409 with
     ``status`` ``refused`` (or ``not-queued``) and a ``reason`` when nothing was queued: the
     planner refused it (held target, unknown revision, a downgrade not allowed or impossible)
-    or another run of the target is under way with another aim.
+    or another run of the target is under way with another aim. A malformed body or tenant id
+    is a 400 naming the field (``MigrateRequest``, ``tenant_or_404``).
     """
 
     def post(self, request, tenant_id):
-        tenant = get_object_or_404(Tenant.objects.select_related("target"), pk=tenant_id)
-        data = request.data if isinstance(request.data, dict) else {}
-        revision = str(data.get("revision") or "head").strip() or "head"
+        tenant = tenant_or_404(tenant_id)
+        form = MigrateRequest(data=request.data)
+        form.is_valid(raise_exception=True)
+        revision = form.validated_data.get("revision") or "head"
         intent = planning.Intent.upgrade(
-            revision, allow_downgrade=data.get("allow_downgrade") is True
+            revision, allow_downgrade=form.initial_data.get("allow_downgrade") is True
         )
         [row] = planning.plan([tenant.target], intent)
         if not row.accepted:
