@@ -193,6 +193,10 @@ MIGRATION_LOCK_TIMEOUT = env.int("MIGRATION_LOCK_TIMEOUT", default=60)
 # PostgreSQL session limits for the migration connection, protecting live traffic.
 MIGRATION_PG_LOCK_TIMEOUT = env.str("MIGRATION_PG_LOCK_TIMEOUT", default="5s")
 MIGRATION_PG_STATEMENT_TIMEOUT = env.str("MIGRATION_PG_STATEMENT_TIMEOUT", default="15min")
+# MySQL/MariaDB: seconds a revision's statement waits for a metadata lock (lock_wait_timeout), and
+# MariaDB's max_statement_time (0: none; MySQL has no statement bound that applies to DDL).
+MIGRATION_MYSQL_LOCK_WAIT_TIMEOUT = env.int("MIGRATION_MYSQL_LOCK_WAIT_TIMEOUT", default=5)
+MIGRATION_MYSQL_STATEMENT_TIMEOUT = env.int("MIGRATION_MYSQL_STATEMENT_TIMEOUT", default=900)
 # ODBC driver for SQL Server targets whose secret does not name one.
 MSSQL_ODBC_DRIVER = env.str("MSSQL_ODBC_DRIVER", default="ODBC Driver 18 for SQL Server")
 # A running run writes a heartbeat this often; one silent for RUN_STALE_AFTER_SECONDS is taken

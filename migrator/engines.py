@@ -174,19 +174,30 @@ def build_engine(info: ConnectionInfo) -> Engine:
 
 
 def session_settings(connection: Connection) -> dict[str, str]:
-    """Session settings for a migration run, set with the target lock (``locks.target_lock``).
+    """Session settings for a migration run, set with the target lock (``locks.target_lock``),
+    so that a revision waiting on a lock held by live traffic gives up instead of queueing every
+    application query on that table behind it.
 
     PostgreSQL: ``lock_timeout`` and ``statement_timeout`` from MIGRATION_PG_LOCK_TIMEOUT and
-    MIGRATION_PG_STATEMENT_TIMEOUT, so a revision waiting on a lock held by live traffic gives up
-    instead of queueing everybody behind it. Session-level (``set_config(..., false)``, not SET
-    LOCAL): they must outlive each revision's own transaction. Nothing for the other servers.
+    MIGRATION_PG_STATEMENT_TIMEOUT. MySQL/MariaDB: ``lock_wait_timeout`` (seconds: the wait for a
+    metadata lock, which an open application transaction that read the table holds) from
+    MIGRATION_MYSQL_LOCK_WAIT_TIMEOUT and, on MariaDB only, ``max_statement_time`` from
+    MIGRATION_MYSQL_STATEMENT_TIMEOUT (MySQL's ``max_execution_time`` bounds SELECTs only, not
+    DDL, so MySQL gets no statement bound). Session-level, not per transaction: they must
+    outlive each revision's own transaction. Nothing for the other servers.
     """
-    if connection.dialect.name != "postgresql":
-        return {}
-    return {
-        "lock_timeout": str(settings.MIGRATION_PG_LOCK_TIMEOUT),
-        "statement_timeout": str(settings.MIGRATION_PG_STATEMENT_TIMEOUT),
-    }
+    dialect = connection.dialect
+    if dialect.name == "postgresql":
+        return {
+            "lock_timeout": str(settings.MIGRATION_PG_LOCK_TIMEOUT),
+            "statement_timeout": str(settings.MIGRATION_PG_STATEMENT_TIMEOUT),
+        }
+    if dialect.name == "mysql":
+        values = {"lock_wait_timeout": str(settings.MIGRATION_MYSQL_LOCK_WAIT_TIMEOUT)}
+        if getattr(dialect, "is_mariadb", False) and settings.MIGRATION_MYSQL_STATEMENT_TIMEOUT:
+            values["max_statement_time"] = str(settings.MIGRATION_MYSQL_STATEMENT_TIMEOUT)
+        return values
+    return {}
 
 
 def make_sqlite_ddl_transactional(engine: Engine) -> None:
@@ -355,6 +366,47 @@ def connect_error(
         f"host, port and database in the Vault secret at {info.vault_path} are right, that the "
         "server is running, and that the control plane can reach it (DNS, firewall)."
     )
+
+
+@dataclass(frozen=True)
+class LockWait:
+    """A statement that gave up waiting for a lock another session held."""
+
+    setting: str  # the setting that bounds the wait
+    waited: str  # how long, as the setting says it ("5 s", "5s")
+    table: str | None  # the table the statement was about, when it can be told
+
+
+# PostgreSQL's lock_not_available (lock_timeout); MySQL's ER_LOCK_WAIT_TIMEOUT (lock_wait_timeout,
+# also for metadata locks).
+_PG_LOCK_NOT_AVAILABLE = "55P03"
+_MYSQL_LOCK_WAIT_TIMEOUT = 1205
+# The table a DDL or DML statement is about: what it waited to lock.
+_STATEMENT_TABLE = re.compile(
+    r"^\s*(?:ALTER\s+TABLE(?:\s+ONLY)?(?:\s+IF\s+EXISTS)?|DROP\s+TABLE(?:\s+IF\s+EXISTS)?"
+    r"|TRUNCATE(?:\s+TABLE)?|RENAME\s+TABLE|LOCK\s+TABLES?|INSERT\s+INTO|UPDATE|DELETE\s+FROM"
+    r"|CREATE\s+(?:UNIQUE\s+)?INDEX\s+(?:CONCURRENTLY\s+)?(?:IF\s+NOT\s+EXISTS\s+)?\S+\s+ON"
+    r"|DROP\s+INDEX\s+\S+\s+ON)\s+([`\"\w.$]+)",
+    re.IGNORECASE,
+)
+
+
+def lock_wait(error: BaseException) -> LockWait | None:
+    """What lock wait ``error`` ended, when it is a lock timeout of the migration session
+    (PostgreSQL's ``lock_timeout``, MySQL's ``lock_wait_timeout``); None for any other error."""
+    if not isinstance(error, sa_exc.DBAPIError):
+        return None
+    original = error.orig
+    if getattr(original, "sqlstate", None) == _PG_LOCK_NOT_AVAILABLE:
+        setting, waited = "MIGRATION_PG_LOCK_TIMEOUT", str(settings.MIGRATION_PG_LOCK_TIMEOUT)
+    elif getattr(original, "args", None) and original.args[0] == _MYSQL_LOCK_WAIT_TIMEOUT:
+        setting = "MIGRATION_MYSQL_LOCK_WAIT_TIMEOUT"
+        waited = f"{settings.MIGRATION_MYSQL_LOCK_WAIT_TIMEOUT} s"
+    else:
+        return None
+    match = _STATEMENT_TABLE.match(error.statement or "")
+    table = match.group(1).replace("`", "").replace('"', "") if match else None
+    return LockWait(setting, waited, table)
 
 
 def error_reason(error: BaseException, info: ConnectionInfo | None = None) -> str:

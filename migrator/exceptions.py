@@ -118,6 +118,16 @@ class MigrationFailed(MigrationError):
         self.current_revision = current_revision
 
 
+class LockTimeout(MigrationFailed):
+    """A revision's statement waited for a lock another session held (an open application
+    transaction that read the table) longer than the migration session allows, and gave up so
+    that the application's queries on that table were not queued behind it. The revision is not
+    at fault: running it again later can succeed."""
+
+    code = "lock_timeout"
+    retryable = True
+
+
 # --- Schema verification ----------------------------------------------------------------------
 
 

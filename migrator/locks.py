@@ -59,16 +59,17 @@ def target_lock(
     Leaves ``connection`` outside any transaction both on entry to the block and on exit, so
     Alembic can open one transaction per revision.
 
-    ``session_settings`` (PostgreSQL only: ``{"lock_timeout": "5s"}``) are set for the session
-    in the statement that takes the lock. With ``released_with_connection`` the block's end
+    ``session_settings`` (PostgreSQL: ``{"lock_timeout": "5s"}``, set in the statement that
+    takes the lock; MySQL/MariaDB: ``{"lock_wait_timeout": "5"}``, a ``SET SESSION`` before it)
+    are set for the session. With ``released_with_connection`` the block's end
     does not release the lock: the caller closes the connection right after, and the server
     releases a session-level lock with its session (a statement and a transaction fewer per run;
     the migration runner's connections are never pooled). A lock file (SQLite) is always
     released at the block's end.
     """
     dialect = connection.dialect.name
-    if session_settings and dialect != "postgresql":
-        raise ValueError(f"session settings are only set on PostgreSQL, not on {dialect}")
+    if session_settings and dialect not in ("postgresql", "mysql", "mariadb"):
+        raise ValueError(f"session settings are only set on PostgreSQL and MySQL, not {dialect}")
     take = _LOCKS.get(dialect, _no_lock)
     release = take(connection, timeout, session_settings or {})
     if release is None:
@@ -149,7 +150,23 @@ def _mysql_lock_name(connection: Connection) -> str:
     return name
 
 
+# The MySQL/MariaDB session variables a migration sets (their names go into the SQL).
+_MYSQL_SESSION_SETTINGS = ("lock_wait_timeout", "max_statement_time")
+
+
 def _mysql(connection: Connection, timeout: float, settings) -> Release | None:
+    if settings:
+        unknown = set(settings) - set(_MYSQL_SESSION_SETTINGS)
+        if unknown:
+            raise ValueError(f"unknown MySQL session settings: {', '.join(sorted(unknown))}")
+        # Numbers, not strings: MySQL refuses a quoted value for a numeric variable.
+        connection.execute(
+            text("SET " + ", ".join(f"SESSION {name} = :{name}" for name in settings)),
+            {
+                name: float(value) if "." in str(value) else int(value)
+                for name, value in settings.items()
+            },
+        )
     name = _mysql_lock_name(connection)
     got = connection.execute(
         text("SELECT GET_LOCK(:name, :timeout)"),

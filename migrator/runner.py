@@ -49,6 +49,7 @@ from sqlalchemy.engine import Connection
 
 from migrator import engines, locks
 from migrator.exceptions import (
+    LockTimeout,
     MigrationError,
     MigrationFailed,
     MigratorError,
@@ -626,6 +627,9 @@ def _failure(run: _Run, stands_now: tuple[str, ...] | None, error: Exception) ->
         return MigrationError(f"Migrating {run.target.name} failed: {reason}")
     stands = _describe(stands_now)
     verb = "Applying" if run.kind == UPGRADE else "Reverting"
+    waited = engines.lock_wait(error)
+    if waited is not None:
+        return _lock_timeout(run, stands_now, verb, waited)
     message = (
         f"{verb} revision {run.running} failed on {run.target.name}: {reason}. "
         f"The database stands at {stands}, the last revision that completed"
@@ -639,6 +643,36 @@ def _failure(run: _Run, stands_now: tuple[str, ...] | None, error: Exception) ->
     else:
         message += f"; nothing of {run.running} was kept. Fix the revision, then run it again."
     return MigrationFailed(
+        message, failed_revision=run.running, current_revision=_as_revision(stands_now)
+    )
+
+
+def _lock_timeout(run: _Run, stands_now, verb: str, waited) -> LockTimeout:
+    """The retryable error of a revision that gave up waiting for another session's lock."""
+    table = f"table `{waited.table}`" if waited.table else "a table of its statement"
+    kind = "a metadata lock" if run.target.provider == "mysql" else "a lock"
+    message = (
+        f"{verb} revision {run.running} on {run.target.name} waited {waited.waited} for {kind} "
+        f"on {table} held by another session (an open application transaction?) and gave up "
+        f"({waited.setting}), so that the application's queries on it were not queued behind "
+        f"the migration. The database stands at {_describe(stands_now)}"
+    )
+    if run.target.provider == "mysql":
+        message += (
+            f". MySQL and MariaDB commit each DDL statement at once: if {run.running} does more "
+            "before this statement, that part is applied. Find the session with SHOW "
+            "PROCESSLIST; the run is tried again"
+        )
+    else:
+        message += (
+            f"; nothing of {run.running} was kept. Find the session in pg_stat_activity; the run "
+            "is tried again"
+        )
+    message += (
+        f" after a back-off (or run it again at a quieter time); raise {waited.setting} only if "
+        "the application can wait that long."
+    )
+    return LockTimeout(
         message, failed_revision=run.running, current_revision=_as_revision(stands_now)
     )
 

@@ -514,8 +514,8 @@ def do_record_run_failure(run, error, *, heads, result=None, duration_ms=None):
     if result is not None and result.revision_after is not None:
         target.revision = result.revision_after
         fields.append("revision")
-    if run.error_code == "locked":
-        # Somebody else is migrating it: the schema did not fail, it is just busy.
+    if run.error_code in ("locked", "lock_timeout"):
+        # Somebody else is migrating it, or holds a table: the schema did not fail, it is busy.
         status = target_status_for(target.revision, heads)
     else:
         status = TargetStatus.FAILED

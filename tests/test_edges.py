@@ -134,3 +134,153 @@ def _target_of(record):
             record.effective_vault_path, provider=record.provider
         ),
     )
+
+
+# --- a migration waiting for a lock that the application holds --------------------------------
+
+
+@pytest.mark.mysql
+def test_mysql_migration_waiting_for_a_metadata_lock_gives_up_and_the_application_goes_on(
+    registered_tenant, mysql_server, settings
+):
+    import threading
+    import time
+
+    import pymysql
+
+    settings.MIGRATION_MYSQL_LOCK_WAIT_TIMEOUT = 2
+    tenant = registered_tenant("mysql")
+    db = tenant.database
+    assert migrate_once(tenant.target, revision="0003_projects_account_name").status == "succeeded"
+
+    def app_connection():
+        return pymysql.connect(
+            host=mysql_server.host,
+            port=mysql_server.port,
+            user=mysql_server.user,
+            password=mysql_server.password,
+            database=db.database,
+            read_timeout=120,
+        )
+
+    # The application: a transaction that read `accounts` and stays open (its metadata lock too).
+    app = app_connection()
+    app.cursor().execute("BEGIN")
+    app.cursor().execute("SELECT count(*) FROM accounts")
+    # Without a bound the ALTER TABLE of 0004 would wait a day: end that transaction after a
+    # minute, so the test fails instead of hanging.
+    admin = mysql_server.connect()
+    watchdog = threading.Timer(60, lambda: admin.cursor().execute(f"KILL {app.thread_id()}"))
+    watchdog.start()
+
+    # Another application query on the table while the migration waits: it queues behind the
+    # ALTER's pending lock, and goes on once the migration gave up.
+    other = {}
+
+    def query_while_the_migration_waits():
+        deadline = time.monotonic() + 30
+        probe = mysql_server.connect()
+        while time.monotonic() < deadline:
+            with probe.cursor() as cur:
+                cur.execute(
+                    "SELECT count(*) FROM information_schema.PROCESSLIST "
+                    "WHERE STATE LIKE 'Waiting for table metadata lock' AND DB = %s",
+                    (db.database,),
+                )
+                if cur.fetchone()[0]:
+                    break
+            time.sleep(0.05)
+        probe.close()
+        conn = app_connection()
+        started = time.monotonic()
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM accounts")
+            other["rows"] = cur.fetchone()[0]
+        other["seconds"] = time.monotonic() - started
+        conn.close()
+
+    thread = threading.Thread(target=query_while_the_migration_waits)
+    thread.start()
+    started = time.monotonic()
+    try:
+        run = migrate_once(tenant.target)
+        elapsed = time.monotonic() - started
+        thread.join(90)
+    finally:
+        watchdog.cancel()
+        admin.close()
+    assert other.get("rows") == 0 and other["seconds"] < 30
+
+    assert run.status == "failed" and elapsed < 30
+    assert run.error_code == "lock_timeout" and run.retryable is True
+    assert (
+        "0004_accounts_display_name on "
+        f"{tenant.target.name} waited 2 s for a metadata lock on table `accounts` held by another "
+        "session (an open application transaction?)"
+    ) in run.error
+    assert "MIGRATION_MYSQL_LOCK_WAIT_TIMEOUT" in run.error
+    target = MigrationTarget.objects.get(pk=tenant.target_id)
+    assert (target.revision, target.status) == ("0003_projects_account_name", "behind")
+
+    # The application's transaction ends: the retry goes through.
+    app.rollback()
+    app.close()
+    retry = tenant.target.runs.get(attempt=2, status="queued")
+    run_migration(retry.pk)
+    retry.refresh_from_db()
+    assert retry.status == "succeeded", retry.error
+    assert retry.revision_after == HEAD
+
+
+def test_postgresql_lock_timeout_names_the_other_session_and_is_retried(
+    registered_tenant, settings
+):
+    import psycopg
+
+    settings.MIGRATION_PG_LOCK_TIMEOUT = "1s"
+    tenant = registered_tenant("postgresql")
+    db = tenant.database
+    assert migrate_once(tenant.target, revision="0003_projects_account_name").status == "succeeded"
+    app = psycopg.connect(host=db.host, port=db.port, user="postgres", dbname=db.database)
+    app.execute("SELECT count(*) FROM accounts")  # psycopg opened a transaction: it stays open
+    try:
+        run = migrate_once(tenant.target)
+    finally:
+        app.close()
+    assert run.error_code == "lock_timeout" and run.retryable is True
+    assert (
+        f"0004_accounts_display_name on {tenant.target.name} waited 1s for a lock on table "
+        "`accounts` held by another session (an open application transaction?)"
+    ) in run.error
+    assert "nothing of 0004_accounts_display_name was kept" in run.error
+    assert "Fix the revision" not in run.error
+    retry = tenant.target.runs.get(attempt=2, status="queued")
+    run_migration(retry.pk)
+    retry.refresh_from_db()
+    assert retry.status == "succeeded" and retry.revision_after == HEAD
+
+
+@pytest.mark.mysql
+def test_mariadb_session_gets_the_lock_wait_and_statement_bounds(
+    mysql_database, target_for, settings, monkeypatch
+):
+    from sqlalchemy import text
+
+    settings.MIGRATION_MYSQL_LOCK_WAIT_TIMEOUT = 7
+    settings.MIGRATION_MYSQL_STATEMENT_TIMEOUT = 120
+    target = target_for(mysql_database())
+    seen = {}
+    original = runner._read_version_table
+
+    def spy(connection):
+        # Read again under the lock, right before Alembic runs: the session is set by then.
+        row = connection.execute(
+            text("SELECT @@session.lock_wait_timeout, @@session.max_statement_time")
+        ).one()
+        seen["lock_wait_timeout"], seen["max_statement_time"] = int(row[0]), float(row[1])
+        connection.rollback()
+        return original(connection)
+
+    monkeypatch.setattr(runner, "_read_version_table", spy)
+    runner.upgrade(target)
+    assert seen == {"lock_wait_timeout": 7, "max_statement_time": 120.0}
