@@ -264,4 +264,24 @@ def recover_stale_runs():
         if actions.do_mark_run_interrupted(run, revision=revision, revision_error=problem):
             where = problem or f"now at {revision or 'base'}"
             lines.append(f"Run #{run.pk} for {run.target.name} interrupted; {where}")
+    return lines + recover_abandoned_runs()
+
+
+def recover_abandoned_runs():
+    """Close the queued runs that no worker took (``tenants.actions.abandoned_runs``) as failed,
+    each saying why it probably waited in vain, and queue the next attempt while attempts remain
+    (``RUN_MAX_ATTEMPTS``): a message the broker lost is sent again. The old message, if a
+    worker ever reads it, does nothing (the run is not queued any more). Returns one line per
+    run."""
+    from tenants import actions
+
+    lines = []
+    for run in actions.abandoned_runs():
+        if not actions.do_mark_run_abandoned(run):
+            continue
+        retry = actions.do_schedule_retry(run, at_once=True)
+        then = f"attempt {retry.attempt} queued as run #{retry.pk}" if retry else "no retry left"
+        lines.append(
+            f"Run #{run.pk} for {run.target.name} abandoned in the queue ({then}): {run.error}"
+        )
     return lines

@@ -410,14 +410,151 @@ def do_set_held(target, *, held, acting_user=None):
 
 
 def do_cancel_run(run, *, acting_user=None):
-    """Cancel a queued run. A running run cannot be cancelled: it is inside the target's lock."""
+    """Cancel a queued run. A running run cannot be cancelled: it is inside the target's lock.
+
+    The conditional UPDATE decides against a worker starting it at the same moment: a cancelled
+    run is never started (``do_start_run`` takes only queued runs), and its message, still in
+    the broker, does nothing when a worker reads it. The target is left as it stands: a queued
+    run has not touched it.
+    """
     cancelled = MigrationRun.objects.filter(pk=run.pk, status=RunStatus.QUEUED).update(
         status=RunStatus.CANCELLED,
         finished_at=timezone.now(),
-        error=f"Cancelled by {acting_user or 'an operator'} before it started.",
+        error_code="cancelled",
+        error=f"Cancelled by {acting_user or 'an operator'} before it started; nothing ran.",
     )
     run.refresh_from_db()
+    if cancelled:
+        logger.info("Run %s for %s cancelled by %s", run.pk, run.target.name, acting_user)
     return bool(cancelled)
+
+
+def do_cancel_queued_runs(targets, *, acting_user=None):
+    """Cancel the queued run of each of ``targets`` (those that have one). Returns
+    ``(cancelled runs, runs left running)``: a running run cannot be cancelled."""
+    ids = [target.pk for target in targets]
+    cancelled, running = [], []
+    for run in MigrationRun.objects.filter(
+        target_id__in=ids, status__in=ACTIVE_RUN_STATUSES
+    ).select_related("target"):
+        if run.status == RunStatus.QUEUED and do_cancel_run(run, acting_user=acting_user):
+            cancelled.append(run)
+        elif run.status == RunStatus.RUNNING:
+            running.append(run)
+    return cancelled, running
+
+
+# --- Queued runs that no worker takes -----------------------------------------------------------
+
+
+def abandoned_runs(*, now=None):
+    """Queued runs that no worker took within ``RUN_QUEUED_TIMEOUT_SECONDS`` while their queue
+    made no progress (no run of that cluster running, none started in that time).
+
+    A long queue that moves is not abandoned: a fleet of a thousand behind two workers waits
+    its turn. A message the broker lost (Redis restarted without persistence, a cluster killed
+    holding it), a queue no worker serves, a task no worker could read (another SECRET_KEY), a
+    run created by a ``--sync`` process that was killed: each leaves a run queued in a queue
+    that stops moving, and is found once it has been still this long.
+    """
+    from datetime import timedelta
+
+    from django.conf import settings
+
+    now = now or timezone.now()
+    cutoff = now - timedelta(seconds=settings.RUN_QUEUED_TIMEOUT_SECONDS)
+    waiting = (
+        MigrationRun.objects.filter(status=RunStatus.QUEUED)
+        .filter(
+            models.Q(not_before__isnull=True, created_at__lt=cutoff)
+            | models.Q(not_before__lt=cutoff)
+        )
+        .select_related("target")
+    )
+    moving, found = {}, []
+    for run in waiting:
+        cluster = routing.cluster_for(run.target.region)
+        if cluster not in moving:
+            moving[cluster] = _queue_moving(cluster, cutoff)
+        if not moving[cluster]:
+            found.append(run)
+    return found
+
+
+def _queue_moving(cluster, cutoff):
+    """Is a run of ``cluster``'s regions running, or was one started since ``cutoff``?"""
+    from django.conf import settings
+
+    runs = MigrationRun.objects.filter(
+        models.Q(status=RunStatus.RUNNING) | models.Q(started_at__gte=cutoff)
+    )
+    if settings.REGION_CLUSTERS:
+        regions = [r for r, c in settings.REGION_CLUSTERS.items() if c == cluster]
+        runs = runs.filter(target__region__in=regions)
+    return runs.exists()
+
+
+def abandoned_reason(run):
+    """Why ``run`` probably waited in vain, and what to check, for its error."""
+    from django.conf import settings
+
+    waited = settings.RUN_QUEUED_TIMEOUT_SECONDS
+    queue = routing.cluster_for(run.target.region) or routing.current_cluster() or "default"
+    if not run.task_id and run.not_before is None:
+        return (
+            f"Abandoned: run #{run.pk} for {run.target.name} was created to run in the process "
+            f"that created it (`migrate_tenants --sync`, `startup_migrations`), which stopped "
+            f"before it ran it (killed?), and no worker takes such a run; nothing ran."
+        )
+    if not run.task_id:
+        where = (
+            f"the retry was to be handed to the queue by the schedule 'retry-run-{run.pk}', and "
+            f"no worker took it within {waited}s (RUN_QUEUED_TIMEOUT_SECONDS) after it was due: "
+            f"is a `qcluster` running for queue {queue!r}?"
+        )
+    else:
+        where = f"no worker took it within {waited}s (RUN_QUEUED_TIMEOUT_SECONDS)"
+    return (
+        f"Abandoned in the queue: {where}, while that queue made no progress; nothing ran. "
+        f"Likely causes: no `qcluster` serves queue {queue!r} (start one with the web "
+        "process's DATABASE_URL and REDIS_URL, and Q_CLUSTER_NAME for a region's queue); the "
+        "broker lost the message (Redis restarted without persistence, or a cluster was killed "
+        "while holding it); or the worker could not read the task (every web process and "
+        "worker must share SECRET_KEY and Q_SITE_NAME; the worker's log then says "
+        "BadSignature)."
+    )
+
+
+@transaction.atomic
+def do_mark_run_abandoned(run):
+    """Close a queued run that no worker took (``abandoned_runs``) as failed, saying why it
+    probably waited in vain, and mark its target failed (nothing ran on it). False when a
+    worker took it meanwhile. The caller queues the next attempt."""
+    message = abandoned_reason(run)
+    now = timezone.now()
+    updated = MigrationRun.objects.filter(pk=run.pk, status=RunStatus.QUEUED).update(
+        status=RunStatus.FAILED,
+        finished_at=now,
+        error_code="abandoned",
+        retryable=True,
+        error=message,
+    )
+    if not updated:
+        return False
+    run.status, run.error, run.error_code, run.retryable = (
+        RunStatus.FAILED,
+        message,
+        "abandoned",
+        True,
+    )
+    target = MigrationTarget.objects.select_for_update().get(pk=run.target_id)
+    target.last_error = f"Run #{run.pk} was abandoned in the queue; nothing ran."
+    target.last_checked_at = now
+    _save_status(
+        target, TargetStatus.FAILED, ["status", "last_error", "last_checked_at", "updated_at"]
+    )
+    logger.warning("Run %s for %s was abandoned in the queue", run.pk, target.name)
+    return True
 
 
 def target_status_for(revision, heads):
@@ -600,12 +737,13 @@ def retry_delay_seconds(attempt):
     return settings.RUN_RETRY_BACKOFF_SECONDS * (2 ** (attempt - 1))
 
 
-def do_schedule_retry(run):
+def do_schedule_retry(run, *, at_once=False):
     """Queue the next attempt of a run that failed with a retryable error, after a back-off.
 
     Returns the new run, or None when the attempts are used up or another run already took the
     target. The retry is a queued run from now on (so no other trigger starts a second
     migration); django-q2's scheduler hands it to a worker once ``not_before`` has passed.
+    ``at_once`` (a run abandoned in an idle queue) hands it to the broker now instead.
     """
     from datetime import timedelta
 
@@ -613,7 +751,7 @@ def do_schedule_retry(run):
 
     if run.attempt >= settings.RUN_MAX_ATTEMPTS:
         return None
-    delay = retry_delay_seconds(run.attempt)
+    delay = 0 if at_once else retry_delay_seconds(run.attempt)
     with transaction.atomic():
         retry, created = _create_or_find_active_run(
             run.target,
@@ -624,11 +762,11 @@ def do_schedule_retry(run):
             batch=run.batch,
             phase=run.phase,
             attempt=run.attempt + 1,
-            not_before=timezone.now() + timedelta(seconds=delay),
+            not_before=None if at_once else timezone.now() + timedelta(seconds=delay),
         )
         if not created:
             return None
-        transaction.on_commit(lambda: _schedule(retry))
+        transaction.on_commit(lambda: _enqueue([retry]) if at_once else _schedule(retry))
     logger.info(
         "Run %s for %s failed with a retryable error; attempt %s in %ss (run %s)",
         run.pk,

@@ -36,6 +36,25 @@ def dispatch_level(dispatch):
     return messages.SUCCESS if dispatch.created else messages.WARNING
 
 
+def report_cancelled(model_admin, request, cancelled, running):
+    """Say which runs were cancelled, and which were running and could not be."""
+    for run in cancelled:
+        model_admin.message_user(
+            request,
+            f"Run #{run.pk} for {run.target.name} cancelled; nothing ran.",
+            messages.SUCCESS,
+        )
+    for run in running:
+        model_admin.message_user(
+            request,
+            f"Run #{run.pk} for {run.target.name} is running and cannot be cancelled: it holds "
+            "the target's lock and ends by itself.",
+            messages.WARNING,
+        )
+    if not cancelled and not running:
+        model_admin.message_user(request, "None of the selected has a queued run.", messages.INFO)
+
+
 def _run_link(run):
     return format_html(
         '<a href="{}">#{}</a>', reverse("admin:tenants_migrationrun_change", args=[run.pk]), run.pk
@@ -58,6 +77,7 @@ class RunMigrationsActions:
         "undo_last_run",
         "run_expand_phase",
         "run_contract_phase",
+        "cancel_queued_runs",
     ]
     MESSAGES_PER_ROW_LIMIT = 25
 
@@ -92,6 +112,13 @@ class RunMigrationsActions:
                 f"{len(rest) - created} already under way or held.",
                 messages.INFO,
             )
+
+    @admin.action(description="Cancel queued runs", permissions=["run_migrations"])
+    def cancel_queued_runs(self, request, queryset):
+        cancelled, running = actions.do_cancel_queued_runs(
+            self.targets_of(queryset), acting_user=request.user
+        )
+        report_cancelled(self, request, cancelled, running)
 
     @admin.action(description="Migrate to head", permissions=["run_migrations"])
     def migrate_to_head(self, request, queryset):
@@ -372,6 +399,7 @@ class TenantAdmin(RunMigrationsActions, admin.ModelAdmin):
 
 @admin.register(MigrationRun)
 class MigrationRunAdmin(admin.ModelAdmin):
+    actions = ["cancel_selected_runs"]
     list_display = (
         "id",
         "target",
@@ -471,3 +499,16 @@ class MigrationRunAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+    def has_run_migrations_permission(self, request):
+        return request.user.has_perm("tenants.run_migrations")
+
+    @admin.action(description="Cancel the selected queued runs", permissions=["run_migrations"])
+    def cancel_selected_runs(self, request, queryset):
+        cancelled, running = [], []
+        for run in queryset.select_related("target"):
+            if actions.do_cancel_run(run, acting_user=request.user):
+                cancelled.append(run)
+            elif run.status == "running":
+                running.append(run)
+        report_cancelled(self, request, cancelled, running)

@@ -126,3 +126,20 @@ class RunView(ApiView):
             MigrationRun.objects.select_related("target", "triggered_by"), pk=run_id
         )
         return Response(run_as_json(run, request))
+
+
+class CancelRunView(ApiView):
+    """``POST /api/runs/<id>/cancel`` -> 200 with the cancelled run; 409 when it is not queued
+    (a running run holds its target's lock and cannot be cancelled; a finished one is done)."""
+
+    def post(self, request, run_id):
+        run = get_object_or_404(
+            MigrationRun.objects.select_related("target", "triggered_by"), pk=run_id
+        )
+        if actions.do_cancel_run(run, acting_user=request.user):
+            return Response(run_as_json(run, request))
+        body = run_as_json(run, request)
+        body["detail"] = f"Run #{run.pk} is {run.status}: only a queued run can be cancelled" + (
+            " (a running run holds its target's lock and ends by itself)." if run.is_active else "."
+        )
+        return Response(body, status=status.HTTP_409_CONFLICT)

@@ -16,6 +16,7 @@ urlpatterns = [
         "api/tenants/<str:tenant_id>/migrate", api.MigrateTenantView.as_view(), name="api-migrate"
     ),
     path("api/runs/<int:run_id>", api.RunView.as_view(), name="api-run"),
+    path("api/runs/<int:run_id>/cancel", api.CancelRunView.as_view(), name="api-run-cancel"),
     path("healthz", healthz, name="healthz"),
     path("readyz", ReadinessView.as_view(), name="readyz"),
     path("metrics", metrics_view, name="metrics"),

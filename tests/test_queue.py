@@ -219,3 +219,166 @@ def test_check_rejects_a_stale_window_not_longer_than_the_heartbeat():
     )
     fine = run_manage("check", SECRET_KEY="k" * 50, VAULT_TOKEN="x", RUN_STALE_AFTER_SECONDS="16")
     assert fine.returncode == 0, fine.stderr
+
+
+# --- item 1: queued runs can be cancelled ----------------------------------------------------
+
+
+def test_queued_runs_are_cancelled_from_the_api_the_admin_and_the_command(
+    client,
+    api_tokens,  # noqa: F811
+    tenant_factory,
+    django_user_model,
+):
+    from django.urls import reverse
+
+    from migrator.tasks import run_migration
+    from tenants import actions
+    from tenants.models import Trigger
+
+    tenants = [tenant_factory(auto_migrate=False) for _ in range(3)]
+    runs = [
+        d.run
+        for d in actions.do_enqueue_runs(
+            [t.target for t in tenants], trigger=Trigger.API, enqueue=False
+        )
+    ]
+
+    # The API, with the run-migrations permission.
+    url = f"/api/runs/{runs[0].pk}/cancel"
+    assert client.post(url).status_code == 401
+    denied = client.post(url, headers={"Authorization": f"Bearer {api_tokens['no-permission']}"})
+    assert denied.status_code == 403
+    auth = {"Authorization": f"Bearer {api_tokens['good']}"}
+    response = client.post(url, headers=auth)
+    assert response.status_code == 200, response.content
+    assert response.json()["status"] == "cancelled"
+    again = client.post(url, headers=auth)
+    assert (
+        again.status_code == 409 and "only a queued run can be cancelled" in again.json()["detail"]
+    )
+
+    # The admin: an action on runs, and one on targets.
+    root = django_user_model.objects.create_superuser("root", password="pw")
+    client.force_login(root)
+    page = client.post(
+        reverse("admin:tenants_migrationrun_changelist"),
+        {"action": "cancel_selected_runs", "_selected_action": [runs[1].pk]},
+        follow=True,
+    )
+    assert f"Run #{runs[1].pk} for {tenants[1].target.name} cancelled; nothing ran." in (
+        page.content.decode()
+    )
+
+    # The command, with the usual selection flags.
+    err = io.StringIO()
+    call_command("migrate_tenants", "--cancel", "--target", tenants[2].target.name, stderr=err)
+    assert f"Run #{runs[2].pk} for {tenants[2].target.name} cancelled; nothing ran." in (
+        err.getvalue()
+    )
+
+    for run in runs:
+        run.refresh_from_db()
+        assert (run.status, run.error_code) == ("cancelled", "cancelled")
+        # The broker's message, when a worker reads it, does nothing.
+        assert run_migration(run.pk)["status"] == "not-queued"
+    # The targets are free: the next trigger starts a new run, not "already queued".
+    [fresh] = actions.do_enqueue_runs([tenants[0].target], trigger=Trigger.API, enqueue=False)
+    assert fresh.created and fresh.run.status == "queued"
+
+    # On targets: the action cancels the target's queued run.
+    page = client.post(
+        reverse("admin:tenants_migrationtarget_changelist"),
+        {"action": "cancel_queued_runs", "_selected_action": [tenants[0].target.pk]},
+        follow=True,
+    )
+    assert f"Run #{fresh.run.pk} for {tenants[0].target.name} cancelled" in page.content.decode()
+
+
+# --- item 1: a queued run that no worker takes is closed, and sent again ------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_messages_lost_with_a_redis_restart_are_abandoned_and_sent_again(
+    registered_tenant, throwaway_redis, tmp_path
+):
+    from tests.dispatch_fixtures import HEAD
+    from tests.workers import qcluster, wait_for_runs
+
+    tenants = [registered_tenant("postgresql") for _ in range(3)]
+    env = process_env(REDIS_URL=throwaway_redis.url, RUN_QUEUED_TIMEOUT_SECONDS=2)
+    queued = manage("migrate_tenants", "--all", env=env)
+    assert queued.returncode == 0, queued.stderr
+    assert MigrationRun.objects.filter(status="queued").exclude(task_id="").count() == 3
+    # Redis restarts without persistence before any worker took them: the messages are gone.
+    throwaway_redis.stop()
+    throwaway_redis.start()
+    time.sleep(3)
+    recovered = manage("migrate_tenants", "--recover", env=env)
+    assert recovered.returncode == 0, recovered.stderr
+    assert recovered.stderr.count("abandoned in the queue (attempt 2 queued as run #") == 3
+    assert "the broker lost the message" in recovered.stderr
+    for run in MigrationRun.objects.filter(attempt=1):
+        assert (run.status, run.error_code) == ("failed", "abandoned")
+        assert "nothing ran" in run.error and "SECRET_KEY and Q_SITE_NAME" in run.error
+    with qcluster(env, tmp_path / "qcluster.log"):
+        retries = wait_for_runs(MigrationRun.objects.filter(attempt=2), timeout=120)
+    assert [r.status for r in retries] == ["succeeded"] * 3, [r.error for r in retries]
+    for tenant in tenants:
+        target = MigrationTarget.objects.get(pk=tenant.target_id)
+        assert (target.revision, target.status) == (HEAD, "up_to_date")
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_runs_of_a_killed_sync_command_do_not_block_their_targets(
+    registered_tenant, settings, tmp_path
+):
+    import subprocess
+    import sys
+
+    from tests.workers import ROOT, qcluster, wait_for_runs
+
+    settings.TENANT_MIGRATIONS_DIR = str(FIXTURES / "slow")
+    first, second = registered_tenant("postgresql"), registered_tenant("postgresql")
+    signal_file = tmp_path / "inside"
+    env = process_env(
+        TENANT_MIGRATIONS_DIR=str(FIXTURES / "slow"),
+        MIGRATOR_TEST_SIGNAL=str(signal_file),
+        MIGRATOR_TEST_SLEEP="60",
+    )
+    names = sorted([first.target.name, second.target.name])
+    process = subprocess.Popen(
+        [sys.executable, "manage.py", "migrate_tenants", "--target", *names, "--sync"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while not signal_file.exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)  # killed after the first of two targets started
+    process.wait()
+    waiting = MigrationRun.objects.get(target__name=names[1])
+    assert waiting.status == "queued" and not waiting.task_id
+
+    settings.RUN_STALE_AFTER_SECONDS = 1
+    settings.RUN_QUEUED_TIMEOUT_SECONDS = 1
+    time.sleep(2)
+    printed = recover()
+    assert f"for {names[0]} interrupted" in printed
+    assert f"Run #{waiting.pk} for {names[1]} abandoned in the queue (attempt 2" in printed
+    waiting.refresh_from_db()
+    assert waiting.error_code == "abandoned"
+    assert (
+        "`migrate_tenants --sync`" in waiting.error and "stopped before it ran it" in waiting.error
+    )
+    # The target is free, and the next attempt is handed to the workers.
+    with qcluster(process_env(TENANT_MIGRATIONS_DIR=str(FIXTURES / "slow")), tmp_path / "q.log"):
+        [retry] = wait_for_runs(MigrationRun.objects.filter(attempt=2), timeout=90)
+    assert retry.status == "succeeded", retry.error
+    assert retry.target.name == names[1] and retry.revision_after == "s003_last"

@@ -139,6 +139,12 @@ class Command(BaseCommand):
             "reading each target's real revision back; alone, do only that",
         )
         how.add_argument(
+            "--cancel",
+            action="store_true",
+            help="cancel the queued runs of the selected targets instead of migrating (a running "
+            "run cannot be cancelled)",
+        )
+        how.add_argument(
             "--as-user",
             metavar="USERNAME",
             help="record this control-plane user as the one who triggered the runs (checked for "
@@ -152,6 +158,8 @@ class Command(BaseCommand):
             self._recover()
             if not self._scoped(options):
                 return
+        if options["cancel"]:
+            return self._cancel(options, user)
         if options["verify"]:
             return self._verify(options, user)
         targets = list(self._select(options))
@@ -298,6 +306,21 @@ class Command(BaseCommand):
             self.stderr.write("No target matches.")
         if any(v.drifted for v in results):
             sys.exit(EXIT_FAILED)
+
+    def _cancel(self, options, user):
+        """``--cancel``: cancel the selected targets' queued runs (``do_cancel_queued_runs``)."""
+        cancelled, running = actions.do_cancel_queued_runs(self._select(options), acting_user=user)
+        if options["json"]:
+            self.stdout.write(json.dumps([run.outcome() for run in cancelled + running], indent=2))
+        for run in cancelled:
+            self.stderr.write(f"Run #{run.pk} for {run.target.name} cancelled; nothing ran.")
+        for run in running:
+            self.stderr.write(
+                f"Run #{run.pk} for {run.target.name} is running and cannot be cancelled (it "
+                "holds the target's lock): it ends by itself, or `--recover` closes it if its "
+                "worker died."
+            )
+        self.stderr.write(f"Cancelled {len(cancelled)} queued run(s).")
 
     def _run_inline(self, dispatches, options):
         from migrator.tasks import run_migration
