@@ -12,7 +12,8 @@ class ControlPlaneConfig(AppConfig):
     verbose_name = "Control plane"
 
     def ready(self):
-        from controlplane import checks  # noqa: F401 - registers the system checks
+        # Registers the system checks; connects the failed-login counters.
+        from controlplane import checks, throttling  # noqa: F401
 
         if sys.argv[1:2] == ["qcluster"]:
             preload_worker_modules()

@@ -282,6 +282,13 @@ REST_KNOX = {
     "AUTH_HEADER_PREFIX": "Bearer",
     "TOKEN_TTL": timedelta(days=API_TOKEN_TTL_DAYS) if API_TOKEN_TTL_DAYS > 0 else None,
 }
+# Requests per client address without a valid token, and per user with one ("N/s", "N/min",
+# "N/hour", "N/day"; empty: no bound). A failed admin login counts by address and user name;
+# ADMIN_LOGIN_FAILURE_LIMIT failures within ADMIN_LOGIN_LOCKOUT_SECONDS refuse it (0: no bound).
+API_THROTTLE_ANON = env.str("API_THROTTLE_ANON", default="20/min")
+API_THROTTLE_USER = env.str("API_THROTTLE_USER", default="600/min")
+ADMIN_LOGIN_FAILURE_LIMIT = env.int("ADMIN_LOGIN_FAILURE_LIMIT", default=5)
+ADMIN_LOGIN_LOCKOUT_SECONDS = env.int("ADMIN_LOGIN_LOCKOUT_SECONDS", default=900)
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "tenants.authentication.BearerTokenAuthentication",

@@ -1,6 +1,7 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from controlplane.throttling import admin_login
 from tenants.dashboard import fleet_dashboard
 
 admin.site.site_header = "Tenant migrations"
@@ -9,6 +10,8 @@ admin.site.index_template = "admin/fleet_index.html"
 
 urlpatterns = [
     path("admin/fleet/", fleet_dashboard, name="fleet-dashboard"),
+    # Before the admin's own URLs: its login view, bounded (controlplane/throttling.py).
+    path("admin/login/", admin_login),
     path("admin/", admin.site.urls),
     path("", include("tenants.urls")),
 ]

@@ -8,11 +8,12 @@ shown once. Checked against the ``tenants.run_migrations`` permission.
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
-from rest_framework import permissions, serializers, status
+from rest_framework import exceptions, permissions, serializers, status
 from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from controlplane.throttling import AnonThrottle, UserThrottle
 from tenants import actions, planning
 from tenants.authentication import BearerTokenAuthentication
 from tenants.models import MigrationRun, Tenant, Trigger, slug_validator
@@ -28,6 +29,16 @@ class CanRunMigrations(permissions.BasePermission):
 class ApiView(APIView):
     authentication_classes = [BearerTokenAuthentication]
     permission_classes = [permissions.IsAuthenticated, CanRunMigrations]
+    throttle_classes = [AnonThrottle, UserThrottle]
+
+    def initial(self, request, *args, **kwargs):
+        try:
+            super().initial(request, *args, **kwargs)
+        except (exceptions.NotAuthenticated, exceptions.AuthenticationFailed):
+            # DRF counts requests only once authenticated and allowed: a caller guessing tokens
+            # would get 401s for ever. Count them against API_THROTTLE_ANON (429 when over).
+            self.check_throttles(request)
+            raise
 
 
 def run_as_json(run, request):

@@ -7,6 +7,15 @@ from tests.dispatch_fixtures import registered_tenant  # noqa: F401
 from tests.model_fixtures import target_factory, tenant_factory  # noqa: F401
 
 
+@pytest.fixture(autouse=True)
+def _fresh_rate_limits():
+    """The API's throttles and the admin login's failure counts live in the (per-process, local
+    memory) cache: each test starts with none, whatever the tests before it tried."""
+    from django.core.cache import cache
+
+    cache.clear()
+
+
 @pytest.fixture(scope="session")
 def postgres_server():
     server = services.PostgresServer(services.TEST_POSTGRES_URL)
