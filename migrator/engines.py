@@ -412,8 +412,36 @@ def lock_wait(error: BaseException) -> LockWait | None:
 def error_reason(error: BaseException, info: ConnectionInfo | None = None) -> str:
     """The driver's own words for ``error`` on one short line, without any secret value.
 
-    For an error that did not come from the driver, the exception's type and message.
+    For an error that did not come from the driver, the exception's type and message. What
+    follows the first line (PostgreSQL's DETAIL and HINT, the rest of a revision's own
+    message) is ``error_details``.
     """
+    lines = _error_lines(error, info)
+    text = lines[0] if lines else type(error).__name__
+    # libpq prefixes the part that matters with the server address it already reported.
+    text = re.sub(r"^connection failed: ", "", text)
+    return text[:500]
+
+
+# The most of an error's further lines a run keeps (its whole error is bounded again on record).
+ERROR_DETAILS_LIMIT = 6000
+
+
+def error_details(error: BaseException, info: ConnectionInfo | None = None) -> str:
+    """The lines of ``error`` after its first (``error_reason``), without any secret value:
+    PostgreSQL's ``DETAIL: Key (name)=(site_name) is duplicated.`` and ``HINT:``, the rows a
+    revision's own message lists. Empty when there are none; bounded in size."""
+    lines = _error_lines(error, info)[1:]
+    text = "\n".join(re.sub(r"^(DETAIL|HINT|CONTEXT|WHERE):\s+", r"\1: ", line) for line in lines)
+    if len(text) > ERROR_DETAILS_LIMIT:
+        text = (
+            text[:ERROR_DETAILS_LIMIT] + f" … ({len(text) - ERROR_DETAILS_LIMIT} more characters)"
+        )
+    return text
+
+
+def _error_lines(error: BaseException, info: ConnectionInfo | None) -> list[str]:
+    """The non-empty lines of the driver's (or the exception's) message, redacted."""
     if isinstance(error, sa_exc.DBAPIError):
         args = error.orig.args
         if len(args) >= 2 and isinstance(args[0], int) and isinstance(args[1], str):
@@ -424,10 +452,6 @@ def error_reason(error: BaseException, info: ConnectionInfo | None = None) -> st
             text = str(error.orig)
     else:
         text = f"{type(error).__name__}: {error}"
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    text = lines[0] if lines else type(error).__name__
-    # libpq prefixes the part that matters with the server address it already reported.
-    text = re.sub(r"^connection failed: ", "", text)
     if info is not None and info.password is not None and info.password.reveal():
         text = text.replace(info.password.reveal(), "**redacted**")
-    return redact(text)[:500]
+    return [line.strip() for line in redact(text).splitlines() if line.strip()]

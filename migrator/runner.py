@@ -621,10 +621,17 @@ def _share_version_table(context: MigrationContext) -> None:
 
 
 def _failure(run: _Run, stands_now: tuple[str, ...] | None, error: Exception) -> MigrationError:
-    """The exception for an error raised while Alembic ran, with where the target stands now."""
+    """The exception for an error raised while Alembic ran, with where the target stands now.
+
+    Its first line is the summary; the error's further lines (PostgreSQL's DETAIL, the rows a
+    revision's own message lists) follow it, whole.
+    """
     reason = engines.error_reason(error, run.target.connection)
+    details = engines.error_details(error, run.target.connection)
     if run.running is None:
-        return MigrationError(f"Migrating {run.target.name} failed: {reason}")
+        return MigrationError(
+            _with_details(f"Migrating {run.target.name} failed: {reason}", details)
+        )
     stands = _describe(stands_now)
     verb = "Applying" if run.kind == UPGRADE else "Reverting"
     waited = engines.lock_wait(error)
@@ -643,8 +650,14 @@ def _failure(run: _Run, stands_now: tuple[str, ...] | None, error: Exception) ->
     else:
         message += f"; nothing of {run.running} was kept. Fix the revision, then run it again."
     return MigrationFailed(
-        message, failed_revision=run.running, current_revision=_as_revision(stands_now)
+        _with_details(message, details),
+        failed_revision=run.running,
+        current_revision=_as_revision(stands_now),
     )
+
+
+def _with_details(summary: str, details: str) -> str:
+    return f"{summary}\n{details}" if details else summary
 
 
 def _lock_timeout(run: _Run, stands_now, verb: str, waited) -> LockTimeout:
@@ -802,7 +815,10 @@ def _database_errors(target: Target) -> Iterator[None]:
         yield
     except sa_exc.DBAPIError as exc:
         reason = engines.error_reason(exc, target.connection)
-        raise MigrationError(f"Database error on {target.name}: {reason}") from None
+        details = engines.error_details(exc, target.connection)
+        raise MigrationError(
+            _with_details(f"Database error on {target.name}: {reason}", details)
+        ) from None
 
 
 def _as_revision(revisions) -> str | None:

@@ -625,7 +625,7 @@ def do_record_run_failure(run, error, *, heads, result=None, duration_ms=None):
     """
     now = timezone.now()
     result = result if result is not None else getattr(error, "result", None)
-    message = redact(str(error)) or type(error).__name__
+    message = bounded_error(redact(str(error)) or type(error).__name__)
     run.status = RunStatus.FAILED
     run.error = message
     run.error_code = getattr(error, "code", "internal_error")
@@ -661,6 +661,19 @@ def do_record_run_failure(run, error, *, heads, result=None, duration_ms=None):
         fields.append("last_migrated_at")
     _save_status(target, status, fields)
     return run
+
+
+# The most of an error a run and its target keep: the whole message of a driver or a revision
+# (PostgreSQL's DETAIL, the rows a revision lists), not a runaway one.
+ERROR_LIMIT = 8192
+
+
+def bounded_error(message):
+    """``message`` whole up to ``ERROR_LIMIT`` characters; beyond, cut, saying how much was."""
+    if len(message) <= ERROR_LIMIT:
+        return message
+    cut = f"\n… ({len(message) - ERROR_LIMIT} more characters in the worker's log)"
+    return message[: ERROR_LIMIT - len(cut)] + cut
 
 
 def do_heartbeat(run_id):

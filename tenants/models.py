@@ -350,6 +350,12 @@ class MigrationRun(models.Model):
     def is_active(self):
         return self.status in ACTIVE_RUN_STATUSES
 
+    @property
+    def error_summary(self):
+        """The error's first line, for lists; ``error`` keeps the whole message (PostgreSQL's
+        DETAIL, the rows a revision's own message lists)."""
+        return self.error.split("\n", 1)[0]
+
     def outcome(self):
         """The run as plain data, as the API and ``migrate_tenants --json`` show it."""
         return {
@@ -367,6 +373,7 @@ class MigrationRun(models.Model):
             "applied": self.applied,
             "duration_ms": self.duration_ms,
             "error": self.error or None,
+            "error_summary": self.error_summary or None,
             "error_code": self.error_code or None,
             "retryable": self.retryable,
             "attempt": self.attempt,

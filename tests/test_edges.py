@@ -284,3 +284,116 @@ def test_mariadb_session_gets_the_lock_wait_and_statement_bounds(
     monkeypatch.setattr(runner, "_read_version_table", spy)
     runner.upgrade(target)
     assert seen == {"lock_wait_timeout": 7, "max_statement_time": 120.0}
+
+
+# --- the whole error, not its first line ------------------------------------------------------
+
+REVISION = """
+import sqlalchemy as sa
+from alembic import op
+
+revision = "{revision}"
+down_revision = {down!r}
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+{body}
+
+
+def downgrade() -> None:
+    pass
+"""
+
+
+def _script_directory(path, second_upgrade):
+    """An Alembic directory: d001 makes `sites` with two rows named site_name; d002 is
+    ``second_upgrade`` (the body of its upgrade())."""
+    from pathlib import Path
+
+    env = Path(__file__).resolve().parent.parent / "tenant_migrations" / "env.py"
+    (path / "versions").mkdir(parents=True)
+    (path / "env.py").write_text(f"import runpy\nrunpy.run_path({str(env)!r})\n")
+    first = (
+        '    op.create_table("sites", sa.Column("id", sa.Integer(), primary_key=True), '
+        'sa.Column("name", sa.String(50)))\n'
+        "    op.execute(\"INSERT INTO sites (id, name) VALUES (1, 'site_name'), (2, 'site_name')\")"
+    )
+    for revision, down, body in (("d001", None, first), ("d002", "d001", second_upgrade)):
+        (path / "versions" / f"{revision}.py").write_text(
+            REVISION.format(revision=revision, down=down, body=body)
+        )
+    return str(path)
+
+
+def _whole_error_is_everywhere(run, details, client, admin_client, caplog):
+    """The run's error keeps ``details`` after its first line, as do the API's run JSON, the
+    admin's run page and the worker's log; lists (the dashboard) show the first line."""
+    from django.contrib.auth.models import Permission, User
+    from knox.models import AuthToken
+
+    assert run.status == "failed"
+    summary = run.error.split("\n", 1)[0]
+    assert "d002" in summary and all(line not in summary for line in details)
+    assert all(line in run.error for line in details)
+    assert run.error_summary == summary
+
+    operator = User.objects.create_user("reader")
+    operator.user_permissions.add(Permission.objects.get(codename="run_migrations"))
+    token = AuthToken.objects.create(user=operator)[1]
+    body = client.get(f"/api/runs/{run.pk}", headers={"Authorization": f"Bearer {token}"}).json()
+    assert body["error"] == run.error and body["error_summary"] == summary
+
+    page = admin_client.get(f"/admin/tenants/migrationrun/{run.pk}/change/").content.decode()
+    from html import unescape
+
+    assert all(line in unescape(page) for line in details)
+    assert all(line in caplog.text for line in details)  # the worker's log
+
+    fleet = unescape(admin_client.get("/admin/fleet/").content.decode())
+    assert summary[:200] in fleet and details[0] not in fleet
+
+
+def test_postgresql_detail_is_kept_on_the_run_the_api_the_admin_and_the_log(
+    registered_tenant, settings, tmp_path, client, admin_client, caplog
+):
+    settings.TENANT_MIGRATIONS_DIR = _script_directory(
+        tmp_path / "scripts", '    op.create_index("ix_sites_name", "sites", ["name"], unique=True)'
+    )
+    tenant = registered_tenant("postgresql")
+    with caplog.at_level("INFO"):
+        run = migrate_once(tenant.target)
+    assert run.error_code == "migration_failed"
+    assert 'could not create unique index "ix_sites_name"' in run.error_summary
+    _whole_error_is_everywhere(
+        run, ["DETAIL: Key (name)=(site_name) is duplicated."], client, admin_client, caplog
+    )
+    assert run.target.last_error == run.error
+
+
+def test_a_revisions_multi_line_message_is_kept_whole(
+    registered_tenant, settings, tmp_path, client, admin_client, caplog
+):
+    rows = ["  - site 1: site_name", "  - site 2: site_name", "Rename one of them, then run again."]
+    message = "2 sites share a name:\n" + "\n".join(rows)
+    settings.TENANT_MIGRATIONS_DIR = _script_directory(
+        tmp_path / "scripts", f"    raise ValueError({message!r})"
+    )
+    tenant = registered_tenant("mysql")
+    with caplog.at_level("INFO"):
+        run = migrate_once(tenant.target)
+    assert "ValueError: 2 sites share a name:" in run.error_summary
+    _whole_error_is_everywhere(run, [row.strip() for row in rows], client, admin_client, caplog)
+
+
+def test_a_runaway_error_is_bounded_on_the_run(registered_tenant, settings, tmp_path):
+    settings.TENANT_MIGRATIONS_DIR = _script_directory(
+        tmp_path / "scripts",
+        '    raise ValueError("too many rows:\\n" + "\\n".join(["row"] * 5000))',
+    )
+    tenant = registered_tenant("postgresql")
+    run = migrate_once(tenant.target)
+    assert run.error_summary.startswith("Applying revision d002")
+    assert len(run.error) <= actions.ERROR_LIMIT
+    assert "more characters" in run.error
