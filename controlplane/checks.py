@@ -6,6 +6,7 @@ instead of failing at the first request or the first migration.
 """
 
 import os
+import re
 
 from django.conf import settings
 from django.core import checks
@@ -98,6 +99,9 @@ def check_settings(app_configs=None, **kwargs):
         if getattr(settings, name) <= 0:
             errors.append(checks.Error(f"{name} must be more than 0.", id="controlplane.E010"))
     errors += _check_run_liveness()
+    errors += _check_values_of_the_wrong_type()
+    errors += _check_postgres_durations()
+    errors += _check_workers_and_bounds()
     if not os.path.isfile(os.path.join(settings.TENANT_MIGRATIONS_DIR, "env.py")):
         errors.append(
             checks.Error(
@@ -132,6 +136,111 @@ def _check_run_liveness():
     if settings.RUN_QUEUED_TIMEOUT_SECONDS <= 0:
         errors.append(
             checks.Error("RUN_QUEUED_TIMEOUT_SECONDS must be more than 0.", id="controlplane.E032")
+        )
+    return errors
+
+
+def _check_values_of_the_wrong_type():
+    """Settings whose value is not a number, a boolean, ... (controlplane.settings.Env)."""
+    return [
+        checks.Error(
+            f"{name} is {value!r}; it must be {expected}.",
+            hint=f"Correct {name}, or unset it to use the default.",
+            id="controlplane.E040",
+        )
+        for name, (value, expected) in settings.INVALID_SETTINGS.items()
+    ]
+
+
+# PostgreSQL's syntax for a duration setting (guc.c, parse_int): a number, optionally with a
+# fraction, an exponent or in hex, then optionally a unit (case-sensitive; milliseconds if none).
+PG_DURATION = re.compile(
+    r"\s*(?P<number>[+-]?(?:0[xX][0-9a-fA-F]+|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?))"
+    r"\s*(?P<unit>us|ms|s|min|h|d)?\s*"
+)
+PG_DURATION_UNITS_MS = {
+    "us": 0.001,
+    "ms": 1,
+    "s": 1000,
+    "min": 60_000,
+    "h": 3_600_000,
+    "d": 86_400_000,
+}
+PG_INT_MAX = 2**31 - 1
+
+
+def postgres_duration_ms(text):
+    """The milliseconds PostgreSQL reads in ``text`` for ``lock_timeout`` or
+    ``statement_timeout``, or None where it would refuse it (not its syntax, out of range)."""
+    match = PG_DURATION.fullmatch(text)
+    if not match:
+        return None
+    number = match["number"]
+    digits = number.lstrip("+-")
+    try:
+        if digits[:2] in ("0x", "0X"):
+            value = int(number, 16)
+        elif digits[:1] == "0" and digits.isdigit():
+            value = int(number, 8)  # C's strtol: a leading 0 is octal, so 08 is refused
+        else:
+            value = float(number)
+    except ValueError:
+        return None
+    milliseconds = round(value * PG_DURATION_UNITS_MS[match["unit"] or "ms"])
+    return milliseconds if 0 <= milliseconds <= PG_INT_MAX else None
+
+
+def _check_postgres_durations():
+    """MIGRATION_PG_*_TIMEOUT are handed to PostgreSQL as they are: a value it refuses failed
+    every PostgreSQL run."""
+    errors = []
+    for name in ("MIGRATION_PG_LOCK_TIMEOUT", "MIGRATION_PG_STATEMENT_TIMEOUT"):
+        value = str(getattr(settings, name))
+        if postgres_duration_ms(value) is None:
+            errors.append(
+                checks.Error(
+                    f"{name} is {value!r}, which PostgreSQL does not read as a duration.",
+                    hint="A number and a unit: us, ms, s, min, h or d (e.g. 5s, 500ms, 15min; "
+                    "0 turns the bound off), at most about 24 days.",
+                    id="controlplane.E041",
+                )
+            )
+    return errors
+
+
+RATE = re.compile(r"\d+/(s|sec|second|m|min|minute|h|hour|d|day)")
+
+
+def _check_workers_and_bounds():
+    """Workers per cluster, the broker's poll, the API's rates, token and login bounds."""
+    errors = []
+    if settings.Q_WORKERS < 1:
+        errors.append(
+            checks.Error(
+                f"Q_WORKERS is {settings.Q_WORKERS}; a qcluster needs 1 worker or more.",
+                id="controlplane.E042",
+            )
+        )
+    if settings.Q_POLL <= 0:
+        errors.append(checks.Error("Q_POLL must be more than 0.", id="controlplane.E043"))
+    for name in ("API_THROTTLE_ANON", "API_THROTTLE_USER"):
+        value = getattr(settings, name)
+        if value and not RATE.fullmatch(value):
+            errors.append(
+                checks.Error(
+                    f"{name} is {value!r}; it must be a rate such as 20/min (N/s, N/min, N/hour, "
+                    "N/day), or empty for no bound.",
+                    id="controlplane.E044",
+                )
+            )
+    for name in ("API_TOKEN_TTL_DAYS", "ADMIN_LOGIN_FAILURE_LIMIT"):
+        if getattr(settings, name) < 0:
+            errors.append(
+                checks.Error(f"{name} must be 0 (no bound) or more.", id="controlplane.E045")
+            )
+    if settings.ADMIN_LOGIN_LOCKOUT_SECONDS <= 0:
+        errors.append(
+            checks.Error("ADMIN_LOGIN_LOCKOUT_SECONDS must be more than 0.", id="controlplane.E045")
         )
     return errors
 

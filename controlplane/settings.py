@@ -13,7 +13,41 @@ import environ
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-env = environ.Env()
+# Settings whose value is not of their type: {name: (value, what it must be)}. Reported by name by
+# `manage.py check` (controlplane.checks), which also stops the WSGI/ASGI app; the default stands
+# in meanwhile, where raising here was a traceback that named nothing.
+INVALID_SETTINGS = {}
+
+
+class Env(environ.Env):
+    """django-environ, recording a value of the wrong type in INVALID_SETTINGS."""
+
+    def _typed(self, var, default, reader, expected):
+        try:
+            return reader(var, default=default)
+        except ValueError:
+            INVALID_SETTINGS[var] = (self.ENVIRON.get(var, ""), expected)
+            return default
+
+    def int(self, var, default=environ.Env.NOTSET):
+        return self._typed(var, default, super().int, "a whole number")
+
+    def float(self, var, default=environ.Env.NOTSET):
+        return self._typed(var, default, super().float, "a number")
+
+    def dict(self, var, default=environ.Env.NOTSET):
+        return self._typed(var, default, super().dict, "NAME=VALUE pairs separated by commas")
+
+    def bool(self, var, default=environ.Env.NOTSET):
+        value = self.ENVIRON.get(var)
+        known = (*self.BOOLEAN_TRUE_STRINGS, "false", "off", "no", "n", "0", "")
+        if value is not None and value.strip().lower() not in known:
+            INVALID_SETTINGS[var] = (value, "true or false")
+            return default
+        return super().bool(var, default=default)
+
+
+env = Env()
 # An optional .env file for local work; real environment variables win.
 environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 
