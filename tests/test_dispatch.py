@@ -414,4 +414,4 @@ def test_health_endpoints(client, target_factory):
     shared.save()
     ready = client.get("/readyz?format=json")
     assert ready.status_code == 500
-    assert "shared (behind)" in json.dumps(ready.json())
+    assert "1 shared database(s) not at head" in json.dumps(ready.json())
