@@ -170,6 +170,7 @@ class RunMigrationsActions:
         targets = self.targets_of(queryset)
         choices = planning.downgrade_choices(targets)
         revision = request.POST.get("revision", "") or (choices[0] if choices else "")
+        rows = []
         if revision and revision not in choices:
             self.message_user(
                 request,
@@ -177,9 +178,8 @@ class RunMigrationsActions:
                 "choose one in the list.",
                 messages.ERROR,
             )
-            revision = choices[0] if choices else ""
-        rows = []
-        if revision:
+            revision = ""
+        elif revision:
             rows = planning.plan(targets, planning.Intent.downgrade(revision), live=True, sql=True)
         return self._confirm(
             request,

@@ -54,13 +54,14 @@ def run_as_json(run, request):
 
 
 class MigrateRequest(serializers.Serializer):
-    """The optional body: ``{"revision": "..."}`` (default ``head``). A body that is not an
-    object, a revision that is not a string, longer than a run records or with a NUL byte is a
-    400 naming the field."""
+    """The optional body: ``{"revision": "...", "allow_downgrade": true}`` (default ``head``,
+    no downgrade). A body that is not an object, a revision that is not a string, longer than a
+    run records or with a NUL byte is a 400 naming the field."""
 
     revision = serializers.CharField(
         max_length=64, required=False, allow_blank=True, allow_null=True
     )
+    allow_downgrade = serializers.BooleanField(required=False, default=False)
 
 
 def tenant_or_404(tenant_id):
@@ -93,7 +94,7 @@ class MigrateTenantView(ApiView):
         form.is_valid(raise_exception=True)
         revision = form.validated_data.get("revision") or "head"
         intent = planning.Intent.upgrade(
-            revision, allow_downgrade=form.initial_data.get("allow_downgrade") is True
+            revision, allow_downgrade=form.validated_data["allow_downgrade"]
         )
         [row] = planning.plan([tenant.target], intent)
         if not row.accepted:

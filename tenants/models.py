@@ -356,6 +356,19 @@ class MigrationRun(models.Model):
         DETAIL, the rows a revision's own message lists)."""
         return self.error.split("\n", 1)[0]
 
+    @property
+    def reason(self):
+        """Why the run changed nothing, in words: skipped (already there), or the first line
+        of the error of a run that failed, was cancelled or interrupted; "" otherwise."""
+        if self.status == RunStatus.SKIPPED:
+            return (
+                f"nothing to apply: the database already stood at "
+                f"{self.revision_after or 'base'} ({self.kind} to {self.requested_revision})"
+            )
+        if self.error:
+            return self.error_summary
+        return ""
+
     def outcome(self):
         """The run as plain data, as the API and ``migrate_tenants --json`` show it."""
         return {
@@ -374,6 +387,7 @@ class MigrationRun(models.Model):
             "duration_ms": self.duration_ms,
             "error": self.error or None,
             "error_summary": self.error_summary or None,
+            "reason": self.reason or None,
             "error_code": self.error_code or None,
             "retryable": self.retryable,
             "attempt": self.attempt,

@@ -290,8 +290,8 @@ class _Planner:
             if not self.intent.allow_downgrade:
                 row.refusal = (
                     f"{revision} is below where {row.target.name} stands "
-                    f"({row.stands or 'base'}): that is a downgrade, and this request did not "
-                    "allow one"
+                    f"({row.stands or 'base'}): that is a downgrade, which this request does not "
+                    'allow (the HTTP API: add "allow_downgrade": true to the body)'
                 )
                 return
             row.kind = RunKind.DOWNGRADE
