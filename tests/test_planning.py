@@ -72,8 +72,9 @@ def options_of(page):
 # --- issue 18: the plan, the preview ------------------------------------------------------------
 
 
-def test_dry_run_on_a_fleet_already_at_head(registered_tenant):
-    """The README's own ``--dry-run`` on an up-to-date fleet: a row per target, no KeyError."""
+def test_dry_run_on_a_fleet_already_at_head(registered_tenant, admin_client):
+    """The README's own ``--dry-run`` on an up-to-date fleet: a row per target, no KeyError;
+    the admin's preview says the same."""
     pg, my = registered_tenant("postgresql"), registered_tenant("mysql")
     for tenant in (pg, my):
         migrate_once(tenant.target)
@@ -98,6 +99,11 @@ def test_dry_run_on_a_fleet_already_at_head(registered_tenant):
             HEAD,
             [],
         )
+
+    page = admin_action(admin_client, "preview_sql", [pg.target_id, my.target_id])
+    text = page.content.decode()
+    assert page.status_code == 200
+    assert f"from {HEAD} (live) to head" in text and "Nothing to apply: already at head" in text
     assert MigrationRun.objects.count() == runs
 
 
@@ -151,6 +157,10 @@ def test_sqlite_downgrade_and_undo_pages_render_and_run(
     vault_secret("lite", {"provider": "sqlite", "database": str(tmp_path / "lite.sqlite3")})
     target = target_factory(name="lite", provider="sqlite", vault_path="lite")
     migrate_once(target)
+
+    code, out, _ = command("--target", "lite", "--to", "0003_projects_account_name", "--dry-run")
+    assert code == 0
+    assert "downgrade" in out and "No SQL can be shown: a revision uses batch mode" in out
 
     page = admin_action(
         admin_client, "downgrade_to_revision", [target.pk], revision="0003_projects_account_name"

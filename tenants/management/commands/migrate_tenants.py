@@ -97,7 +97,9 @@ class Command(BaseCommand):
         mode.add_argument(
             "--dry-run",
             action="store_true",
-            help="print the SQL each target would run; change nothing",
+            help="show the plan: each target's revision (read live from its database, or the "
+            "record when it cannot be read), where it would go, and the SQL (or why none can be "
+            "shown); change nothing",
         )
         mode.add_argument(
             "--sync",

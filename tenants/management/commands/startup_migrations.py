@@ -43,9 +43,8 @@ class Command(BaseCommand):
             shared = list(MigrationTarget.objects.filter(kind=Strategy.SHARED))
             rows = planning.plan(shared, planning.Intent.upgrade())
             for row in rows:
-                if row.refusal:
-                    failed.append(row.target.name)
-                    self.stderr.write(f"Shared database {row.target.name}: {row.refusal}.")
+                if not row.accepted:  # held: skipped on purpose, as every trigger skips it
+                    self.stderr.write(f"Not queued for {row.target.name}: {row.reason}.")
             for dispatch in actions.do_enqueue_plan(rows, trigger=Trigger.STARTUP, enqueue=False):
                 if dispatch.run is None or not dispatch.created:
                     self.stderr.write(dispatch.message)
