@@ -33,6 +33,7 @@ import hvac.exceptions
 import requests
 from django.conf import settings
 
+from migrator import deadlines
 from migrator.exceptions import (
     SecretIncomplete,
     SecretNotFound,
@@ -212,6 +213,7 @@ class SecretsManager:
         # One connection pool for the manager's life, shared by every login's client.
         self._owns_session = session is None
         self._session = session or _environment_session(config.addr)
+        deadlines.enforce_on(self._session)  # VAULT_TIMEOUT bounds each request as a whole
         self._clock = clock
         self._lock = threading.RLock()
         self._client: hvac.Client | None = None
@@ -652,7 +654,23 @@ class SecretsManager:
 def _transport(config: VaultConfig, endpoint: str, call: Callable[[], Any]) -> Any:
     """Run one hvac call, mapping the failures that mean "Vault is not there" to
     VaultUnavailable. Vault's own 4xx answers are left to the caller, which knows what they
-    mean for its endpoint."""
+    mean for its endpoint. The call as a whole must be done within VAULT_TIMEOUT (requests'
+    own timeout bounds each read only: a Vault, or a proxy, that drips its answer a byte at a
+    time would hold the run for as long as it drips)."""
+    with deadlines.within(config.timeout) as deadline:
+        try:
+            return _mapped_transport(config, endpoint, call)
+        except Exception:
+            if deadline.expired:
+                raise VaultUnavailable(
+                    f"Vault at {config.addr} ({endpoint}) did not send its whole answer within "
+                    f"{config.timeout}s (VAULT_TIMEOUT): check VAULT_ADDR, and the proxy or load "
+                    "balancer in front of Vault (VAULT_TIMEOUT bounds each request as a whole)."
+                ) from None
+            raise
+
+
+def _mapped_transport(config: VaultConfig, endpoint: str, call: Callable[[], Any]) -> Any:
     where = f"Vault at {config.addr} ({endpoint})"
     check = "check VAULT_ADDR and that Vault is running and unsealed."
     try:

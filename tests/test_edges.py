@@ -397,3 +397,81 @@ def test_a_runaway_error_is_bounded_on_the_run(registered_tenant, settings, tmp_
     assert run.error_summary.startswith("Applying revision d002")
     assert len(run.error) <= actions.ERROR_LIMIT
     assert "more characters" in run.error
+
+
+# --- Vault at the edges ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def dripping_vault():
+    """A local HTTP server that answers every request a byte every 0.2 s (for 40 s at most),
+    like a sick proxy in front of Vault; yields its address."""
+    import socket
+    import threading
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    stop = threading.Event()
+
+    def answer(conn):
+        with conn:
+            conn.settimeout(5)
+            request = b""
+            while b"\r\n\r\n" not in request:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                request += chunk
+            body = b'{"data": {}}' + b" " * 1000
+            answer = (
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            ends = time.monotonic() + 40
+            for byte in answer:
+                if stop.is_set() or time.monotonic() > ends:
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+    def serve():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    server.join(5)
+    listener.close()
+
+
+def test_a_vault_that_drips_bytes_fails_the_run_within_vault_timeout(
+    registered_tenant, dripping_vault, settings
+):
+    import time
+
+    from migrator.secrets import reset_secrets_manager
+
+    tenant = registered_tenant("postgresql")
+    settings.VAULT_ADDR, settings.VAULT_TIMEOUT = dripping_vault, 2
+    reset_secrets_manager()
+    started = time.monotonic()
+    run = migrate_once(tenant.target)
+    elapsed = time.monotonic() - started
+    reset_secrets_manager()
+    assert run.error_code == "vault_unavailable" and run.retryable is True
+    assert f"Vault at {dripping_vault}" in run.error
+    assert "did not send its whole answer within 2s" in run.error
+    assert elapsed < 15
