@@ -51,6 +51,12 @@ class SecretNotFound(VaultError):
     code = "secret_not_found"
 
 
+class MountNotKV2(VaultError):
+    """VAULT_MOUNT_POINT is a KV version 1 mount; the control plane reads KV version 2."""
+
+    code = "vault_mount_not_kv2"
+
+
 class SecretIncomplete(VaultError):
     """The secret exists but lacks keys, or a key has a value of the wrong form."""
 

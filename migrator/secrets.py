@@ -35,6 +35,7 @@ from django.conf import settings
 
 from migrator import deadlines
 from migrator.exceptions import (
+    MountNotKV2,
     SecretIncomplete,
     SecretNotFound,
     UnknownProvider,
@@ -398,6 +399,14 @@ class SecretsManager:
                     f"{self.config.addr}, so {full} cannot exist: check VAULT_MOUNT_POINT "
                     f"(a KV version 2 mount)."
                 ) from None
+            if self._mount_version() == "1":
+                mount = self.config.mount_point
+                raise MountNotKV2(
+                    f"The secrets engine at {mount}/ in Vault {self.config.addr} is KV version 1; "
+                    f"the control plane reads KV version 2 ({full}). Upgrade the mount "
+                    f"(vault kv enable-versioning {mount}/) or point VAULT_MOUNT_POINT at a KV "
+                    "version 2 mount."
+                ) from None
             raise SecretNotFound(
                 f"No secret at {full} in Vault {self.config.addr}. Create it with: "
                 f"{self._put_command(relative)}"
@@ -417,6 +426,22 @@ class SecretsManager:
         logger.debug("Read secret %s (keys: %s)", full, ", ".join(sorted(data)))
         version = ((response.get("data") or {}).get("metadata") or {}).get("version")
         return data, version if isinstance(version, int) else None
+
+    def _mount_version(self) -> str | None:
+        """``GET /v1/sys/internal/ui/mounts/{mount}``: the KV version of VAULT_MOUNT_POINT ("1",
+        "2"), asked only when a secret was not found there; None when Vault does not say."""
+        mount = self.config.mount_point
+        try:
+            answer = self._with_token(
+                f"GET /v1/sys/internal/ui/mounts/{mount}",
+                lambda client: client.adapter.get(f"/v1/sys/internal/ui/mounts/{mount}"),
+            )
+        except (VaultError, hvac.exceptions.VaultError):
+            return None
+        data = (answer or {}).get("data") if isinstance(answer, dict) else None
+        if not isinstance(data, dict) or data.get("type") not in ("kv", "generic"):
+            return None
+        return str((data.get("options") or {}).get("version") or "1")
 
     # --- Token lifecycle ----------------------------------------------------------------------
 

@@ -475,3 +475,33 @@ def test_a_vault_that_drips_bytes_fails_the_run_within_vault_timeout(
     assert f"Vault at {dripping_vault}" in run.error
     assert "did not send its whole answer within 2s" in run.error
     assert elapsed < 15
+
+
+def test_a_kv_version_1_mount_says_so(registered_tenant, openbao, settings):
+    import uuid
+
+    from migrator.secrets import reset_secrets_manager
+
+    tenant = registered_tenant("postgresql")
+    client = openbao.client()
+    mount = f"kv1-{uuid.uuid4().hex[:8]}"
+    client.sys.enable_secrets_engine("kv", path=mount, options={"version": "1"})
+    try:
+        client.secrets.kv.v1.create_or_update_secret(
+            path=f"database/{tenant.target.vault_path}",
+            secret=tenant.database.secret(),
+            mount_point=mount,
+        )
+        settings.VAULT_MOUNT_POINT = mount
+        reset_secrets_manager()
+        run = migrate_once(tenant.target)
+        out = io.StringIO()
+        with pytest.raises(Exception, match="1 of 1 targets not OK"):
+            call_command("vault_check", "--target", tenant.target.name, stdout=out)
+    finally:
+        client.sys.disable_secrets_engine(mount)
+        reset_secrets_manager()
+    assert run.error_code == "vault_mount_not_kv2" and run.retryable is False
+    assert f"The secrets engine at {mount}/ in Vault" in run.error and "KV version 1" in run.error
+    assert "vault kv put" not in run.error
+    assert "KV version 1" in out.getvalue()
