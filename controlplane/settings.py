@@ -154,9 +154,10 @@ DATABASES = {
 DATABASES["default"].setdefault("CONN_MAX_AGE", 300)
 DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    DATABASES["default"].setdefault("OPTIONS", {}).update(
+    # How long a write waits for SQLite's lock; `?timeout=N` in DATABASE_URL sets it.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("timeout", 30)
+    DATABASES["default"]["OPTIONS"].update(
         {
-            "timeout": 30,
             "transaction_mode": "IMMEDIATE",
             "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
         }
@@ -237,6 +238,9 @@ MSSQL_ODBC_DRIVER = env.str("MSSQL_ODBC_DRIVER", default="ODBC Driver 18 for SQL
 # as abandoned (its worker was killed) by the recovery schedule and `migrate_tenants --recover`.
 RUN_HEARTBEAT_SECONDS = env.int("RUN_HEARTBEAT_SECONDS", default=15)
 RUN_STALE_AFTER_SECONDS = env.int("RUN_STALE_AFTER_SECONDS", default=120)
+# A worker that cannot write a finished run's outcome to the control-plane database (down,
+# restarting, locked) tries again for this long; after that, recovery records it.
+RUN_RECORD_RETRY_SECONDS = env.int("RUN_RECORD_RETRY_SECONDS", default=120)
 # A queued run that no worker took this long while its queue made no progress (no run of that
 # cluster started or running) is closed as abandoned, and tried again while attempts remain.
 RUN_QUEUED_TIMEOUT_SECONDS = env.int("RUN_QUEUED_TIMEOUT_SECONDS", default=300)

@@ -257,6 +257,51 @@ def resolve_destination(script: ScriptDirectory, kind: str, destination: str) ->
     return destination
 
 
+@dataclass(frozen=True)
+class StepsDone:
+    """How much of a run's plan a database shows done (``steps_done``)."""
+
+    planned: list[str]  # the revisions the run was to apply (revert), in order
+    done: list[str]  # those the database shows applied (reverted), in order
+
+    @property
+    def complete(self) -> bool:
+        return len(self.done) == len(self.planned)
+
+
+def steps_done(
+    kind: str,
+    revision_before: str | None,
+    destination: str,
+    revision_now: str | None,
+    *,
+    script_location=None,
+) -> StepsDone:
+    """Which revisions of a run from ``revision_before`` to ``destination`` a database that
+    stands at ``revision_now`` shows done (revision strings as recorded: "a,b" for several
+    heads, None or "" for base). Reads no database: for a run whose outcome was never recorded
+    (its worker died, or could not reach the control plane), after its revision was read back.
+    Raises ``MigrationError`` (or a subclass) when the revisions are not in the directory."""
+    before = tuple(r for r in (revision_before or "").split(",") if r)
+    now = tuple(r for r in (revision_now or "").split(",") if r)
+    with _alembic_lock:
+        script = script_directory(script_location)
+        destination = resolve_destination(script, kind, destination)
+        planned = [_step_id(step) for step in _plan(script, kind, destination, before)]
+        try:
+            at_now = {r.revision for r in script.iterate_revisions(now, "base")} if now else set()
+        except Exception as exc:  # noqa: BLE001 - Alembic's errors for an unknown revision
+            raise RevisionNotFound(
+                f"The database is at {revision_now}, which the script directory "
+                f"({script.dir}) does not know: {exc}"
+            ) from None
+    if kind == UPGRADE:
+        done = [revision for revision in planned if revision in at_now]
+    else:
+        done = [revision for revision in planned if revision not in at_now]
+    return StepsDone(planned, done)
+
+
 def heads(*, script_location=None) -> tuple[str, ...]:
     """The head revision(s) of the script directory."""
     with _alembic_lock:

@@ -12,6 +12,7 @@ import threading
 import time
 from contextlib import contextmanager
 
+from django import db
 from django.conf import settings
 from django.db import connections
 
@@ -50,18 +51,54 @@ def run_migration(run_id):
         logger.exception("Unexpected error in run %s for %s", run_id, run.target.name)
         error = _UnexpectedError(f"Unexpected error ({type(exc).__name__}): {redact(str(exc))}")
     if error is None:
-        actions.do_record_run_success(run, result, heads=_heads_of(result))
+        _until_recorded(run, actions.do_record_run_success, run, result, heads=_heads_of(result))
     else:
         logger.error("%s", error)
-        actions.do_record_run_failure(
+        _until_recorded(
+            run,
+            actions.do_record_run_failure,
             run,
             error,
             heads=_heads_of(getattr(error, "result", None)),
             duration_ms=_elapsed_ms(started),
         )
         if error.retryable:
-            actions.do_schedule_retry(run)
+            _until_recorded(run, actions.do_schedule_retry, run)
     return {"run": run_id, "target": run.target.name, "status": run.status}
+
+
+def _until_recorded(run, action, *args, **kwargs):
+    """Call the recording ``action``, again while the control-plane database cannot be reached
+    (down, restarting, locked), for up to ``RUN_RECORD_RETRY_SECONDS``: by then the target
+    database has committed what the run did, and only this worker knows it. After that the
+    error propagates; the run stays running without heartbeats, and the recovery of stale runs
+    reads where the database stands and records it (``recover_stale_runs``)."""
+    deadline = time.monotonic() + settings.RUN_RECORD_RETRY_SECONDS
+    pause = 0.5
+    while True:
+        try:
+            return action(*args, **kwargs)
+        except (db.OperationalError, db.InterfaceError) as exc:
+            connections.close_all()  # the next attempt opens a new connection
+            left = deadline - time.monotonic()
+            if left <= 0:
+                logger.error(
+                    "Could not record the outcome of run %s for %s in the control-plane "
+                    "database: %s. Gave up after RUN_RECORD_RETRY_SECONDS; the recovery of "
+                    "stale runs will read where the database stands and record it.",
+                    run.pk,
+                    run.target.name,
+                    exc,
+                )
+                raise
+            logger.warning(
+                "Could not record the outcome of run %s for %s (%s); trying again",
+                run.pk,
+                run.target.name,
+                exc,
+            )
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 10)
 
 
 class _UnexpectedError(MigratorError):
@@ -261,9 +298,33 @@ def recover_stale_runs():
             revision, problem = read_revision(run.target), ""
         except MigratorError as exc:
             revision, problem = None, str(exc)
-        if actions.do_mark_run_interrupted(run, revision=revision, revision_error=problem):
+        done = None if problem else _steps_done(run, revision)
+        name = run.target.name
+        if done is not None and done.complete:
+            # Its worker stopped after the work (killed after the last commit, or the control
+            # plane was unreachable when it recorded): record what the database shows happened.
+            if actions.do_record_recovered_run(
+                run,
+                revision_before=run.target.revision,
+                revision=revision,
+                applied=done.done,
+                heads=runner.heads(),
+            ):
+                lines.append(
+                    f"Run #{run.pk} for {name}: its worker stopped before recording it; the "
+                    f"database stands at {revision or 'base'}, so it is recorded as completed "
+                    f"({len(done.done)} revision(s) applied)"
+                )
+            continue
+        if actions.do_mark_run_interrupted(
+            run,
+            revision=revision,
+            revision_error=problem,
+            revision_before=None if done is None else run.target.revision,
+            applied=done.done if done is not None else (),
+        ):
             where = problem or f"now at {revision or 'base'}"
-            lines.append(f"Run #{run.pk} for {run.target.name} interrupted; {where}")
+            lines.append(f"Run #{run.pk} for {name} interrupted; {where}")
     return lines + recover_abandoned_runs()
 
 
@@ -285,3 +346,17 @@ def recover_abandoned_runs():
             f"Run #{run.pk} for {run.target.name} abandoned in the queue ({then}): {run.error}"
         )
     return lines
+
+
+def _steps_done(run, revision):
+    """How much of ``run``'s plan (from the revision its target's record held, which the lost
+    run never updated, to its requested revision) the database at ``revision`` shows done; None
+    when that cannot be told (a restore, a revision the script directory does not know)."""
+    if run.kind not in ("upgrade", "downgrade"):
+        return None
+    try:
+        return runner.steps_done(
+            run.kind, run.target.revision, run.requested_revision, revision or None
+        )
+    except MigratorError:
+        return None

@@ -697,38 +697,50 @@ def stale_runs(*, now=None):
 
 
 @transaction.atomic
-def do_mark_run_interrupted(run, *, revision, revision_error=""):
+def do_mark_run_interrupted(run, *, revision, revision_error="", revision_before=None, applied=()):
     """Close a run whose worker died, and release its target.
 
     ``revision`` is what the target's ``alembic_version`` says now (read back by the caller), or
-    None with ``revision_error`` when it could not be read. The target is marked failed so that
+    None with ``revision_error`` when it could not be read. ``applied``: the revisions of the
+    run's plan that the database shows committed, from ``revision_before`` (the revision the
+    record held when the run started). The target is marked failed so that
     ``migrate_tenants --failed`` and the admin's retry pick it up.
     """
     now = timezone.now()
-    updated = MigrationRun.objects.filter(pk=run.pk, status=RunStatus.RUNNING).update(
+    applied = list(applied)
+    if revision_error:
+        where = f"Its revision could not be read back: {revision_error}"
+    else:
+        where = f"The target now stands at {revision or 'base (empty)'}."
+        if applied:
+            where += f" Before it stopped, the run had applied (committed) {', '.join(applied)}."
+    if run.target.provider == "mysql":
+        undone = (
+            " MySQL and MariaDB commit each DDL statement at once, so a revision that was "
+            "running may be partly applied: compare the schema with it before running again."
+        )
+    else:
+        undone = " A revision that had not committed was rolled back with its transaction."
+    fields = dict(
         status=RunStatus.INTERRUPTED,
         finished_at=now,
         error_code="interrupted",
         retryable=True,
         revision_after=revision or "",
+        applied=applied,
         error=(
             f"Interrupted: the worker {run.worker_host or '(unknown)'} stopped sending heartbeats "
-            f"(last at {run.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC); it was killed or lost its "
-            "host. The database released the target's lock with the worker's connection. "
-            + (
-                f"The target now stands at {revision or 'base (empty)'}."
-                if not revision_error
-                else f"Its revision could not be read back: {revision_error}"
-            )
-            + (
-                " MySQL and MariaDB commit each DDL statement at once, so the revision that was "
-                "running may be partly applied: compare the schema with it before running again."
-                if run.target.provider == "mysql"
-                else " Its transaction was rolled back."
-            )
+            f"(last at {run.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC) before it recorded the run; it "
+            "was killed, lost its host or could not reach the control plane. The database "
+            "released the target's lock with the worker's connection. "
+            + where
+            + undone
             + " Run it again with `migrate_tenants --failed` or the admin's retry."
         ),
     )
+    if revision_before is not None:
+        fields["revision_before"] = revision_before or ""
+    updated = MigrationRun.objects.filter(pk=run.pk, status=RunStatus.RUNNING).update(**fields)
     if not updated:
         return False
     target = MigrationTarget.objects.select_for_update().get(pk=run.target_id)
@@ -738,8 +750,53 @@ def do_mark_run_interrupted(run, *, revision, revision_error=""):
     if not revision_error:
         target.revision = revision or ""
         fields.append("revision")
+    if applied:
+        target.last_migrated_at = now
+        fields.append("last_migrated_at")
     _save_status(target, TargetStatus.FAILED, fields)
     logger.warning("Run %s for %s was interrupted; target released", run.pk, target.name)
+    return True
+
+
+@transaction.atomic
+def do_record_recovered_run(run, *, revision_before, revision, applied, heads):
+    """Record a run whose worker stopped before it recorded the outcome (killed after the last
+    commit, or unable to reach the control plane), when the target's database shows the run's
+    whole plan done: the run succeeded (skipped when its plan was empty), with what was applied
+    from ``revision_before`` (the record's revision when it started) to ``revision`` (read back
+    from the database now). Returns False when the run was recorded meanwhile."""
+    now = timezone.now()
+    applied = list(applied)
+    note = (
+        f"The worker {run.worker_host or '(unknown)'} stopped sending heartbeats (last at "
+        f"{run.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC) before it recorded this run. Its database "
+        f"was read back: it stands at {revision or 'base (empty)'}, where the run was to take "
+        "it, so the run is recorded as completed"
+        + (f", having applied {', '.join(applied)}." if applied else ", with nothing to apply.")
+    )
+    updated = MigrationRun.objects.filter(pk=run.pk, status=RunStatus.RUNNING).update(
+        status=RunStatus.SUCCEEDED if applied else RunStatus.SKIPPED,
+        finished_at=now,
+        revision_before=revision_before or "",
+        revision_after=revision or "",
+        applied=applied,
+        error="",
+        error_code="",
+        retryable=None,
+        log=note,
+    )
+    if not updated:
+        return False
+    target = MigrationTarget.objects.select_for_update().get(pk=run.target_id)
+    target.revision = revision or ""
+    target.last_error = ""
+    target.last_checked_at = now
+    fields = ["status", "revision", "last_error", "last_checked_at", "updated_at"]
+    if applied:
+        target.last_migrated_at = now
+        fields.append("last_migrated_at")
+    _save_status(target, target_status_for(target.revision, heads), fields)
+    logger.warning("Run %s for %s recorded by recovery: %s", run.pk, target.name, note)
     return True
 
 
