@@ -33,7 +33,12 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.pool import NullPool
 
-from migrator.exceptions import DatabaseAuthFailed, DatabaseUnreachable, UnknownProvider
+from migrator.exceptions import (
+    DatabaseAuthFailed,
+    DatabaseNotFound,
+    DatabaseUnreachable,
+    UnknownProvider,
+)
 from migrator.redaction import redact
 
 if TYPE_CHECKING:
@@ -341,7 +346,7 @@ def reset() -> None:
 
 def connect_error(
     target: Target, error: sa_exc.DBAPIError
-) -> DatabaseAuthFailed | DatabaseUnreachable:
+) -> DatabaseAuthFailed | DatabaseNotFound | DatabaseUnreachable:
     """The engine's exception for a failed connect to ``target``, with what to check."""
     info = target.connection
     provider = get_provider(info.provider)
@@ -353,6 +358,12 @@ def connect_error(
             "control plane may read and write that file and its directory."
         )
     where = f"{info.host}:{info.port}" if info.port else f"{info.host}"
+    if _database_missing(error.orig):
+        return DatabaseNotFound(
+            f"The database {info.database!r} of {target.name} does not exist on {where} "
+            f"({reason}). Create it, or correct 'database' in the Vault secret at "
+            f"{info.vault_path}; then run the migration again."
+        )
     if provider.auth_failed(error.orig):
         return DatabaseAuthFailed(
             f"The database of {target.name} at {where} rejected user {info.username!r} "
@@ -407,6 +418,16 @@ def lock_wait(error: BaseException) -> LockWait | None:
     match = _STATEMENT_TABLE.match(error.statement or "")
     table = match.group(1).replace("`", "").replace('"', "") if match else None
     return LockWait(setting, waited, table)
+
+
+def _database_missing(error: BaseException) -> bool:
+    """Does the server say the database does not exist (PostgreSQL's invalid_catalog_name,
+    which libpq reports in the message only; MySQL's ER_BAD_DB_ERROR)?"""
+    if getattr(error, "sqlstate", None) == "3D000":
+        return True
+    if re.search(r'database "[^"]*" does not exist', str(error)):
+        return True
+    return bool(getattr(error, "args", None)) and error.args[0] == 1049
 
 
 def error_reason(error: BaseException, info: ConnectionInfo | None = None) -> str:

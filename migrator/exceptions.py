@@ -81,6 +81,12 @@ class DatabaseUnreachable(TargetError):
     retryable = True
 
 
+class DatabaseNotFound(TargetError):
+    """The server answered, but the database the secret names does not exist on it."""
+
+    code = "database_not_found"
+
+
 class DatabaseAuthFailed(TargetError):
     """The database rejected the admin credentials."""
 

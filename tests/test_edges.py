@@ -505,3 +505,14 @@ def test_a_kv_version_1_mount_says_so(registered_tenant, openbao, settings):
     assert f"The secrets engine at {mount}/ in Vault" in run.error and "KV version 1" in run.error
     assert "vault kv put" not in run.error
     assert "KV version 1" in out.getvalue()
+
+
+def test_a_database_that_does_not_exist_is_named_and_not_retried(registered_tenant, vault_secret):
+    tenant = registered_tenant("postgresql")
+    path = tenant.target.vault_path
+    vault_secret(path, tenant.database.secret(database="no_such_database"))
+    run = migrate_once(tenant.target)
+    assert run.error_code == "database_not_found" and run.retryable is False
+    assert "The database 'no_such_database' of" in run.error and "does not exist" in run.error
+    assert f"secret/data/database/{path}" in run.error
+    assert not tenant.target.runs.filter(attempt=2).exists()
