@@ -516,3 +516,27 @@ def test_a_database_that_does_not_exist_is_named_and_not_retried(registered_tena
     assert "The database 'no_such_database' of" in run.error and "does not exist" in run.error
     assert f"secret/data/database/{path}" in run.error
     assert not tenant.target.runs.filter(attempt=2).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_cluster_does_not_migrate_a_target_held_after_its_run_was_queued(
+    registered_tenant, admin_client, tmp_path
+):
+    from tests.workers import manage, process_env, qcluster, wait_for_runs
+
+    tenant = registered_tenant("postgresql")
+    env = process_env()
+    # Queued through the command while no worker runs: the run waits in the queue.
+    queued = manage("migrate_tenants", "--target", tenant.target.name, env=env, check=True)
+    assert "queued" in queued.stdout
+    _set_held_in_admin(admin_client, tenant.target, True)
+
+    log = tmp_path / "qcluster.log"
+    with qcluster(env, log):
+        [run] = wait_for_runs(tenant.target.runs.all(), timeout=90)
+    assert run.status == "cancelled", (run.status, run.error, log.read_text()[-3000:])
+    assert run.error.startswith("The target was held before the run started; nothing ran.")
+    target = MigrationTarget.objects.get(pk=tenant.target_id)
+    assert (target.status, target.revision) == ("held", "")
+    assert runner.current(_target_of(target)).revision is None
