@@ -187,8 +187,10 @@ class Command(BaseCommand):
             self._run_inline(dispatches, options)
         elif options["wait"]:
             self._wait(dispatches, options)
-        runs = latest_attempts(dispatches)
-        self._emit(rows, list(zip(dispatches, runs, strict=True)), options)
+        followed = [d for d in dispatches if d.run is not None]
+        runs = latest_attempts(followed)
+        unrun = [d for d in dispatches if d.run is None]
+        self._emit(rows, list(zip(followed, runs, strict=True)), options, unrun=unrun)
         code = self._exit_code(rows, dispatches, runs, options)
         if code:
             sys.exit(code)
@@ -410,15 +412,26 @@ class Command(BaseCommand):
             )
         return user
 
-    def _emit(self, rows, results, options):
+    def _emit(self, rows, results, options, unrun=()):
         """The outcome: a run per queued row (``results``: (dispatch, its latest attempt)),
-        and every row that was not queued, with why."""
+        every row that was not queued, with why, and every accepted row the queueing action
+        left without a run (``unrun``: e.g. a region no cluster serves)."""
         not_queued = [row for row in rows if not row.accepted]
         if options["json"]:
-            payload = [
-                {**run.outcome(), **({} if d.carried_out and d.created else {"reason": d.message})}
-                for d, run in results
-            ] + [_not_queued_as_dict(row) for row in not_queued]
+            payload = (
+                [
+                    {
+                        **run.outcome(),
+                        **({} if d.carried_out and d.created else {"reason": d.message}),
+                    }
+                    for d, run in results
+                ]
+                + [_not_queued_as_dict(row) for row in not_queued]
+                + [
+                    {"target": d.target.name, "status": "not-queued", "error": d.reason}
+                    for d in unrun
+                ]
+            )
             self.stdout.write(json.dumps(payload, indent=2))
             return
         at_head = [row for row in not_queued if row.left_out and row.recorded_at_head]
@@ -436,6 +449,8 @@ class Command(BaseCommand):
         for dispatch, _ in results:
             if not dispatch.created or dispatch.unqueued:
                 self.stderr.write(dispatch.message)
+        for dispatch in unrun:
+            self.stderr.write(dispatch.message)
         if results:
             self.stdout.write(summary_table([run for _, run in results]))
 
