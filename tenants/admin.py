@@ -443,7 +443,7 @@ class MigrationRunAdmin(admin.ModelAdmin):
                     "duration_ms",
                     "error_code",
                     "retryable",
-                    "error_text",
+                    "error",
                 )
             },
         ),
@@ -480,13 +480,6 @@ class MigrationRunAdmin(admin.ModelAdmin):
 
     def get_readonly_fields(self, request, obj=None):
         return [f for fs in self.fieldsets for f in fs[1]["fields"]]
-
-    @admin.display(description="error")
-    def error_text(self, obj):
-        """The whole error: its first line says what failed, the next ones the details."""
-        if not obj.error:
-            return "-"
-        return format_html('<pre style="white-space: pre-wrap">{}</pre>', obj.error)
 
     @admin.display(description="log")
     def log_lines(self, obj):
