@@ -104,9 +104,10 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "knox",
+    # Before django_q: its `qcluster` command is controlplane's (a graceful stop, recovery).
+    "controlplane.apps.ControlPlaneConfig",
     "django_q",
     "health_check",
-    "controlplane.apps.ControlPlaneConfig",
     "tenants",
 ]
 

@@ -50,6 +50,11 @@ def run_migration(run_id):
     except Exception as exc:  # noqa: BLE001 - recorded on the run, never lost
         logger.exception("Unexpected error in run %s for %s", run_id, run.target.name)
         error = _UnexpectedError(f"Unexpected error ({type(exc).__name__}): {redact(str(exc))}")
+    except BaseException as exc:
+        # The task timeout (django-q2 raises it in the worker), sys.exit(), KeyboardInterrupt:
+        # the run says what stopped it, then the worker ends as it would have.
+        _record_abort(run, exc, started)
+        raise
     if error is None:
         _until_recorded(run, actions.do_record_run_success, run, result, heads=_heads_of(result))
     else:
@@ -103,6 +108,63 @@ def _until_recorded(run, action, *args, **kwargs):
 
 class _UnexpectedError(MigratorError):
     code = "internal_error"
+
+
+class _Aborted(MigratorError):
+    code = "aborted"
+
+
+def _record_abort(run, exc, started):
+    """Record on ``run`` what ended it without an outcome (``BaseException`` that is not an
+    ``Exception``), and where the target stands, read back from its database."""
+    from django_q.exceptions import TimeoutException
+
+    from tenants import actions
+
+    if isinstance(exc, TimeoutException):
+        what = (
+            f"Stopped by the task timeout: the run took longer than MIGRATION_TASK_TIMEOUT "
+            f"({settings.MIGRATION_TASK_TIMEOUT} s), so the worker ended it. Raise "
+            "MIGRATION_TASK_TIMEOUT, or make the revision faster."
+        )
+    elif isinstance(exc, KeyboardInterrupt):
+        what = (
+            "Interrupted (KeyboardInterrupt): SIGINT reached the worker process, or a revision "
+            "raised it."
+        )
+    elif isinstance(exc, SystemExit):
+        what = f"A revision (or a library it calls) called sys.exit({exc.code!r})."
+    else:
+        what = f"Ended by {type(exc).__name__}: {redact(str(exc))}"
+    result = None
+    try:
+        revision = read_revision(run.target)
+        where = f" The target stands at {revision or 'base (empty)'}."
+        result = runner.RunResult(
+            run.target.name,
+            run.kind,
+            revision_before=run.revision_before or None,
+            revision_after=revision,
+            duration_ms=_elapsed_ms(started),
+        )
+    except Exception as read_error:  # noqa: BLE001 - the record matters more than the read
+        where = f" Its revision could not be read back: {read_error}"
+    rolled_back = (
+        " MySQL and MariaDB commit each DDL statement at once: the revision that was running "
+        "may be partly applied."
+        if run.target.provider == "mysql"
+        else " The revision that was running was rolled back."
+    )
+    try:
+        actions.do_record_run_failure(
+            run,
+            _Aborted(what + rolled_back + where),
+            heads=runner.heads(),
+            result=result,
+            duration_ms=_elapsed_ms(started),
+        )
+    except Exception:  # noqa: BLE001 - recovery closes the run instead
+        logger.exception("Could not record how run %s ended", run.pk)
 
 
 def _heads_of(result):
@@ -267,21 +329,22 @@ def target_lock_held(record):
         return locks.is_held(db)
 
 
-def recover_stale_runs():
+def recover_stale_runs(*, regions=None):
     """Close every run whose worker stopped sending heartbeats, and release its target.
 
     A silent run whose target's migration lock is still held is left running: the session that
     holds it is alive, so the run is too (its heartbeat thread was starved, e.g. by a revision
     that holds the GIL); it is closed once the lock is free.
 
-    Scheduled every minute in the workers (``tenants: recover stale runs``) and run on demand by
+    Run every minute by each ``qcluster``'s main process for the regions it serves (``regions``;
+    None: all), outside the queue so that long migrations cannot delay it, and on demand by
     ``migrate_tenants --recover``. For each, reads the target's real revision back from its
     ``alembic_version``. Returns one line per recovered run.
     """
     from tenants import actions
 
     lines = []
-    for run in actions.stale_runs().select_related("target"):
+    for run in actions.stale_runs(regions=regions).select_related("target"):
         try:
             if target_lock_held(run.target):
                 # A silent run whose session still holds the lock is alive: a revision that
@@ -325,10 +388,10 @@ def recover_stale_runs():
         ):
             where = problem or f"now at {revision or 'base'}"
             lines.append(f"Run #{run.pk} for {name} interrupted; {where}")
-    return lines + recover_abandoned_runs()
+    return lines + recover_abandoned_runs(regions=regions)
 
 
-def recover_abandoned_runs():
+def recover_abandoned_runs(*, regions=None):
     """Close the queued runs that no worker took (``tenants.actions.abandoned_runs``) as failed,
     each saying why it probably waited in vain, and queue the next attempt while attempts remain
     (``RUN_MAX_ATTEMPTS``): a message the broker lost is sent again. The old message, if a
@@ -337,7 +400,7 @@ def recover_abandoned_runs():
     from tenants import actions
 
     lines = []
-    for run in actions.abandoned_runs():
+    for run in actions.abandoned_runs(regions=regions):
         if not actions.do_mark_run_abandoned(run):
             continue
         retry = actions.do_schedule_retry(run, at_once=True)

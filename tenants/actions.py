@@ -447,7 +447,7 @@ def do_cancel_queued_runs(targets, *, acting_user=None):
 # --- Queued runs that no worker takes -----------------------------------------------------------
 
 
-def abandoned_runs(*, now=None):
+def abandoned_runs(*, now=None, regions=None):
     """Queued runs that no worker took within ``RUN_QUEUED_TIMEOUT_SECONDS`` while their queue
     made no progress (no run of that cluster running, none started in that time).
 
@@ -471,6 +471,8 @@ def abandoned_runs(*, now=None):
         )
         .select_related("target")
     )
+    if regions is not None:
+        waiting = waiting.filter(target__region__in=regions)
     moving, found = {}, []
     for run in waiting:
         cluster = routing.cluster_for(run.target.region)
@@ -685,7 +687,7 @@ def do_heartbeat(run_id):
     )
 
 
-def stale_runs(*, now=None):
+def stale_runs(*, now=None, regions=None):
     """Running runs whose heartbeat stopped longer than ``RUN_STALE_AFTER_SECONDS`` ago."""
     from datetime import timedelta
 
@@ -693,7 +695,8 @@ def stale_runs(*, now=None):
 
     now = now or timezone.now()
     cutoff = now - timedelta(seconds=settings.RUN_STALE_AFTER_SECONDS)
-    return MigrationRun.objects.filter(status=RunStatus.RUNNING, heartbeat_at__lt=cutoff)
+    runs = MigrationRun.objects.filter(status=RunStatus.RUNNING, heartbeat_at__lt=cutoff)
+    return runs if regions is None else runs.filter(target__region__in=regions)
 
 
 @transaction.atomic
@@ -729,10 +732,16 @@ def do_mark_run_interrupted(run, *, revision, revision_error="", revision_before
         revision_after=revision or "",
         applied=applied,
         error=(
-            f"Interrupted: the worker {run.worker_host or '(unknown)'} stopped sending heartbeats "
-            f"(last at {run.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC) before it recorded the run; it "
-            "was killed, lost its host or could not reach the control plane. The database "
-            "released the target's lock with the worker's connection. "
+            (
+                # The qcluster's sentinel writes how a worker died on its running run.
+                f"Interrupted: {run.error} "
+                if run.error
+                else f"Interrupted: the worker {run.worker_host or '(unknown)'} stopped sending "
+                f"heartbeats (last at {run.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC) before it "
+                "recorded the run; it was killed, lost its host or could not reach the control "
+                "plane. "
+            )
+            + "The database released the target's lock with the worker's connection. "
             + where
             + undone
             + " Run it again with `migrate_tenants --failed` or the admin's retry."

@@ -27,15 +27,9 @@ def ensure_schedules(sender, **kwargs):
     from django_q.models import Schedule
 
     schedules = Schedule.objects.using(kwargs.get("using", "default"))
-    schedules.get_or_create(
-        name=RECOVERY_SCHEDULE,
-        defaults={
-            "func": "migrator.tasks.recover_stale_runs",
-            "schedule_type": Schedule.MINUTES,
-            "minutes": 1,
-            "repeats": -1,
-        },
-    )
+    # Recovery is no queued schedule any more: queued, it waited behind the long migrations it
+    # watches over. Each qcluster's main process runs it every minute (controlplane's qcluster).
+    schedules.filter(name=RECOVERY_SCHEDULE).delete()
     # Drift re-check every VERIFY_SCHEDULE_MINUTES; 0 turns it off (and removes the schedule).
     # The first check comes one period after the schedule is created, not at the first start.
     minutes = settings.VERIFY_SCHEDULE_MINUTES

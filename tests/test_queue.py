@@ -382,3 +382,168 @@ def test_runs_of_a_killed_sync_command_do_not_block_their_targets(
         [retry] = wait_for_runs(MigrationRun.objects.filter(attempt=2), timeout=90)
     assert retry.status == "succeeded", retry.error
     assert retry.target.name == names[1] and retry.revision_after == "s003_last"
+
+
+# --- item 1: a graceful stop of a qcluster loses nothing ---------------------------------------
+
+
+def _start_cluster(env, log_path):
+    import subprocess
+    import sys
+
+    from tests.workers import ROOT
+
+    return subprocess.Popen(
+        [sys.executable, "manage.py", "qcluster"],
+        cwd=ROOT,
+        env=env,
+        stdout=open(log_path, "ab"),  # noqa: SIM115 - closed with the process
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _wait_until(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("broker", "signum"),
+    [("orm", signal.SIGTERM), ("redis", signal.SIGTERM), ("orm", signal.SIGINT)],
+    ids=["orm-SIGTERM", "redis-SIGTERM", "orm-SIGINT"],
+)
+def test_signal_to_the_cluster_group_finishes_or_hands_back_and_exits(
+    broker, signum, registered_tenant, settings, request, tmp_path
+):
+    from tests.workers import wait_for_runs
+
+    settings.TENANT_MIGRATIONS_DIR = str(FIXTURES / "slow")
+    tenants = [registered_tenant("postgresql") for _ in range(6)]
+    extra = {"TENANT_MIGRATIONS_DIR": str(FIXTURES / "slow"), "MIGRATOR_TEST_SLEEP": "3"}
+    if broker == "redis":
+        extra["REDIS_URL"] = request.getfixturevalue("throwaway_redis").url
+    env = process_env(**extra)
+    log = tmp_path / "qcluster.log"
+    cluster = _start_cluster(env, log)
+    try:
+        queued = manage("migrate_tenants", "--all", env=env)
+        assert queued.returncode == 0, queued.stderr
+        runs = MigrationRun.objects.filter(target__in=[t.target for t in tenants])
+        _wait_until(lambda: runs.filter(status="running").count() == 2, 60, "no two runs started")
+        os.killpg(cluster.pid, signum)  # what systemd (SIGTERM) and Ctrl-C (SIGINT) send
+        cluster.wait(timeout=90)  # no deadlock: it exits by itself
+    finally:
+        if cluster.poll() is None:
+            os.killpg(cluster.pid, signal.SIGKILL)
+            cluster.wait()
+    assert cluster.returncode == 0, log.read_text()
+    # The running migrations finished; nothing is half done, nothing is lost.
+    assert not runs.filter(status__in=["running", "interrupted", "failed"]).exists(), list(
+        runs.values_list("status", "error")
+    )
+    assert runs.filter(status="succeeded").count() >= 2
+    # What was not started is still queued, and the next cluster takes it at once.
+    second = _start_cluster(env, log)
+    try:
+        done = wait_for_runs(runs, timeout=120)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=60)
+    assert [r.status for r in done] == ["succeeded"] * 6, log.read_text()[-3000:]
+    assert runs.count() == 6  # one run each: nothing ran twice, nothing was retried
+
+
+# --- Low: a worker that ends without an outcome says how --------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("end", "status", "says"),
+    [
+        (
+            "timeout",
+            "failed",
+            "Stopped by the task timeout: the run took longer than MIGRATION_TASK_TIMEOUT (2 s)",
+        ),
+        ("sys.exit", "failed", "A revision (or a library it calls) called sys.exit(3)"),
+        ("KeyboardInterrupt", "failed", "Interrupted (KeyboardInterrupt)"),
+        ("os._exit", "interrupted", "exited with status 3 without recording an outcome"),
+        ("segfault", "interrupted", "was killed by SIGSEGV"),
+    ],
+)
+def test_a_worker_that_ends_without_an_outcome_says_how(
+    end, status, says, registered_tenant, settings, tmp_path
+):
+    from tests.workers import qcluster, wait_for_runs
+
+    settings.TENANT_MIGRATIONS_DIR = str(FIXTURES / "slow")
+    tenant = registered_tenant("postgresql")
+    extra = {
+        "TENANT_MIGRATIONS_DIR": str(FIXTURES / "slow"),
+        # Missed heartbeats alone would take 5 minutes to notice: what is seen comes sooner.
+        "RUN_HEARTBEAT_SECONDS": "2",
+        "RUN_STALE_AFTER_SECONDS": "300",
+    }
+    if end == "timeout":
+        extra.update(MIGRATION_TASK_TIMEOUT="2", MIGRATOR_TEST_SLEEP="60")
+    else:
+        extra["MIGRATOR_TEST_END"] = end
+    env = process_env(**extra)
+    log = tmp_path / "qcluster.log"
+    with qcluster(env, log):
+        assert manage("migrate_tenants", "--target", tenant.target.name, env=env).returncode == 0
+        [run] = wait_for_runs(MigrationRun.objects.filter(target=tenant.target), timeout=90)
+    assert run.status == status, (run.error, log.read_text()[-3000:])
+    assert says in run.error
+    assert "worker stopped sending heartbeats" not in run.error
+    assert "stands at s001_first" in run.error
+    assert "rolled back" in run.error
+    target = MigrationTarget.objects.get(pk=tenant.target_id)
+    assert (target.status, target.revision) == ("failed", "s001_first")
+
+
+# --- Low: recovery does not wait behind long migrations ---------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_recovery_does_not_wait_behind_a_long_migration(registered_tenant, settings, tmp_path):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from tenants import actions
+    from tenants.models import Trigger
+    from tests.workers import qcluster
+
+    settings.TENANT_MIGRATIONS_DIR = str(FIXTURES / "slow")
+    busy, orphan = registered_tenant("postgresql"), registered_tenant("postgresql")
+    # A run whose worker died long ago, before this cluster started.
+    [dead] = actions.do_enqueue_runs([orphan.target], trigger=Trigger.ADMIN, enqueue=False)
+    actions.do_start_run(dead.run.pk, worker_host="gone-host:1")
+    MigrationRun.objects.filter(pk=dead.run.pk).update(
+        heartbeat_at=timezone.now() - timedelta(hours=1)
+    )
+    env = process_env(
+        workers=1,
+        TENANT_MIGRATIONS_DIR=str(FIXTURES / "slow"),
+        MIGRATOR_TEST_SLEEP="60",
+        MIGRATOR_TEST_SIGNAL=str(tmp_path / "inside"),
+        RUN_HEARTBEAT_SECONDS="2",
+    )
+    with qcluster(env, tmp_path / "qcluster.log"):
+        assert manage("migrate_tenants", "--target", busy.target.name, env=env).returncode == 0
+        _wait_until((tmp_path / "inside").exists, 60, "the long migration never started")
+        # The only worker is busy for a minute; the dead run is recovered meanwhile.
+        _wait_until(
+            lambda: MigrationRun.objects.get(pk=dead.run.pk).status == "interrupted",
+            30,
+            "the dead run was not recovered while the long migration ran",
+        )
+        assert MigrationRun.objects.get(target=busy.target).status == "running"

@@ -1,6 +1,8 @@
 """Test revision s002_sleepy: signals that it runs, then holds the run (and its lock) a while."""
 
+import ctypes
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +21,16 @@ def upgrade() -> None:
     if signal:
         Path(signal).touch()
     time.sleep(float(os.environ.get("MIGRATOR_TEST_SLEEP", "0")))
+    # How a worker can end without an outcome (tests/test_queue.py).
+    end = os.environ.get("MIGRATOR_TEST_END", "")
+    if end == "os._exit":
+        os._exit(3)
+    elif end == "sys.exit":
+        sys.exit(3)
+    elif end == "KeyboardInterrupt":
+        raise KeyboardInterrupt
+    elif end == "segfault":
+        ctypes.string_at(0)
 
 
 def downgrade() -> None:
