@@ -547,3 +547,47 @@ def test_recovery_does_not_wait_behind_a_long_migration(registered_tenant, setti
             "the dead run was not recovered while the long migration ran",
         )
         assert MigrationRun.objects.get(target=busy.target).status == "running"
+
+
+# --- item 3: a start that did not bring the shared databases to head fails ---------------------
+
+
+def test_startup_fails_until_the_shared_database_is_at_head_even_with_a_run_queued(
+    vault, vault_secret, pg_database, target_factory, settings
+):
+    from migrator.secrets import reset_secrets_manager
+    from tests.dispatch_fixtures import HEAD
+
+    target_factory(name="shared", kind="shared", provider="postgresql")
+    vault_secret("shared", pg_database().secret())
+    settings.MIGRATE_SHARED_ON_STARTUP = True
+    vault_addr = settings.VAULT_ADDR
+    settings.VAULT_ADDR = "http://127.0.0.1:9"  # Vault unreachable
+    reset_secrets_manager()
+
+    def start():
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            call_command("startup_migrations", stdout=out, stderr=err)
+        except SystemExit as exc:
+            return exc.code, out.getvalue() + err.getvalue()
+        return 0, out.getvalue() + err.getvalue()
+
+    code, said = start()
+    assert code == 1, said
+    retry = MigrationRun.objects.get(target__name="shared", status="queued")  # queued retry
+    # Start 2: the retry is queued. It used to print "already queued" and exit 0 with the
+    # shared database empty; now it runs that run here, and judges by the database.
+    code, said = start()
+    assert code == 1, said
+    assert f"Running run #{retry.pk} for shared here." in said
+    assert "Startup stopped" in said
+    retry.refresh_from_db()
+    assert retry.status == "failed" and retry.error_code == "vault_unavailable"
+
+    settings.VAULT_ADDR = vault_addr  # Vault is back
+    reset_secrets_manager()
+    code, said = start()
+    assert code == 0, said
+    assert f"Shared database shared is at {HEAD}." in said
+    assert MigrationTarget.objects.get(name="shared").revision == HEAD

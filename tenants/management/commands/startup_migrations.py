@@ -10,12 +10,20 @@ The original design's startup options, as an explicit step of the container's st
 """
 
 import sys
+import time
 
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
 from tenants import actions, planning
-from tenants.models import MigrationTarget, RunStatus, Strategy, Trigger
+from tenants.models import (
+    ACTIVE_RUN_STATUSES,
+    MigrationTarget,
+    RunStatus,
+    Strategy,
+    TargetStatus,
+    Trigger,
+)
 
 
 class Command(BaseCommand):
@@ -46,22 +54,29 @@ class Command(BaseCommand):
                 if not row.accepted:  # held: skipped on purpose, as every trigger skips it
                     self.stderr.write(f"Not queued for {row.target.name}: {row.reason}.")
             for dispatch in actions.do_enqueue_plan(rows, trigger=Trigger.STARTUP, enqueue=False):
-                if dispatch.run is None or not dispatch.created:
+                if dispatch.run is None:
                     self.stderr.write(dispatch.message)
                     continue
-                run_migration(dispatch.run.pk)
-                dispatch.run.refresh_from_db()
-                if dispatch.run.status in (RunStatus.SUCCEEDED, RunStatus.SKIPPED):
-                    self.stdout.write(
-                        f"Shared database {dispatch.target.name} is at "
-                        f"{dispatch.run.revision_after} ({dispatch.run.status})."
-                    )
+                if dispatch.created:
+                    run_migration(dispatch.run.pk)
                 else:
-                    failed.append(dispatch.target.name)
+                    # A run is already queued (a retry of a start that failed) or running: this
+                    # start runs it, or waits for it; the database says how it went.
+                    self.stderr.write(dispatch.message)
+                    self._take_over(dispatch.run)
+                dispatch.run.refresh_from_db()
+                if dispatch.run.status not in (RunStatus.SUCCEEDED, RunStatus.SKIPPED):
                     self.stderr.write(
                         f"Shared database {dispatch.target.name} failed to migrate: "
-                        f"{dispatch.run.error}"
+                        f"{dispatch.run.error or dispatch.run.status}"
                     )
+            # A start that did not bring every shared database to head fails, whatever the runs
+            # say: judged by where each database stands now.
+            for target in shared:
+                problem = self._not_at_head(target)
+                if problem:
+                    failed.append(target.name)
+                    self.stderr.write(f"Shared database {target.name} {problem}")
         if options["all"] or settings.MIGRATE_ON_STARTUP:
             others = list(MigrationTarget.objects.exclude(kind=Strategy.SHARED))
             rows = planning.plan(others, planning.Intent.upgrade())
@@ -83,3 +98,36 @@ class Command(BaseCommand):
                 "serves. Fix the error above, then start again."
             )
             sys.exit(1)
+
+    def _take_over(self, run):
+        """Run ``run`` here if it is still queued (``do_start_run`` decides against a worker
+        taking it at the same moment); else wait until it ends, at most the task timeout."""
+        from migrator.tasks import run_migration
+
+        if run.status == RunStatus.QUEUED:
+            self.stderr.write(f"Running run #{run.pk} for {run.target.name} here.")
+            run_migration(run.pk)
+        deadline = time.monotonic() + settings.MIGRATION_TASK_TIMEOUT
+        run.refresh_from_db()
+        if run.status in ACTIVE_RUN_STATUSES:
+            self.stderr.write(f"Waiting for run #{run.pk} ({run.status}) to finish.")
+        while run.status in ACTIVE_RUN_STATUSES and time.monotonic() < deadline:
+            time.sleep(1)
+            run.refresh_from_db()
+
+    def _not_at_head(self, target):
+        """Why the database of ``target`` is not at head, read from it now; "" when it is."""
+        from migrator import runner
+        from migrator.exceptions import MigratorError
+        from migrator.tasks import read_revision
+
+        try:
+            revision = read_revision(target)
+        except MigratorError as exc:
+            return f"could not be read back, so it is not known to be at head: {exc}"
+        heads = runner.heads()
+        if actions.target_status_for(revision, heads) == TargetStatus.UP_TO_DATE:
+            self.stdout.write(f"Shared database {target.name} is at {revision}.")
+            return ""
+        held = " It is held: release it, or migrate it by hand." if target.held else ""
+        return f"is at {revision or 'base (empty)'}, not at head ({', '.join(heads)}).{held}"
