@@ -110,6 +110,13 @@ def check_settings(app_configs=None, **kwargs):
                 id="controlplane.E011",
             )
         )
+    else:
+        from migrator.runner import check_env_py
+
+        problem = check_env_py()
+        if problem:
+            # Every run would fail saying so; the rest of the control plane still works.
+            errors.append(checks.Warning(problem, id="controlplane.W011"))
     return errors
 
 

@@ -119,6 +119,13 @@ class MultipleHeads(MigrationError):
     code = "multiple_heads"
 
 
+class EnvPyContract(MigrationError):
+    """The script directory's env.py does not meet what the control plane needs of it (README:
+    "Bringing your own Alembic project"); nothing ran."""
+
+    code = "env_py_contract"
+
+
 class MigrationFailed(MigrationError):
     """A revision raised while it was applied; the target stands at ``current_revision``."""
 

@@ -24,6 +24,7 @@ A run, for one target:
 4. closes the connection, which releases the lock (so does the database if the connection dies).
 """
 
+import ast
 import io
 import logging
 import os
@@ -49,6 +50,7 @@ from sqlalchemy.engine import Connection
 
 from migrator import engines, locks
 from migrator.exceptions import (
+    EnvPyContract,
     LockTimeout,
     MigrationError,
     MigrationFailed,
@@ -221,7 +223,8 @@ def sql_preview(
         if isinstance(target_or_provider, Target)
         else target_or_provider
     )
-    dialect = engines.get_provider(provider).dialect
+    provider = engines.get_provider(provider)
+    dialect = provider.dialect
     with _alembic_lock:
         script = script_directory(script_location)
         to_rev = resolve_destination(script, kind, to_rev)
@@ -234,6 +237,9 @@ def sql_preview(
 
         buffer = io.StringIO()
         config = _config(script, output_buffer=buffer, dialect_name=dialect)
+        # For an env.py whose offline mode reads sqlalchemy.url (as `alembic init` writes it):
+        # the dialect and driver only, no host, no user, no password.
+        config.set_main_option("sqlalchemy.url", f"{provider.drivername}://")
         with EnvironmentContext(
             config,
             script,
@@ -318,6 +324,7 @@ class _Loaded:
     script: ScriptDirectory
     fingerprint: tuple
     env_code: types.CodeType | None = None
+    env_problem: str = ""  # what env.py lacks for a run (``_check_env_py``); "" when nothing
 
 
 class _ScriptDirectories:
@@ -351,19 +358,33 @@ class _ScriptDirectories:
             loaded = _Loaded(ScriptDirectory.from_config(config), fingerprint)
             env_py = Path(location) / "env.py"
             if env_py.exists():
-                loaded.env_code = compile(env_py.read_bytes(), str(env_py), "exec")
+                source = env_py.read_bytes()
+                loaded.env_code = compile(source, str(env_py), "exec")
+                loaded.env_problem = _check_env_py(env_py, source)
             self._loaded[location] = loaded
             return loaded
 
     def env_code(self, script: ScriptDirectory) -> types.CodeType | None:
         """env.py as compiled when ``script`` was read, without looking at the disk again: a
         run's env.py and revisions come from the same read."""
-        with self._lock:
-            loaded = self._loaded.get(_location(script.dir))
-        if loaded is not None and loaded.script is script:
+        loaded = self._loaded_as(script)
+        if loaded is not None:
             return loaded.env_code
         env_py = Path(script.dir) / "env.py"
         return compile(env_py.read_bytes(), str(env_py), "exec") if env_py.exists() else None
+
+    def env_problem(self, script: ScriptDirectory) -> str:
+        """What the env.py read with ``script`` lacks for a run ("" when nothing)."""
+        loaded = self._loaded_as(script)
+        if loaded is not None:
+            return loaded.env_problem
+        env_py = Path(script.dir) / "env.py"
+        return _check_env_py(env_py, env_py.read_bytes()) if env_py.exists() else ""
+
+    def _loaded_as(self, script: ScriptDirectory) -> _Loaded | None:
+        with self._lock:
+            loaded = self._loaded.get(_location(script.dir))
+        return loaded if loaded is not None and loaded.script is script else None
 
     def reset(self) -> None:
         with self._lock:
@@ -402,6 +423,63 @@ def _forget_modules_under(location: str) -> None:
         file = getattr(module, "__file__", None)
         if file and os.path.abspath(file).startswith(root):
             del sys.modules[name]
+
+
+# What the control plane hands env.py, and what it needs back: README, "Bringing your own
+# Alembic project".
+_CONTRACT = (
+    "The control plane passes each run the target's connection, already locked and configured, "
+    "in config.attributes['connection']: env.py must configure Alembic with that connection "
+    "when it is there (context.configure(connection=config.attributes['connection'], ...)), "
+    "and open its own only otherwise (the plain alembic command). See 'Bringing your own "
+    "Alembic project' in the README."
+)
+_OWN_CONNECTION_CALLS = ("engine_from_config", "async_engine_from_config", "create_engine")
+
+
+def _check_env_py(path: Path, source: bytes) -> str:
+    """What env.py lacks for a run, in plain words ("" when nothing is seen missing), read from
+    its source when the script directory is read: an env.py that opens its own connection
+    (``engine_from_config``, ``create_engine``, as the one ``alembic init`` writes) and never
+    looks at ``config.attributes`` would migrate without the target's lock and settings, or
+    fail on the ``sqlalchemy.url`` it does not have. An env.py that delegates (``runpy``) is
+    judged when it runs (``_environment``)."""
+    try:
+        tree = ast.parse(source, str(path))
+    except SyntaxError:
+        return ""  # compiling it raises the same error, with its line
+    names = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    names |= {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    opens = sorted(names & set(_OWN_CONNECTION_CALLS))
+    if opens and "attributes" not in names:
+        return (
+            f"{path} opens a connection of its own ({', '.join(opens)}, from sqlalchemy.url) "
+            f"and never reads config.attributes, so it cannot migrate a target. {_CONTRACT}"
+        )
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.keyword)
+            and node.arg == "transaction_per_migration"
+            and isinstance(node.value, ast.Constant)
+            and node.value.value is False
+        ):
+            logger.warning(
+                "%s sets transaction_per_migration=False: a failing revision takes the whole "
+                "run back with it (where the database's DDL is transactional), and the record "
+                "says so",
+                path,
+            )
+    return ""
+
+
+def check_env_py(script_location=None) -> str:
+    """What the script directory's env.py lacks for a run, in plain words ("" when nothing is
+    seen missing), from its source alone (reads no revision): for the system checks."""
+    env_py = Path(_location(script_location)) / "env.py"
+    try:
+        return _check_env_py(env_py, env_py.read_bytes())
+    except OSError:
+        return ""
 
 
 def _location(script_location=None) -> str:
@@ -448,9 +526,26 @@ def _env_code_of(script: ScriptDirectory) -> types.CodeType | None:
 def _config(script: ScriptDirectory, output_buffer=None, **attributes) -> Config:
     # A Config per run, because it carries the run's connection to env.py. It reads no file, so
     # building it costs nothing; what is worth caching is the ScriptDirectory.
-    config = Config(output_buffer=output_buffer, attributes=attributes)
+    config = Config(output_buffer=output_buffer)
+    config.attributes = _Attributes(attributes)
     config.set_main_option("script_location", script.dir)
     return config
+
+
+class _Attributes(dict):
+    """``Config.attributes`` of one run: remembers whether env.py took the connection."""
+
+    connection_taken = False
+
+    def __getitem__(self, key):
+        if key == "connection":
+            self.connection_taken = True
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        if key == "connection":
+            self.connection_taken = True
+        return super().get(key, default)
 
 
 # --- One run ----------------------------------------------------------------------------------
@@ -465,6 +560,8 @@ class _Run:
         self.started = time.monotonic()
         self.result = RunResult(target=target.name, kind=kind)
         self.running: str | None = None  # the revision being applied right now
+        # Revisions that ran but were rolled back with a later one (one transaction for all).
+        self.taken_back: list[str] = []
 
     def say(self, message: str, level=logging.INFO) -> None:
         logger.log(level, "%s", message)
@@ -491,6 +588,9 @@ def _run(
             with _alembic_lock:
                 script = script_directory(script_location)
                 run.result.heads = tuple(script.get_heads())
+                problem = _scripts.env_problem(script)
+                if problem:
+                    raise EnvPyContract(f"Nothing ran on {name}: {problem}")
                 destination = resolve_destination(script, kind, destination)
                 if kind == UPGRADE:
                     run.say(f"Starting migration for tenant {name}")
@@ -571,8 +671,18 @@ def _apply(run: _Run, script: ScriptDirectory, connection: Connection, destinati
             stands_now = _read_revisions_after(connection)
             if stands_now is not None:
                 run.stood(stands_now)
+                kept = _committed(script, run.kind, run.result.applied, stands_now)
+                run.taken_back = [r for r in run.result.applied if r not in kept]
+                run.result.applied = kept
             if isinstance(exc, MigratorError):
                 raise
+            if not config.attributes.connection_taken:
+                raise EnvPyContract(
+                    f"Nothing ran on {run.target.name}: env.py failed before it took the "
+                    f"connection the control plane passed it "
+                    f"({type(exc).__name__}: {engines.error_reason(exc, run.target.connection)}). "
+                    f"{_CONTRACT}"
+                ) from exc
             raise _failure(run, stands_now, exc) from exc
         if applied_heads and len(applied_heads) == len(run.result.applied):
             # Every revision committed: the heads after the last one are where it stands.
@@ -592,11 +702,25 @@ def _environment(
     environment = EnvironmentContext(config, script, **kwargs)
     configure = environment.configure
 
+    ours = dict.get(config.attributes, "connection")
+
     def configure_and_tell(*args, **kw):
+        # What a run needs of Alembic whatever env.py passes (README, "Bringing your own
+        # Alembic project"): one transaction per revision unless env.py says otherwise, so that
+        # a failing revision leaves the target at the last one that completed; and the run's
+        # callback following the heads.
+        kw.setdefault("transaction_per_migration", True)
+        if "on_version_apply" not in kw and "on_version_apply" in config.attributes:
+            kw["on_version_apply"] = config.attributes["on_version_apply"]
         configure(*args, **kw)
         context = environment.get_context()
+        if ours is not None and not context.as_sql and context.connection is not ours:
+            raise EnvPyContract(
+                "Nothing ran: env.py configured Alembic with a connection of its own instead of "
+                f"the one in config.attributes['connection']. {_CONTRACT}"
+            )
         _share_version_table(context)
-        if context.connection is config.attributes.get("connection"):
+        if context.connection is ours:
             _tell_version_table(context, found)
 
     environment.configure = configure_and_tell
@@ -686,6 +810,11 @@ def _failure(run: _Run, stands_now: tuple[str, ...] | None, error: Exception) ->
         f"{verb} revision {run.running} failed on {run.target.name}: {reason}. "
         f"The database stands at {stands}, the last revision that completed"
     )
+    if run.taken_back:
+        message += (
+            f" ({', '.join(run.taken_back)} ran before it in the same transaction, as env.py "
+            "asks with transaction_per_migration=False, and were rolled back with it)"
+        )
     if run.target.provider == "mysql":
         message += (
             f". MySQL and MariaDB commit each DDL statement at once, so {run.running} may be "
@@ -808,6 +937,21 @@ def _plan(script: ScriptDirectory, kind: str, destination: str, revisions: tuple
         if kind == UPGRADE:
             return script._upgrade_revs(destination, revisions)
         return script._downgrade_revs(destination, revisions)
+
+
+def _committed(
+    script: ScriptDirectory, kind: str, applied: list[str], stands: tuple[str, ...]
+) -> list[str]:
+    """Of the revisions a failed run applied (reverted), those the database shows committed at
+    ``stands``: with one transaction for the whole run, a failure takes back the ones before it
+    too, and the record must not list them."""
+    try:
+        at = {r.revision for r in script.iterate_revisions(stands, "base")} if stands else set()
+    except Exception:  # noqa: BLE001 - a revision this code does not know: keep what ran
+        return applied
+    if kind == UPGRADE:
+        return [revision for revision in applied if revision in at]
+    return [revision for revision in applied if revision not in at]
 
 
 def _step_id(step) -> str:
