@@ -128,3 +128,23 @@ def test_one_transaction_for_the_whole_run_is_recorded_as_nothing_kept(
     assert "The database stands at o003_gizmos" in run.error
     assert "o003_gizmos, o002_gadgets ran before it in the same transaction" in run.error
     assert database(tenant) == ("o003_gizmos", {"widgets", "gadgets", "gizmos"})
+
+
+@pytest.mark.django_db
+def test_the_readmes_minimal_env_py_previews_and_migrates(registered_tenant, settings, tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("A minimal `env.py` that works for the control plane", 1)[1]
+    source = section.split("```python\n", 1)[1].split("```", 1)[0]
+    location = tmp_path / "minimal"
+    shutil.copytree(FIXTURES / "own_cookbook", location, ignore=shutil.ignore_patterns("__py*"))
+    (location / "env.py").write_text(source)
+    settings.TENANT_MIGRATIONS_DIR = str(location)
+    tenant = registered_tenant("postgresql")
+
+    code, said = migrate_tenants("--tenant", tenant.id, "--dry-run")
+    assert code == 0 and "CREATE TABLE gizmos" in said, said
+    code, said = migrate_tenants("--tenant", tenant.id, "--sync")
+    assert code == 0, said
+    run = MigrationRun.objects.get(target=tenant.target)
+    assert (run.status, run.applied) == ("succeeded", CHAIN)
+    assert database(tenant) == ("o003_gizmos", {"widgets", "gadgets", "gizmos"})
