@@ -5,15 +5,20 @@ with ten tenants or ten thousand. It refreshes itself while runs are queued or r
 target is migrating).
 """
 
+from datetime import timedelta
+
+from django.conf import settings
 from django.contrib.admin.views.decorators import staff_member_required
 from django.db.models import Count, Exists, Min, OuterRef, Q
 from django.template.response import TemplateResponse
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.http import urlencode
 
 from tenants.models import (
     ACTIVE_RUN_STATUSES,
     FINISHED_RUN_STATUSES,
+    QUEUED_WARNING_SECONDS,
     MigrationRun,
     MigrationTarget,
     Provider,
@@ -115,7 +120,18 @@ def fleet_dashboard(request):
         .select_related("target", "triggered_by")
         .order_by("created_at")[:ACTIVE_RUNS_SHOWN]
     )
-    active_count = MigrationRun.objects.filter(status__in=ACTIVE_RUN_STATUSES).count()
+    # Queued runs no worker took for a minute (a retry counts from when it is due): the same
+    # statement as the count of active runs.
+    cutoff = timezone.now() - timedelta(seconds=QUEUED_WARNING_SECONDS)
+    waiting = Q(status=RunStatus.QUEUED) & (
+        Q(not_before__isnull=True, created_at__lt=cutoff) | Q(not_before__lt=cutoff)
+    )
+    counts = MigrationRun.objects.filter(status__in=ACTIVE_RUN_STATUSES).aggregate(
+        active=Count("id"),
+        waiting=Count("id", filter=waiting),
+        waiting_since=Min("created_at", filter=waiting),
+    )
+    active_count = counts["active"]
     # The batches with runs under way, newest first. Ordered explicitly: with the model's
     # default ordering, DISTINCT would also cover created_at and return one batch many times.
     active_batches = list(
@@ -174,6 +190,9 @@ def fleet_dashboard(request):
         and fingerprints[-1]["drifted_n"] > 0,
         "active_runs": active_runs,
         "active_count": active_count,
+        "waiting_count": counts["waiting"],
+        "waiting_since": counts["waiting_since"],
+        "queued_timeout": settings.RUN_QUEUED_TIMEOUT_SECONDS,
         "batches": batches,
         "failures": failures,
         # The counts come from separate statements: a run that finishes between them can leave

@@ -262,6 +262,10 @@ class RunStatus(models.TextChoices):
 
 
 ACTIVE_RUN_STATUSES = (RunStatus.QUEUED, RunStatus.RUNNING)
+# A run queued this long without a worker taking it is worth a warning (the fleet dashboard,
+# `migrate_tenants --wait`); RUN_QUEUED_TIMEOUT_SECONDS later, in a queue that stands still, it
+# is closed as abandoned.
+QUEUED_WARNING_SECONDS = 60
 FINISHED_RUN_STATUSES = (
     RunStatus.SUCCEEDED,
     RunStatus.FAILED,

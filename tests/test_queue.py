@@ -591,3 +591,56 @@ def test_startup_fails_until_the_shared_database_is_at_head_even_with_a_run_queu
     assert code == 0, said
     assert f"Shared database shared is at {HEAD}." in said
     assert MigrationTarget.objects.get(name="shared").revision == HEAD
+
+
+# --- item 1: the dashboard and --wait say when nothing takes the queued runs ------------------
+
+
+def test_dashboard_warns_about_runs_queued_for_more_than_a_minute(
+    admin_client, tenant_factory, django_assert_max_num_queries
+):
+    from datetime import timedelta
+
+    from django.urls import reverse
+    from django.utils import timezone
+
+    from tenants import actions
+    from tenants.models import Trigger
+
+    old, fresh = tenant_factory(auto_migrate=False), tenant_factory(auto_migrate=False)
+    [waiting, _] = actions.do_enqueue_runs(
+        [old.target, fresh.target], trigger=Trigger.ADMIN, enqueue=False
+    )
+    with django_assert_max_num_queries(12):
+        quiet = admin_client.get(reverse("fleet-dashboard")).content.decode()
+    assert 'id="fleet-waiting"' not in quiet
+    MigrationRun.objects.filter(pk=waiting.run.pk).update(
+        created_at=timezone.now() - timedelta(minutes=3)
+    )
+    with django_assert_max_num_queries(12):
+        page = admin_client.get(reverse("fleet-dashboard")).content.decode()
+    assert "1 run queued for more than a minute without a worker taking it" in page
+    assert "is a <code>qcluster</code> running for their queue" in page
+    assert "?status__exact=queued" in page
+
+
+def test_wait_warns_when_nothing_has_started(tenant_factory, monkeypatch):
+    from tenants.management.commands import migrate_tenants
+
+    monkeypatch.setattr(migrate_tenants, "QUEUED_WARNING_SECONDS", 1)
+    tenant = tenant_factory(auto_migrate=False)
+    err = io.StringIO()
+    with pytest.raises(SystemExit):  # gave up waiting: the run did not succeed
+        call_command(
+            "migrate_tenants",
+            "--target",
+            tenant.target.name,
+            "--wait",
+            "--timeout",
+            "3",
+            stderr=err,
+        )
+    said = err.getvalue()
+    assert "Nothing has started after 1s: no worker has taken these runs." in said
+    assert "Is a `manage.py qcluster` running for their queue" in said
+    assert "Gave up waiting after 3s" in said

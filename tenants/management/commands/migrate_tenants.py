@@ -16,6 +16,7 @@ from migrator.phases import PHASES
 from tenants import actions, planning
 from tenants.models import (
     ACTIVE_RUN_STATUSES,
+    QUEUED_WARNING_SECONDS,
     MigrationRun,
     Provider,
     RunKind,
@@ -343,11 +344,17 @@ class Command(BaseCommand):
         followed = [d for d in dispatches if d.run is not None]
         progress = Progress(self.stderr, len(followed), enabled=not options["json"])
         deadline = time.monotonic() + options["timeout"] if options["timeout"] else None
+        quiet_until = time.monotonic() + QUEUED_WARNING_SECONDS
         while True:
             counts = {}
-            for run in latest_attempts(followed):
+            runs = latest_attempts(followed)
+            for run in runs:
                 if not attempt_pending(run):
                     counts[run.status] = counts.get(run.status, 0) + 1
+            if quiet_until and time.monotonic() > quiet_until:
+                quiet_until = None
+                if runs and not any(run.started_at for run in runs):
+                    self._warn_nothing_started()
             progress.update(counts)
             if sum(counts.values()) >= len(followed):
                 progress.finish()
@@ -359,6 +366,20 @@ class Command(BaseCommand):
                 )
                 return
             time.sleep(0.25)
+
+    def _warn_nothing_started(self):
+        from django.conf import settings
+        from django_q.conf import Conf
+
+        self.stderr.write(
+            f"\nNothing has started after {QUEUED_WARNING_SECONDS}s: no worker has taken these "
+            f"runs. Is a `manage.py qcluster` running for their queue ({Conf.CLUSTER_NAME!r}, or "
+            "the region's cluster in REGION_CLUSTERS), with this command's DATABASE_URL, "
+            "REDIS_URL, SECRET_KEY and Q_SITE_NAME? Runs still waiting after "
+            f"RUN_QUEUED_TIMEOUT_SECONDS ({settings.RUN_QUEUED_TIMEOUT_SECONDS}s) while their "
+            "queue stands still are closed as abandoned (`migrate_tenants --recover`); "
+            "`migrate_tenants --cancel` cancels them."
+        )
 
     def _show_plan(self, rows, options):
         """``--dry-run``: each target's row of the plan, with its SQL; nothing is queued.
