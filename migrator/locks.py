@@ -59,12 +59,12 @@ def target_lock(
     Leaves ``connection`` outside any transaction both on entry to the block and on exit, so
     Alembic can open one transaction per revision.
 
-    ``session_settings`` (PostgreSQL: ``{"lock_timeout": "5s"}``, set in the statement that
-    takes the lock; MySQL/MariaDB: ``{"lock_wait_timeout": "5"}``, a ``SET SESSION`` before it)
-    are set for the session. With ``released_with_connection`` the block's end
-    does not release the lock: the caller closes the connection right after, and the server
-    releases a session-level lock with its session (a statement and a transaction fewer per run;
-    the migration runner's connections are never pooled). A lock file (SQLite) is always
+    ``session_settings`` are set for the session: PostgreSQL's (``{"lock_timeout": "5s"}``) in
+    the statement that takes the lock, MySQL's (``{"lock_wait_timeout": "5"}``) with a ``SET
+    SESSION`` once it is held. With ``released_with_connection`` the block's end does not
+    release the lock: the caller closes the connection right after, and the server releases a
+    session-level lock with its session (a statement and a transaction fewer per run; the
+    migration runner's connections are never pooled). A lock file (SQLite) is always
     released at the block's end.
     """
     dialect = connection.dialect.name
@@ -155,18 +155,9 @@ _MYSQL_SESSION_SETTINGS = ("lock_wait_timeout", "max_statement_time")
 
 
 def _mysql(connection: Connection, timeout: float, settings) -> Release | None:
-    if settings:
-        unknown = set(settings) - set(_MYSQL_SESSION_SETTINGS)
-        if unknown:
-            raise ValueError(f"unknown MySQL session settings: {', '.join(sorted(unknown))}")
-        # Numbers, not strings: MySQL refuses a quoted value for a numeric variable.
-        connection.execute(
-            text("SET " + ", ".join(f"SESSION {name} = :{name}" for name in settings)),
-            {
-                name: float(value) if "." in str(value) else int(value)
-                for name, value in settings.items()
-            },
-        )
+    unknown = set(settings) - set(_MYSQL_SESSION_SETTINGS)
+    if unknown:
+        raise ValueError(f"unknown MySQL session settings: {', '.join(sorted(unknown))}")
     name = _mysql_lock_name(connection)
     got = connection.execute(
         text("SELECT GET_LOCK(:name, :timeout)"),
@@ -174,6 +165,16 @@ def _mysql(connection: Connection, timeout: float, settings) -> Release | None:
     ).scalar()
     if got != 1:
         return None
+    if settings:
+        # Once the lock is held: the wait for it is bounded by its own timeout, not by
+        # max_statement_time. Numbers, not strings: MySQL refuses a quoted numeric value.
+        connection.execute(
+            text("SET " + ", ".join(f"SESSION {name} = :{name}" for name in settings)),
+            {
+                name: float(value) if "." in str(value) else int(value)
+                for name, value in settings.items()
+            },
+        )
     return lambda: connection.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": name})
 
 
