@@ -644,3 +644,102 @@ def test_wait_warns_when_nothing_has_started(tenant_factory, monkeypatch):
     assert "Nothing has started after 1s: no worker has taken these runs." in said
     assert "Is a `manage.py qcluster` running for their queue" in said
     assert "Gave up waiting after 3s" in said
+
+
+# --- item 1: a cluster killed outright, and tasks no worker can read --------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("broker", ["orm", "redis"])
+def test_cluster_killed_outright_loses_no_run_and_runs_none_twice(
+    broker, registered_tenant, settings, request, tmp_path
+):
+    from django_q.models import OrmQ
+
+    from tests.workers import wait_for_runs
+
+    settings.TENANT_MIGRATIONS_DIR = str(FIXTURES / "slow")
+    tenants = [registered_tenant("postgresql") for _ in range(6)]
+    extra = {"TENANT_MIGRATIONS_DIR": str(FIXTURES / "slow")}
+    if broker == "redis":
+        extra["REDIS_URL"] = request.getfixturevalue("throwaway_redis").url
+    log = tmp_path / "qcluster.log"
+    first = _start_cluster(process_env(**extra, MIGRATOR_TEST_SLEEP="60"), log)
+    try:
+        queued = manage("migrate_tenants", "--all", env=process_env(**extra))
+        assert queued.returncode == 0, queued.stderr
+        runs = MigrationRun.objects.filter(target__in=[t.target for t in tenants])
+        _wait_until(lambda: runs.filter(status="running").count() == 2, 60, "no run started")
+        time.sleep(1)  # the pusher takes more than the workers run
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # no cleanup of any kind
+        first.wait()
+    assert runs.filter(status="queued").count() == 4
+    # The next cluster's own recovery closes the two killed runs as interrupted, and the four
+    # the dead cluster had taken (ORM: locked for an hour; Redis: popped) as abandoned, and
+    # queues their next attempt; it runs those. Within a minute, not an hour.
+    env = process_env(
+        **extra,
+        RUN_HEARTBEAT_SECONDS="2",
+        RUN_STALE_AFTER_SECONDS="6",
+        RUN_QUEUED_TIMEOUT_SECONDS="5",
+    )
+    second = _start_cluster(env, log)
+    try:
+        _wait_until(
+            lambda: runs.filter(attempt=2, status="succeeded").count() == 4,
+            120,
+            "the taken runs were not sent again",
+        )
+        if broker == "orm":
+            # An hour later the dead cluster's messages come out again: they do nothing.
+            OrmQ.objects.update(lock=timezone_now())
+            _wait_until(lambda: not OrmQ.objects.exists(), 60, "the old messages stayed")
+        wait_for_runs(runs, timeout=60)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=60)
+    assert runs.filter(status="interrupted").count() == 2
+    assert runs.filter(attempt=1, status="failed", error_code="abandoned").count() == 4
+    assert runs.filter(attempt=2, status="succeeded").count() == 4
+    assert runs.filter(status="succeeded").count() == 4  # nothing ran twice
+
+
+def timezone_now():
+    from django.utils import timezone
+
+    return timezone.now()
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_tasks_a_worker_cannot_read_are_abandoned_naming_the_secret_key(
+    registered_tenant, tmp_path
+):
+    from tests.workers import qcluster, wait_for_runs
+
+    tenant = registered_tenant("postgresql")
+    env = process_env(RUN_HEARTBEAT_SECONDS="1", RUN_STALE_AFTER_SECONDS="5")
+    env["RUN_QUEUED_TIMEOUT_SECONDS"] = "3"
+    # A worker started with another SECRET_KEY drops each task (django-q2: BadSignature).
+    with qcluster({**env, "SECRET_KEY": "another-key-" + "x" * 40}, tmp_path / "q.log"):
+        assert manage("migrate_tenants", "--target", tenant.target.name, env=env).returncode == 0
+        _wait_until(
+            lambda: (
+                MigrationRun.objects.filter(target=tenant.target, attempt=2)
+                .exclude(status="queued")
+                .exists()
+            ),
+            90,
+            "the runs were not abandoned",
+        )
+    runs = wait_for_runs(MigrationRun.objects.filter(target=tenant.target), timeout=10)
+    runs.sort(key=lambda r: r.attempt)
+    assert [(r.attempt, r.status, r.error_code) for r in runs] == [
+        (1, "failed", "abandoned"),
+        # Sent again by that cluster's own recovery, signed with its key: its workers read it.
+        (2, "succeeded", ""),
+    ]
+    assert "SECRET_KEY and Q_SITE_NAME" in runs[0].error and "BadSignature" in runs[0].error
+    assert "BadSignature" in (tmp_path / "q.log").read_text()
