@@ -101,6 +101,7 @@ def check_settings(app_configs=None, **kwargs):
     errors += _check_run_liveness()
     errors += _check_values_of_the_wrong_type()
     errors += _check_postgres_durations()
+    errors += _check_mysql_bounds()
     errors += _check_workers_and_bounds()
     if not os.path.isfile(os.path.join(settings.TENANT_MIGRATIONS_DIR, "env.py")):
         errors.append(
@@ -212,6 +213,28 @@ def _check_postgres_durations():
                     id="controlplane.E041",
                 )
             )
+    return errors
+
+
+def _check_mysql_bounds():
+    """MIGRATION_MYSQL_*: MySQL's lock_wait_timeout is 1 second or more; max_statement_time 0
+    (none) or more."""
+    errors = []
+    if settings.MIGRATION_MYSQL_LOCK_WAIT_TIMEOUT < 1:
+        errors.append(
+            checks.Error(
+                f"MIGRATION_MYSQL_LOCK_WAIT_TIMEOUT is {settings.MIGRATION_MYSQL_LOCK_WAIT_TIMEOUT}"
+                "; it is MySQL's lock_wait_timeout, in seconds: 1 or more.",
+                id="controlplane.E046",
+            )
+        )
+    if settings.MIGRATION_MYSQL_STATEMENT_TIMEOUT < 0:
+        errors.append(
+            checks.Error(
+                "MIGRATION_MYSQL_STATEMENT_TIMEOUT must be 0 (no bound) or more seconds.",
+                id="controlplane.E046",
+            )
+        )
     return errors
 
 

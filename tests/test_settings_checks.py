@@ -117,6 +117,8 @@ def test_a_value_of_the_wrong_type_is_named_without_a_traceback(env, expected):
         ({"Q_WORKERS": "0"}, "Q_WORKERS is 0; a qcluster needs 1 worker or more."),
         ({"API_THROTTLE_ANON": "20 per minute"}, "API_THROTTLE_ANON is '20 per minute'"),
         ({"API_TOKEN_TTL_DAYS": "-1"}, "API_TOKEN_TTL_DAYS must be 0"),
+        ({"MIGRATION_MYSQL_LOCK_WAIT_TIMEOUT": "0"}, "MIGRATION_MYSQL_LOCK_WAIT_TIMEOUT is 0;"),
+        ({"MIGRATION_MYSQL_STATEMENT_TIMEOUT": "-1"}, "MIGRATION_MYSQL_STATEMENT_TIMEOUT must be"),
     ],
 )
 def test_values_out_of_their_range_are_named(env, expected):
