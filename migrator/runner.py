@@ -417,8 +417,11 @@ def _fingerprint(location: str) -> tuple:
 
 def _forget_modules_under(location: str) -> None:
     """Drop from ``sys.modules`` what was imported from the script directory (helpers that
-    revisions import), so the next read runs the code now on disk."""
+    revisions import), so the next read runs the code now on disk. Not when the directory holds
+    the control plane's own code (a script directory at or above BASE_DIR): that stays."""
     root = os.path.join(location, "")
+    if os.path.join(str(Path(settings.BASE_DIR).resolve()), "").startswith(root):
+        return
     for name, module in list(sys.modules.items()):
         file = getattr(module, "__file__", None)
         if file and os.path.abspath(file).startswith(root):
