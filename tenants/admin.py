@@ -200,7 +200,7 @@ class RunMigrationsActions:
         read live, where it goes, the SQL or why none, and what refuses it); on confirmation,
         the runs. A refused row stops the whole request: nothing is queued."""
         accepted = [row for row in rows if row.accepted]
-        refused = [row for row in rows if row.refusal]
+        refused = [row for row in rows if row.blocks]
         if request.POST.get("confirm") == "yes" and accepted and not refused:
             self._queue(request, rows)
             return None

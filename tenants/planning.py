@@ -64,13 +64,6 @@ class Intent:
     def blue_green(cls, phase):
         return cls(PHASE, phases.destination(phase) if phase in phases.PHASES else "", phase)
 
-    def describe(self):
-        if self.action == UNDO:
-            return "undo of the last run"
-        if self.action == PHASE:
-            return f"{self.phase} phase"
-        return f"{self.action} to {self.revision}"
-
 
 @dataclass
 class PlanRow:
@@ -105,6 +98,12 @@ class PlanRow:
         if self.steps_known and not self.steps:
             return "nothing-to-do"
         return "ready"
+
+    @property
+    def blocks(self):
+        """Whether the refusal stops a request that runs for every target or none (a
+        downgrade, an undo): any refusal but a held target, which every request skips."""
+        return bool(self.refusal) and not self.target.held
 
     @property
     def recorded_at_head(self):

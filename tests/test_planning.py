@@ -450,3 +450,19 @@ def test_bad_revision_or_timeout_is_a_usage_error(registered_tenant):
     code, _, err = command("--tenant", tenant.id, "--wait", "--timeout", "-5")
     assert code == 2 and "--timeout must be 0" in err
     assert not MigrationRun.objects.exists()
+
+
+def test_a_held_target_is_said_and_skipped_without_failing_the_others(registered_tenant):
+    held, other = registered_tenant("postgresql"), registered_tenant("postgresql")
+    MigrationTarget.objects.filter(pk=held.target_id).update(held=True)
+
+    code, out, err = command("--all", "--sync")
+
+    assert code == 0, err
+    assert f"Not queued for {held.target.name}: the target is held" in err
+    assert MigrationRun.objects.get(target=other.target).status == "succeeded"
+    assert not MigrationRun.objects.filter(target=held.target).exists()
+    # A downgrade of the selection goes on for the others too.
+    code, _, err = command("--all", "--to", "0002_projects", "--sync", "--yes")
+    assert code == 0, err
+    assert MigrationTarget.objects.get(pk=other.target_id).revision == "0002_projects"

@@ -189,7 +189,8 @@ class Command(BaseCommand):
         elif options["wait"]:
             self._wait(dispatches, options)
         followed = [d for d in dispatches if d.run is not None]
-        runs = latest_attempts(followed)
+        # With --wait, each target's last attempt; otherwise the run this command queued or ran.
+        runs = latest_attempts(followed, retries=options["wait"])
         unrun = [d for d in dispatches if d.run is None]
         self._emit(rows, list(zip(followed, runs, strict=True)), options, unrun=unrun)
         code = self._exit_code(rows, dispatches, runs, options)
@@ -246,7 +247,7 @@ class Command(BaseCommand):
         downgrading = intent.action == planning.UNDO or any(
             row.kind == RunKind.DOWNGRADE for row in rows
         )
-        refused = [row for row in rows if row.refusal]
+        refused = [row for row in rows if row.blocks]
         if downgrading and refused:
             raise CommandError(
                 "Downgrade refused before anything ran:\n  "
@@ -275,10 +276,12 @@ class Command(BaseCommand):
 
     def _exit_code(self, rows, dispatches, runs, options):
         """1 when a target was refused, a request was not carried out (another run under way
-        does something else), or, with --sync or --wait, a run did not succeed."""
-        if any(row.refusal for row in rows):
+        does something else, a region no cluster serves, the broker refused it), or, with
+        --sync or --wait, a run did not succeed. A held target is skipped on purpose: said,
+        and not a failure."""
+        if any(row.blocks for row in rows):
             return EXIT_FAILED
-        if any(not d.carried_out for d in dispatches):
+        if any(not d.carried_out and not d.target.held for d in dispatches):
             return EXIT_FAILED
         if options["sync"] or options["wait"]:
             if any(run.status not in OK_STATUSES for run in runs):
@@ -347,7 +350,7 @@ class Command(BaseCommand):
         quiet_until = time.monotonic() + QUEUED_WARNING_SECONDS
         while True:
             counts = {}
-            runs = latest_attempts(followed)
+            runs = latest_attempts(followed, fields=_PROGRESS_FIELDS)
             for run in runs:
                 if not attempt_pending(run):
                     counts[run.status] = counts.get(run.status, 0) + 1
@@ -443,7 +446,7 @@ class Command(BaseCommand):
                 [
                     {
                         **run.outcome(),
-                        **({} if d.carried_out and d.created else {"reason": d.message}),
+                        **({} if d.carried_out else {"reason": d.message}),
                     }
                     for d, run in results
                 ]
@@ -455,15 +458,15 @@ class Command(BaseCommand):
             )
             self.stdout.write(json.dumps(payload, indent=2))
             return
-        at_head = [row for row in not_queued if row.left_out and row.recorded_at_head]
+        at_head = sum(row.recorded_at_head for row in not_queued)
         if at_head:
             self.stderr.write(
-                f"{len(at_head)} target(s) recorded at head: left alone without reading their "
+                f"{at_head} target(s) recorded at head: left alone without reading their "
                 "databases (--skip-at-head)."
             )
         by_reason = {}
         for row in not_queued:
-            if row not in at_head:
+            if not row.recorded_at_head:
                 by_reason.setdefault(row.reason, []).append(row.target.name)
         for reason, names in by_reason.items():
             self.stderr.write(f"Not queued for {', '.join(names[:50])}: {reason}.")
@@ -488,20 +491,42 @@ def _not_queued_as_dict(row):
     return {**row.as_dict(), "status": "not-queued", "error": row.reason}
 
 
-def latest_attempts(dispatches):
+_PROGRESS_FIELDS = (
+    "pk",
+    "batch",
+    "target_id",
+    "attempt",
+    "status",
+    "retryable",
+    "started_at",
+    "finished_at",
+)
+
+
+def latest_attempts(dispatches, *, fields=None, retries=True):
     """For each dispatch with a run, the latest attempt of that run (a retry is a new run of
-    the same batch and target), in order; one query."""
-    from django.db.models import Q
+    the same batch and target), in order; one query over the batches. With ``fields``, light
+    rows (a ``SimpleNamespace`` of those fields, for the progress poll) instead of runs.
+    ``retries=False``: each dispatch's own run, as it is now."""
+    from types import SimpleNamespace
 
     followed = [d for d in dispatches if d.run is not None]
     if not followed:
         return []
-    wanted = Q()
-    for batch in {d.run.batch for d in followed}:
-        wanted |= Q(batch=batch, target_id__in=[d.target.pk for d in followed])
+    if not retries:
+        by_id = MigrationRun.objects.select_related("target").in_bulk([d.run.pk for d in followed])
+        return [by_id.get(d.run.pk, d.run) for d in followed]
+    wanted = {(d.run.batch, d.target.pk) for d in followed}
+    runs = MigrationRun.objects.filter(batch__in={batch for batch, _ in wanted})
+    if fields:
+        runs = (SimpleNamespace(**values) for values in runs.values(*fields))
+    else:
+        runs = runs.select_related("target")
     latest = {}
-    for run in MigrationRun.objects.filter(wanted).select_related("target"):
+    for run in runs:
         key = (run.batch, run.target_id)
+        if key not in wanted:
+            continue
         if key not in latest or (run.attempt, run.pk) > (latest[key].attempt, latest[key].pk):
             latest[key] = run
     return [latest.get((d.run.batch, d.target.pk), d.run) for d in followed]
