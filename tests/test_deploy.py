@@ -150,3 +150,44 @@ def test_a_web_process_shows_the_heads_on_disk_now(admin_client, client, script_
     assert head_info() == ['tenant_migrations_head_info{revision="0005_deploy_notes"} 1.0']
     page = admin_client.get(reverse("fleet-dashboard")).content.decode()
     assert "head: <strong>0005_deploy_notes</strong>" in page
+
+
+@pytest.mark.django_db
+def test_the_admins_downgrade_page_reads_the_revision_now_on_disk(
+    admin_client, registered_tenant, script_copy
+):
+    """The preview and the check for an empty downgrade() come from the same read of the file."""
+    from django.urls import reverse
+
+    from tests.test_reliability import migrate_once
+
+    tenant = registered_tenant("postgresql")
+    assert migrate_once(tenant.target).status == "succeeded"
+
+    def downgrade_page():
+        response = admin_client.post(
+            reverse("admin:tenants_migrationtarget_changelist"),
+            {
+                "action": "downgrade_to_revision",
+                "_selected_action": [tenant.target.pk],
+                "revision": "0003_projects_account_name",
+            },
+            follow=True,
+        )
+        assert response.status_code == 200
+        return response.content.decode()
+
+    assert "DROP COLUMN display_name" in downgrade_page()
+
+    revision = script_copy / "versions" / "0004_accounts_display_name.py"
+    original = revision.read_text()
+    head, _ = original.split("def downgrade() -> None:")
+    revision.write_text(
+        head + "def downgrade() -> None:\n    op.execute(\"SELECT 'the downgrade as deployed'\")\n"
+    )
+    page = downgrade_page()
+    assert "the downgrade as deployed" in page and "DROP COLUMN display_name" not in page
+
+    revision.write_text(head + "def downgrade() -> None:\n    pass\n")
+    page = downgrade_page()
+    assert "its downgrade() is empty" in page
