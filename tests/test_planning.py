@@ -466,3 +466,39 @@ def test_a_held_target_is_said_and_skipped_without_failing_the_others(registered
     code, _, err = command("--all", "--to", "0002_projects", "--sync", "--yes")
     assert code == 0, err
     assert MigrationTarget.objects.get(pk=other.target_id).revision == "0002_projects"
+
+
+def test_planning_a_page_costs_the_same_queries_for_3_targets_or_30(admin_client, target_factory):
+    """The undo and downgrade pages read the history and the record in a few statements,
+    whatever the selection (live reads go to the databases, not to the control plane)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    def targets(count):
+        made = []
+        for _ in range(count):
+            target = target_factory(revision=HEAD, status="up_to_date")
+            MigrationRun.objects.create(
+                target=target,
+                kind="upgrade",
+                trigger="command",
+                requested_revision="head",
+                status="succeeded",
+                revision_before="0004_accounts_display_name",
+                revision_after=HEAD,
+                applied=["0005_expand_full_name", "0006_contract_drop_display_name"],
+            )
+            made.append(target.pk)
+        return made
+
+    counts = {}
+    for count in (3, 30):
+        selected = targets(count)
+        for action in ("undo_last_run", "downgrade_to_revision"):
+            with CaptureQueriesContext(connection) as queries:
+                page = admin_action(admin_client, action, selected)
+            assert page.status_code == 200
+            counts[count, action] = len(queries.captured_queries)
+        assert "<td>0004_accounts_display_name</td>" in page.content.decode()
+    assert counts[3, "undo_last_run"] == counts[30, "undo_last_run"]
+    assert counts[3, "downgrade_to_revision"] == counts[30, "downgrade_to_revision"]
