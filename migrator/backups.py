@@ -222,8 +222,10 @@ def restore_run(run, *, backup_run):
     started = time.monotonic()
     try:
         with heartbeat(run.pk):
+            # Fresh from Vault, as for a migration: a restore goes to the database the
+            # secret names now.
             connection = get_secrets_manager().migration_credentials(
-                record.effective_vault_path, provider=record.provider
+                record.effective_vault_path, provider=record.provider, fresh=True
             )
             result = restore(
                 Target(record.name, connection),

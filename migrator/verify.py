@@ -802,7 +802,9 @@ def verify_record(record, *, script_location=None) -> Verification:
         secrets = get_secrets_manager()
         target = Target(
             record.name,
-            secrets.migration_credentials(record.effective_vault_path, provider=record.provider),
+            secrets.migration_credentials(
+                record.effective_vault_path, provider=record.provider, fresh=True
+            ),
         )
         revision = runner.current(target, script_location=script_location).revision
     except MigratorError as exc:
