@@ -103,6 +103,9 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "drf_spectacular",
+    # Swagger UI's scripts, served from STATIC_ROOT: the docs page needs no CDN.
+    "drf_spectacular_sidecar",
     "knox",
     # Before django_q: its `qcluster` command is controlplane's (a graceful stop, recovery).
     "controlplane.apps.ControlPlaneConfig",
@@ -335,6 +338,20 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "UNAUTHENTICATED_USER": None,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+
+# The OpenAPI schema (/api/schema/) and its docs page (/api/docs/).
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Tenant migrations control plane",
+    "DESCRIPTION": "Register tenants from the SaaS's provisioning events, list and retire "
+    "tenants and targets, migrate a tenant's database and follow its run. Authenticate with "
+    "`Authorization: Bearer TOKEN`.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 # Error pages (DEBUG) and error reports never show a credential: controlplane/error_reports.py.

@@ -33,7 +33,9 @@ class DatabaseMigrations(HealthCheck):
     def run(self):
         not_ready = [
             f"{name} ({status})"
-            for name, status in MigrationTarget.objects.filter(kind=Strategy.SHARED)
+            for name, status in MigrationTarget.objects.filter(
+                kind=Strategy.SHARED, decommissioned_at=None
+            )
             .exclude(status=TargetStatus.UP_TO_DATE)
             .values_list("name", "status")
         ]

@@ -112,6 +112,11 @@ class MigrationTarget(models.Model):
     )
     drift_report = models.TextField(blank=True)
     verified_at = models.DateTimeField(null=True, blank=True)
+    decommissioned_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="A decommissioned (retired) target gets no more runs; its history is kept.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -134,6 +139,18 @@ class MigrationTarget(models.Model):
         if not self.vault_path:
             self.vault_path = self.effective_vault_path
         super().save(*args, **kwargs)
+
+    @property
+    def decommissioned(self):
+        return self.decommissioned_at is not None
+
+    @property
+    def decommissioned_reason(self):
+        """Why a retired target gets no run: the planner's refusal and the queue's reason."""
+        return (
+            f"the target is decommissioned (since {self.decommissioned_at:%Y-%m-%d %H:%M} UTC): "
+            "it gets no more runs; its history is kept"
+        )
 
     def default_vault_path(self):
         if self.kind == Strategy.SHARED:
@@ -184,14 +201,25 @@ class Tenant(models.Model):
         default=True,
         help_text="Migrate the tenant's own database as soon as the tenant is created.",
     )
+    decommissioned_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="A decommissioned tenant is retired: its own database gets no more runs; its "
+        "history is kept.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         ordering = ["id"]
         indexes = [models.Index(fields=["strategy", "region"])]
+        permissions = [("register_tenants", "Can register tenants")]
 
     def __str__(self):
         return self.id
+
+    @property
+    def decommissioned(self):
+        return self.decommissioned_at is not None
 
     def clean(self):
         if self.strategy == Strategy.SHARED and self.target_id is None:

@@ -271,6 +271,9 @@ class _Planner:
 
     def route(self, row):
         intent, target = self.intent, row.target
+        if target.decommissioned_at is not None:
+            row.refusal = target.decommissioned_reason
+            return
         if target.held:
             row.refusal = "the target is held; clear Held on it in the admin to migrate it"
             return

@@ -20,26 +20,30 @@ def select_targets(
 
     Scopes (``all_targets``, ``shared``, ``tenant_ids``, ``target_names``, ``strategies``,
     ``failed``) are OR-ed: each adds targets. Filters (``providers``, ``regions``) then narrow
-    them. With no scope but a filter, every target is in scope.
+    them. With no scope but a filter, every target is in scope. Decommissioned targets are in
+    no scope but their names (``tenant_ids``, ``target_names``): named, the plan says why they
+    get no run.
     """
+    active = Q(decommissioned_at__isnull=True)
     scope = Q()
     if shared:
-        scope |= Q(kind=Strategy.SHARED)
+        scope |= Q(kind=Strategy.SHARED) & active
     if tenant_ids:
         scope |= Q(tenants__id__in=tenant_ids)
     if target_names:
         scope |= Q(name__in=target_names)
     if strategies:
-        scope |= Q(kind__in=strategies)
+        scope |= Q(kind__in=strategies) & active
     if failed:
         # An interrupted run leaves its target failed too (see tenants.actions).
-        scope |= Q(status=TargetStatus.FAILED)
+        scope |= Q(status=TargetStatus.FAILED) & active
     queryset = MigrationTarget.objects.all()
-    if not all_targets:
+    if all_targets:
+        queryset = queryset.filter(active | scope)
+    else:
         if not scope and not (providers or regions):
             return queryset.none()
-        if scope:
-            queryset = queryset.filter(scope)
+        queryset = queryset.filter(scope) if scope else queryset.filter(active)
     if providers:
         queryset = queryset.filter(provider__in=providers)
     if regions:

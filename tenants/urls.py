@@ -1,5 +1,6 @@
 from django.http import JsonResponse
 from django.urls import path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from tenants import api
 from tenants.health import ReadinessView
@@ -12,6 +13,33 @@ def healthz(request):
 
 
 urlpatterns = [
+    path("api/tenants/", api.TenantListView.as_view(), name="api-tenants"),
+    path("api/tenants/<str:tenant_id>", api.TenantDetailView.as_view(), name="api-tenant"),
+    path(
+        "api/tenants/<str:tenant_id>/decommission",
+        api.TenantDecommissionView.as_view(),
+        name="api-tenant-decommission",
+    ),
+    path("api/targets/", api.TargetListView.as_view(), name="api-targets"),
+    path("api/targets/<str:name>", api.TargetDetailView.as_view(), name="api-target"),
+    path(
+        "api/targets/<str:name>/decommission",
+        api.TargetDecommissionView.as_view(),
+        name="api-target-decommission",
+    ),
+    # The OpenAPI schema and its docs page (Swagger UI, served from this app's static files).
+    path(
+        "api/schema/",
+        SpectacularAPIView.as_view(authentication_classes=[], permission_classes=[]),
+        name="api-schema",
+    ),
+    path(
+        "api/docs/",
+        SpectacularSwaggerView.as_view(
+            url_name="api-schema", authentication_classes=[], permission_classes=[]
+        ),
+        name="api-docs",
+    ),
     path(
         "api/tenants/<str:tenant_id>/migrate", api.MigrateTenantView.as_view(), name="api-migrate"
     ),

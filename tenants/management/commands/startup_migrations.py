@@ -48,7 +48,9 @@ class Command(BaseCommand):
 
         failed = []
         if options["shared"] or settings.MIGRATE_SHARED_ON_STARTUP:
-            shared = list(MigrationTarget.objects.filter(kind=Strategy.SHARED))
+            shared = list(
+                MigrationTarget.objects.filter(kind=Strategy.SHARED, decommissioned_at=None)
+            )
             rows = planning.plan(shared, planning.Intent.upgrade())
             for row in rows:
                 if not row.accepted:  # held: skipped on purpose, as every trigger skips it
@@ -78,7 +80,9 @@ class Command(BaseCommand):
                     failed.append(target.name)
                     self.stderr.write(f"Shared database {target.name} {problem}")
         if options["all"] or settings.MIGRATE_ON_STARTUP:
-            others = list(MigrationTarget.objects.exclude(kind=Strategy.SHARED))
+            others = list(
+                MigrationTarget.objects.exclude(kind=Strategy.SHARED).filter(decommissioned_at=None)
+            )
             rows = planning.plan(others, planning.Intent.upgrade())
             dispatches = actions.do_enqueue_plan(rows, trigger=Trigger.STARTUP)
             queued = sum(d.created for d in dispatches)
