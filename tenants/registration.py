@@ -203,6 +203,8 @@ def validate_events(rows):
     ``Registration``: invalid ones carry ``errors`` (field -> what is allowed), the others the
     cleaned event. A tenant id seen twice is invalid the second time."""
     registrations, seen = [], {}
+    # One serializer for every row: its fields are built once (DRF copies them per instance).
+    form = EventSerializer()
     for line, raw in rows:
         if not isinstance(raw, dict):
             registrations.append(
@@ -227,10 +229,11 @@ def validate_events(rows):
                 )
             )
             continue
-        form = EventSerializer(data=raw)
-        if not form.is_valid():
+        try:
+            event = form.run_validation(raw)
+        except serializers.ValidationError as exc:
             errors = {
-                name: " ".join(str(m) for m in messages) for name, messages in form.errors.items()
+                name: " ".join(str(m) for m in messages) for name, messages in exc.detail.items()
             }
             registrations.append(
                 Registration(
@@ -238,7 +241,7 @@ def validate_events(rows):
                 )
             )
             continue
-        event = dict(form.validated_data)
+        event = dict(event)
         first = seen.get(event["tenant_id"])
         if first is not None:
             where = f"line {first}" if first else "an earlier event"
