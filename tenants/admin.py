@@ -55,6 +55,36 @@ def report_cancelled(model_admin, request, cancelled, running):
         model_admin.message_user(request, "None of the selected has a queued run.", messages.INFO)
 
 
+class DecommissionAction:
+    """The admin action that retires tenants or targets (``tenants.actions``): shown only with
+    ``tenants.register_tenants``; one message per row."""
+
+    def has_register_tenants_permission(self, request):
+        return request.user.has_perm("tenants.register_tenants")
+
+    def decommission_one(self, obj, request):
+        raise NotImplementedError
+
+    @admin.action(
+        description="Decommission (no more runs, history kept)", permissions=["register_tenants"]
+    )
+    def decommission(self, request, queryset):
+        for obj in queryset:
+            what = f"{obj._meta.verbose_name} {obj}"
+            outcome = self.decommission_one(obj, request)
+            if outcome.done:
+                cancelled = "".join(f"; run #{run.pk} cancelled" for run in outcome.cancelled)
+                self.message_user(
+                    request,
+                    f"{what} decommissioned: it gets no more runs{cancelled}.",
+                    messages.SUCCESS,
+                )
+            else:
+                self.message_user(
+                    request, f"{what} not decommissioned: {outcome.refusal}", messages.ERROR
+                )
+
+
 def _run_link(run):
     return format_html(
         '<a href="{}">#{}</a>', reverse("admin:tenants_migrationrun_change", args=[run.pk]), run.pk
@@ -237,7 +267,8 @@ class RunMigrationsActions:
 
 
 @admin.register(MigrationTarget)
-class MigrationTargetAdmin(RunMigrationsActions, admin.ModelAdmin):
+class MigrationTargetAdmin(RunMigrationsActions, DecommissionAction, admin.ModelAdmin):
+    actions = [*RunMigrationsActions.actions, "decommission"]
     list_display = (
         "name",
         "kind",
@@ -250,7 +281,16 @@ class MigrationTargetAdmin(RunMigrationsActions, admin.ModelAdmin):
         "drifted",
         "last_migrated_at",
     )
-    list_filter = ("kind", "provider", "region", "status", "drifted", "held", "revision")
+    list_filter = (
+        "kind",
+        "provider",
+        "region",
+        "status",
+        "drifted",
+        "held",
+        "revision",
+        ("decommissioned_at", admin.EmptyFieldListFilter),
+    )
     search_fields = ("name", "vault_path", "tenants__id")
     readonly_fields = (
         "revision",
@@ -265,6 +305,7 @@ class MigrationTargetAdmin(RunMigrationsActions, admin.ModelAdmin):
         "schema_fingerprint",
         "verified_at",
         "drift_report_text",
+        "decommissioned_at",
     )
     fieldsets = (
         (
@@ -290,6 +331,7 @@ class MigrationTargetAdmin(RunMigrationsActions, admin.ModelAdmin):
                     "last_error",
                     "last_checked_at",
                     "last_migrated_at",
+                    "decommissioned_at",
                     "created_at",
                     "updated_at",
                 )
@@ -315,6 +357,9 @@ class MigrationTargetAdmin(RunMigrationsActions, admin.ModelAdmin):
 
     def targets_of(self, queryset):
         return list(queryset)
+
+    def decommission_one(self, obj, request):
+        return actions.do_decommission_target(obj, acting_user=request.user)
 
     @admin.display(description="blue/green")
     def phase(self, obj):
@@ -358,7 +403,8 @@ class MigrationTargetAdmin(RunMigrationsActions, admin.ModelAdmin):
 
 
 @admin.register(Tenant)
-class TenantAdmin(RunMigrationsActions, admin.ModelAdmin):
+class TenantAdmin(RunMigrationsActions, DecommissionAction, admin.ModelAdmin):
+    actions = [*RunMigrationsActions.actions, "decommission"]
     list_display = (
         "id",
         "name",
@@ -370,7 +416,14 @@ class TenantAdmin(RunMigrationsActions, admin.ModelAdmin):
         "target_status",
         "auto_migrate",
     )
-    list_filter = ("strategy", "region", "target__provider", "target__status", "auto_migrate")
+    list_filter = (
+        "strategy",
+        "region",
+        "target__provider",
+        "target__status",
+        "auto_migrate",
+        ("decommissioned_at", admin.EmptyFieldListFilter),
+    )
     search_fields = ("id", "name", "target__name")
     list_select_related = ("target",)
     autocomplete_fields = ("target",)
@@ -382,7 +435,14 @@ class TenantAdmin(RunMigrationsActions, admin.ModelAdmin):
 
     def get_readonly_fields(self, request, obj=None):
         # The tenant id names its Vault path and its database: it never changes once created.
-        return ("id", "created_at") if obj else ("created_at",)
+        return ("id", "created_at", "decommissioned_at") if obj else ("created_at",)
+
+    def get_exclude(self, request, obj=None):
+        # A new tenant is never registered retired.
+        return ("decommissioned_at",) if obj is None else ()
+
+    def decommission_one(self, obj, request):
+        return actions.do_decommission_tenant(obj, acting_user=request.user)
 
     @admin.display(description="provider", ordering="target__provider")
     def provider(self, obj):

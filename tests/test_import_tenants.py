@@ -64,10 +64,14 @@ def test_import_creates_then_reports_unchanged_and_updated(tmp_path):
     assert code == 0, err
     assert "3 row(s): 0 created, 0 updated, 3 unchanged, 0 invalid." in out
 
-    changed = GOOD_CSV.replace("Acme Corp", "Acme Inc").replace(
-        "external,mysql,us,customers/initech,false",
-        "external,mysql,us,customers/initech,false,decommissioned",
-    ).replace("database_created\n", "database_created,status\n", 1)
+    changed = (
+        GOOD_CSV.replace("Acme Corp", "Acme Inc")
+        .replace(
+            "external,mysql,us,customers/initech,false",
+            "external,mysql,us,customers/initech,false,decommissioned",
+        )
+        .replace("database_created\n", "database_created,status\n", 1)
+    )
     code, out, err = run(write(tmp_path, "changed.csv", changed))
     assert code == 0, err
     assert "line 2: acme: updated (name: registered 'Acme Corp', now 'Acme Inc')" in out
@@ -86,7 +90,9 @@ def test_a_file_with_bad_rows_imports_the_good_ones_and_names_each_bad_line(tmp_
     assert "8 row(s)" not in out
     assert "7 row(s): 2 created, 0 updated, 0 unchanged, 5 invalid (line 3, 4, 5, 6, 7)." in out
     assert "line 3: Bad Id: invalid: tenant_id: Use 1 to 63 lower-case letters" in err
-    assert 'line 4: umbrella: invalid: database_strategy: "pooled" is not a database strategy: ' in err
+    assert (
+        'line 4: umbrella: invalid: database_strategy: "pooled" is not a database strategy: ' in err
+    )
     assert "use one of shared, dedicated, external." in err
     assert 'line 5: hooli: invalid: database_provider: "oracle" is not a database provider' in err
     assert "line 6: acme: invalid: tenant_id: acme is already in this file (line 2)." in err
@@ -173,8 +179,18 @@ def test_export_round_trips_through_import(tmp_path, fmt):
 @pytest.mark.django_db
 def test_json_rows_are_numbered_by_the_line_they_start_on(tmp_path):
     events = [
-        {"tenant_id": "a", "name": "A", "database_strategy": "dedicated", "database_provider": "mysql"},
-        {"tenant_id": "b", "name": "B", "database_strategy": "dedicated", "database_provider": "db2"},
+        {
+            "tenant_id": "a",
+            "name": "A",
+            "database_strategy": "dedicated",
+            "database_provider": "mysql",
+        },
+        {
+            "tenant_id": "b",
+            "name": "B",
+            "database_strategy": "dedicated",
+            "database_provider": "db2",
+        },
     ]
     text = "[\n" + ",\n".join(json.dumps(e, indent=2) for e in events) + "\n]\n"
     code, out, err = run(write(tmp_path, "t.json", text))
