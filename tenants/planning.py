@@ -102,8 +102,9 @@ class PlanRow:
     @property
     def blocks(self):
         """Whether the refusal stops a request that runs for every target or none (a
-        downgrade, an undo): any refusal but a held target, which every request skips."""
-        return bool(self.refusal) and not self.target.held
+        downgrade, an undo): any refusal but a held or decommissioned target, which every
+        request skips."""
+        return bool(self.refusal) and not self.target.held and self.target.decommissioned_at is None
 
     @property
     def recorded_at_head(self):
