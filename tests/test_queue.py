@@ -447,6 +447,7 @@ def test_signal_to_the_cluster_group_finishes_or_hands_back_and_exits(
         runs.values_list("status", "error")
     )
     assert runs.filter(status="succeeded").count() >= 2
+    assert "task(s) back to the queue on stopping" in log.read_text()
     # What was not started is still queued, and the next cluster takes it at once.
     second = _start_cluster(env, log)
     try:
