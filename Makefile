@@ -11,9 +11,11 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-## demo: the whole product on embedded defaults (SQLite, a local OpenBao dev server, demo tenants)
+## demo: the whole product on embedded defaults (SQLite, a local OpenBao dev server, demo tenants);
+## it writes var/demo/env for a second shell (`source var/demo/env`). PORT=8001 for another port.
+PORT ?= 8000
 demo: $(BIN)/.installed
-	DEBUG=true $(BIN)/python manage.py demo
+	DEBUG=true $(BIN)/python manage.py demo --port $(PORT)
 
 run: demo
 
@@ -32,5 +34,7 @@ check: lint test
 bench: $(BIN)/.installed
 	$(BIN)/python bench/fleet.py
 
+## clean: drop the demo's databases and roles on the local servers, then every local file
 clean:
+	-[ -x $(BIN)/python ] && DEBUG=true $(BIN)/python manage.py demo --clean
 	rm -rf $(VENV) var .pytest_cache .ruff_cache

