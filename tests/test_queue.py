@@ -295,6 +295,34 @@ def test_queued_runs_are_cancelled_from_the_api_the_admin_and_the_command(
     assert f"Run #{fresh.run.pk} for {tenants[0].target.name} cancelled" in page.content.decode()
 
 
+def _migrate_in_a_process(names, signal_file, **env):
+    """``migrate_tenants --target NAMES --sync`` with the slow fixture in a process of its own;
+    returns it once the sleepy revision of the first target runs (holding its lock)."""
+    import subprocess
+    import sys
+
+    from tests.workers import ROOT
+
+    process = subprocess.Popen(
+        [sys.executable, "manage.py", "migrate_tenants", "--target", *names, "--sync"],
+        cwd=ROOT,
+        env=process_env(
+            TENANT_MIGRATIONS_DIR=str(FIXTURES / "slow"),
+            MIGRATOR_TEST_SIGNAL=str(signal_file),
+            **env,
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while not signal_file.exists():
+        assert process.poll() is None, "the migrating process exited early"
+        assert time.monotonic() < deadline, "the slow revision never started"
+        time.sleep(0.1)
+    return process
+
+
 # --- item 1: a queued run that no worker takes is closed, and sent again ------------------------
 
 
@@ -335,32 +363,13 @@ def test_messages_lost_with_a_redis_restart_are_abandoned_and_sent_again(
 def test_runs_of_a_killed_sync_command_do_not_block_their_targets(
     registered_tenant, settings, tmp_path
 ):
-    import subprocess
-    import sys
-
-    from tests.workers import ROOT, qcluster, wait_for_runs
+    from tests.workers import qcluster, wait_for_runs
 
     settings.TENANT_MIGRATIONS_DIR = str(FIXTURES / "slow")
     first, second = registered_tenant("postgresql"), registered_tenant("postgresql")
     signal_file = tmp_path / "inside"
-    env = process_env(
-        TENANT_MIGRATIONS_DIR=str(FIXTURES / "slow"),
-        MIGRATOR_TEST_SIGNAL=str(signal_file),
-        MIGRATOR_TEST_SLEEP="60",
-    )
     names = sorted([first.target.name, second.target.name])
-    process = subprocess.Popen(
-        [sys.executable, "manage.py", "migrate_tenants", "--target", *names, "--sync"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 60
-    while not signal_file.exists():
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.1)
+    process = _migrate_in_a_process(names, signal_file, MIGRATOR_TEST_SLEEP="60")
     os.killpg(process.pid, signal.SIGKILL)  # killed after the first of two targets started
     process.wait()
     waiting = MigrationRun.objects.get(target__name=names[1])
@@ -744,3 +753,34 @@ def test_tasks_a_worker_cannot_read_are_abandoned_naming_the_secret_key(
     ]
     assert "SECRET_KEY and Q_SITE_NAME" in runs[0].error and "BadSignature" in runs[0].error
     assert "BadSignature" in (tmp_path / "q.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_a_revision_holding_the_gil_is_not_declared_dead(registered_tenant, settings, tmp_path):
+    settings.TENANT_MIGRATIONS_DIR = str(FIXTURES / "slow")
+    tenant = registered_tenant("postgresql")
+    # Beats every second, but the revision holds the GIL for 12 s: the heartbeat thread starves.
+    process = _migrate_in_a_process(
+        [tenant.target.name],
+        tmp_path / "inside",
+        MIGRATOR_TEST_HOLD_GIL="12",
+        RUN_HEARTBEAT_SECONDS="1",
+        RUN_STALE_AFTER_SECONDS="3",
+    )
+    run = MigrationRun.objects.get(target=tenant.target)
+    settings.RUN_STALE_AFTER_SECONDS = 3
+    try:
+        _wait_until(
+            lambda: "left running" in recover(), 30, "the starved run was never found silent"
+        )
+        run.refresh_from_db()
+        assert run.status == "running"
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    run.refresh_from_db()
+    assert run.status == "succeeded" and run.applied == ["s001_first", "s002_sleepy", "s003_last"]
+    assert not MigrationRun.objects.filter(target=tenant.target).exclude(pk=run.pk).exists()

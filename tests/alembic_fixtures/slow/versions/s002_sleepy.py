@@ -21,6 +21,11 @@ def upgrade() -> None:
     if signal:
         Path(signal).touch()
     time.sleep(float(os.environ.get("MIGRATOR_TEST_SLEEP", "0")))
+    # A step that holds the GIL this long (libc's sleep() through PyDLL, which keeps the GIL),
+    # as a long regex or a C extension does: no other thread of the process runs meanwhile.
+    hold = int(os.environ.get("MIGRATOR_TEST_HOLD_GIL", "0"))
+    if hold:
+        ctypes.PyDLL(None).sleep(hold)
     # How a worker can end without an outcome (tests/test_queue.py).
     end = os.environ.get("MIGRATOR_TEST_END", "")
     if end == "os._exit":
