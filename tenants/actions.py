@@ -478,6 +478,8 @@ def abandoned_runs(*, now=None, regions=None):
     )
     if regions is not None:
         waiting = waiting.filter(target__region__in=regions)
+    if not settings.REGION_CLUSTERS and _queue_moving(None, cutoff):
+        return []  # one queue, and it moves: nothing to read
     moving, found = {}, []
     for run in waiting:
         cluster = routing.cluster_for(run.target.region)
