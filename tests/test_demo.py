@@ -197,3 +197,23 @@ def test_two_data_directories_get_their_own_server_names(tmp_path, data_dir):
         assert len(pg_roles(prefix(other))) == 2
     finally:
         manage("demo", "--clean", env=demo_env(other))
+
+
+def test_the_env_file_gives_a_fresh_shell_the_python_the_readme_commands_name(tmp_path):
+    """`source var/demo/env`, then `python manage.py ...` exactly as the README writes it, in a
+    shell whose PATH has no virtualenv (a new terminal: `python` is missing or another one)."""
+    data_dir = tmp_path / "var"
+    setup = manage("demo", "--setup-only", "--no-servers", env=demo_env(data_dir))
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    env_file = data_dir / "demo" / "env"
+    fresh = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    shell = subprocess.run(
+        ["bash", "-c", f"source {env_file} && python manage.py migrate_tenants --cancel --all"],
+        cwd=ROOT,
+        env=fresh,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shell.returncode == 0, shell.stdout + shell.stderr
+    assert "Cancelled 0 queued run(s)." in shell.stdout + shell.stderr

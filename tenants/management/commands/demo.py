@@ -356,6 +356,8 @@ def _write_env_file(demo_dir, env):
         "# ones the demo's worker can read (the same SECRET_KEY, Vault and database).",
     ]
     lines += [f"export {key}={shlex.quote(str(env[key]))}" for key in ENV_FILE_KEYS if key in env]
+    # The README's commands say `python manage.py ...`: the python that has the control plane.
+    lines.append(f'export PATH={shlex.quote(str(Path(sys.executable).parent))}:"$PATH"')
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as handle:
         handle.write("\n".join(lines) + "\n")
