@@ -5,12 +5,14 @@ as an operator. ``--as-user NAME`` records (and checks) a control-plane user ins
 needs the ``tenants.run_migrations`` permission.
 """
 
+import io
 import json
 import sys
+import textwrap
 import time
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, OutputWrapper
 
 from migrator.phases import PHASES
 from tenants import actions, planning
@@ -94,6 +96,12 @@ class Command(BaseCommand):
         how.add_argument(
             "--yes", action="store_true", help="do not ask before downgrading (scripts)"
         )
+        how.add_argument(
+            "-q",
+            "--quiet",
+            action="store_true",
+            help="print only what went wrong (and --json's output); the exit status says the rest",
+        )
         mode = how.add_mutually_exclusive_group()
         mode.add_argument(
             "--dry-run",
@@ -155,6 +163,8 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options):
+        if options["quiet"] and not options["json"]:
+            self.stdout = OutputWrapper(io.StringIO())
         self._check_usage(options)
         user = self._acting_user(options["as_user"])
         if options["recover"]:
@@ -337,7 +347,7 @@ class Command(BaseCommand):
         for index, run in enumerate(created, 1):
             run_migration(run.pk)
             run.refresh_from_db(fields=["status"])
-            if not options["json"]:
+            if not (options["json"] or options["quiet"]):
                 self.stderr.write(f"[{index}/{len(created)}] {run.target.name}: {run.status}")
 
     def _wait(self, dispatches, options):
@@ -345,7 +355,9 @@ class Command(BaseCommand):
         failure queues the next attempt in the same batch (``actions.do_schedule_retry``), so a
         failed attempt with attempts left is not the end of its target."""
         followed = [d for d in dispatches if d.run is not None]
-        progress = Progress(self.stderr, len(followed), enabled=not options["json"])
+        progress = Progress(
+            self.stderr, len(followed), enabled=not (options["json"] or options["quiet"])
+        )
         deadline = time.monotonic() + options["timeout"] if options["timeout"] else None
         quiet_until = time.monotonic() + QUEUED_WARNING_SECONDS
         while True:
@@ -477,6 +489,13 @@ class Command(BaseCommand):
             self.stderr.write(dispatch.message)
         if results:
             self.stdout.write(summary_table([run for _, run in results]))
+        if options["quiet"]:
+            # The table is not shown: the runs that went wrong are, each on one line.
+            for _, run in results:
+                if run.status in (RunStatus.FAILED, RunStatus.INTERRUPTED, RunStatus.CANCELLED):
+                    self.stderr.write(
+                        f"{run.target.name}: {run.status}: {run.error or run.reason}".rstrip()
+                    )
 
 
 def _not_queued_as_dict(row):
@@ -553,6 +572,50 @@ def attempt_pending(run):
     )
 
 
+def first_line(text, width):
+    """The first line of ``text`` in at most ``width`` characters, cut between words."""
+    if not text:
+        return ""
+    return textwrap.shorten(text.splitlines()[0], width, placeholder=" …")
+
+
+def stands_cell(row):
+    """Where a row's target stands: ``?`` when its database could not be read and nothing is
+    recorded (the note says why), never ``base`` for a database nobody read."""
+    if row.stands:
+        return row.stands
+    return "?" if row.source_note else "base"
+
+
+# Errors raised before a run could read where its database stood.
+UNREAD_ERROR_CODES = {
+    "vault_error",
+    "vault_unavailable",
+    "vault_auth_failed",
+    "vault_forbidden",
+    "secret_not_found",
+    "vault_mount_not_kv2",
+    "secret_incomplete",
+    "unknown_provider",
+    "database_unreachable",
+    "database_not_found",
+    "database_auth_failed",
+    "locked",
+    "queue_unavailable",
+    "cancelled",
+}
+
+
+def revision_before_cell(run):
+    """``base`` only for a database read as empty; ``?`` for a run that ended before it could
+    read where the database stood (its error says why)."""
+    if run.revision_before:
+        return run.revision_before
+    if run.error_code in UNREAD_ERROR_CODES:
+        return "?"
+    return "base"
+
+
 def plan_table(rows):
     """The plan as a plain-text table: where each target stands (and whether that was read
     live or from the record), where it goes, how many revisions, and why not when it does not."""
@@ -562,13 +625,11 @@ def plan_table(rows):
             row.target.name,
             row.target.provider,
             row.kind,
-            row.stands or "base",
+            stands_cell(row),
             row.source,
             row.goes_to,
             "" if not row.steps_known else str(len(row.steps)),
-            (row.reason or row.source_note or row.no_sql).splitlines()[0][:120]
-            if (row.reason or row.source_note or row.no_sql)
-            else "",
+            first_line(row.reason or row.source_note or row.no_sql, 120),
         )
         for row in rows
     ]
@@ -596,12 +657,12 @@ def summary_table(runs):
             run.target.name,
             run.target.provider,
             run.status,
-            f"{run.revision_before or 'base'} -> {run.revision_after or '?'}"
+            f"{revision_before_cell(run)} -> {run.revision_after or '?'}"
             if run.finished_at
             else run.requested_revision,
             str(len(run.applied)),
             "" if run.duration_ms is None else str(run.duration_ms),
-            (run.error.splitlines()[0][:100] if run.error else ""),
+            first_line(run.error, 100),
         )
         for run in runs
     ]
@@ -679,7 +740,14 @@ def verification_table(results):
         if v.grant_problems:
             details = f"{details}; {len(v.grant_problems)} grant problem(s)".lstrip("; ")
         rows.append(
-            (v.target, v.provider, v.revision or "base", v.outcome, v.fingerprint[:12], details)
+            (
+                v.target,
+                v.provider,
+                v.revision or ("?" if v.outcome == "not-verified" else "base"),
+                v.outcome,
+                v.fingerprint[:12],
+                details,
+            )
         )
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     lines = [
