@@ -7,6 +7,8 @@ from tenants.dashboard import fleet_dashboard
 admin.site.site_header = "Tenant migrations"
 admin.site.site_title = "Tenant migrations"
 admin.site.index_template = "admin/fleet_index.html"
+# "View site" leads to the fleet dashboard: the control plane has no public site.
+admin.site.site_url = "/admin/fleet/"
 
 urlpatterns = [
     path("admin/fleet/", fleet_dashboard, name="fleet-dashboard"),
