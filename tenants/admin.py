@@ -5,18 +5,24 @@ that start migrations are shown only to users with the ``tenants.run_migrations`
 which is separate from the permission to edit tenants.
 """
 
+from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
 from tenants import actions, planning
 from tenants.models import (
+    DEFAULT_REGION,
     MigrationRun,
     MigrationTarget,
+    Provider,
+    Strategy,
     TargetStatus,
     Tenant,
     Trigger,
+    vault_path_validator,
 )
 
 RECENT_RUNS_ON_TARGET_PAGE = 20
@@ -446,6 +452,64 @@ class MigrationTargetAdmin(RunMigrationsActions, DecommissionAction, admin.Model
         )
 
 
+class TenantAddForm(forms.ModelForm):
+    """A new tenant; a dedicated or external one may bring its database along: with a provider
+    and no target chosen, its database is registered as a new target named after it (as
+    ``POST /api/tenants/`` does), and the tenant-created signal queues its first migration."""
+
+    database_provider = forms.ChoiceField(
+        choices=[("", "---------"), *Provider.choices],
+        required=False,
+        help_text="A dedicated or external tenant with no target chosen: register its database "
+        "as a new target named after the tenant, on this provider.",
+    )
+    database_vault_path = forms.CharField(
+        required=False,
+        max_length=255,
+        validators=[vault_path_validator],
+        help_text="With a provider: where its credentials are under VAULT_DATABASE_SECRETS_PATH "
+        "(empty: the tenant id).",
+    )
+
+    class Meta:
+        model = Tenant
+        fields = ("id", "name", "strategy", "region", "target", "auto_migrate")
+
+    def clean(self):
+        cleaned = super().clean()
+        strategy, tenant_id = cleaned.get("strategy"), cleaned.get("id")
+        provider = cleaned.get("database_provider")
+        if not provider:
+            return cleaned
+        if strategy == Strategy.SHARED or cleaned.get("target") is not None:
+            raise ValidationError(
+                {
+                    "database_provider": "Only for a dedicated or external tenant with no target "
+                    "chosen: leave it empty, or clear the target."
+                }
+            )
+        if not tenant_id:
+            return cleaned
+        target = MigrationTarget(
+            name=tenant_id,
+            kind=strategy,
+            provider=provider,
+            region=cleaned.get("region") or DEFAULT_REGION,
+            vault_path=cleaned.get("database_vault_path") or "",
+        )
+        try:
+            target.full_clean()
+        except ValidationError as exc:
+            raise ValidationError(
+                {
+                    "database_provider": f"Its database cannot be registered as target "
+                    f"{tenant_id}: " + " ".join(exc.messages)
+                }
+            ) from None
+        cleaned["target"] = target
+        return cleaned
+
+
 @admin.register(Tenant)
 class TenantAdmin(RunMigrationsActions, DecommissionAction, admin.ModelAdmin):
     actions = [*RunMigrationsActions.actions, "decommission"]
@@ -484,6 +548,17 @@ class TenantAdmin(RunMigrationsActions, DecommissionAction, admin.ModelAdmin):
     def get_exclude(self, request, obj=None):
         # A new tenant is never registered retired.
         return ("decommissioned_at",) if obj is None else ()
+
+    def get_form(self, request, obj=None, **kwargs):
+        if obj is None and request.user.has_perm("tenants.add_migrationtarget"):
+            kwargs["form"] = TenantAddForm
+        return super().get_form(request, obj, **kwargs)
+
+    def save_model(self, request, obj, form, change):
+        if obj.target is not None and obj.target.pk is None:
+            # The database the add form registered along with the tenant.
+            obj.target.save()
+        super().save_model(request, obj, form, change)
 
     def decommission_one(self, obj, request):
         return actions.do_decommission_tenant(obj, acting_user=request.user)

@@ -68,3 +68,39 @@ def test_view_site_leads_to_the_fleet_dashboard(admin_client):
     html = admin_client.get(reverse("admin:index")).content.decode()
     assert '<a href="/admin/fleet/">View site</a>' in html
     assert admin_client.get("/admin/fleet/").status_code == 200
+
+
+@pytest.mark.django_db
+def test_a_dedicated_tenant_added_with_a_provider_brings_its_database(admin_client):
+    from tenants.models import MigrationRun, MigrationTarget, Tenant
+
+    form = {
+        "id": "acme",
+        "name": "Acme",
+        "strategy": "dedicated",
+        "region": "eu",
+        "auto_migrate": "on",
+        "database_provider": "postgresql",
+        "database_vault_path": "customers/acme",
+    }
+    with_target = admin_client.post(reverse("admin:tenants_tenant_add"), form)
+    assert with_target.status_code == 302, with_target.content.decode()
+    target = MigrationTarget.objects.get(name="acme")
+    assert (target.kind, target.provider, target.region, target.vault_path) == (
+        "dedicated",
+        "postgresql",
+        "eu",
+        "customers/acme",
+    )
+    assert Tenant.objects.get(pk="acme").target == target
+    # Its first migration, queued by the tenant-created signal.
+    assert MigrationRun.objects.get(target=target).trigger == "signal"
+
+    taken = admin_client.post(reverse("admin:tenants_tenant_add"), {**form, "id": "acme"})
+    assert "Tenant with this Tenant id already exists." in taken.content.decode()
+    shared = admin_client.post(
+        reverse("admin:tenants_tenant_add"), {**form, "id": "beta", "strategy": "shared"}
+    )
+    assert "Only for a dedicated or external tenant with no target chosen" in (
+        shared.content.decode()
+    )

@@ -1,0 +1,84 @@
+"""Registering a tenant in the admin, in a real headless Chromium against a live control plane:
+an operator adds a dedicated tenant with its database's provider, and sees its first run (queued
+by the tenant-created signal) carried out by a real worker against a real PostgreSQL database
+whose credentials are in a real OpenBao."""
+
+import time
+
+import pytest
+from django.contrib.auth.models import Permission
+
+from tests.browser import browser, page, screenshot  # noqa: F401 - fixtures
+from tests.dispatch_fixtures import HEAD
+from tests.test_browser import PASSWORD, log_in
+from tests.workers import process_env, qcluster
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.vault,
+    pytest.mark.postgres,
+    pytest.mark.django_db(transaction=True),
+]
+
+
+@pytest.fixture
+def registrar(django_user_model):
+    """A staff user who may add tenants and their databases, and see runs."""
+    user = django_user_model.objects.create_user("registrar", password=PASSWORD, is_staff=True)
+    user.user_permissions.add(
+        *Permission.objects.filter(
+            content_type__app_label="tenants",
+            codename__in=[
+                "add_tenant",
+                "view_tenant",
+                "change_tenant",
+                "add_migrationtarget",
+                "view_migrationtarget",
+                "view_migrationrun",
+            ],
+        )
+    )
+    return user
+
+
+def test_a_tenant_registered_in_the_admin_gets_its_first_run(
+    page,  # noqa: F811
+    live_server,
+    registrar,
+    vault,
+    vault_secret,
+    pg_database,
+    tmp_path,
+):
+    db = pg_database()
+    vault_secret("customers/acme-co", db.secret())
+    base = live_server.url
+
+    with qcluster(process_env(), tmp_path / "qcluster.log"):
+        log_in(page, base, registrar)
+        page.goto(f"{base}/admin/tenants/tenant/add/")
+        page.fill("input[name=id]", "acme-co")
+        page.fill("input[name=name]", "Acme Co")
+        page.select_option("select[name=strategy]", "dedicated")
+        page.select_option("select[name=database_provider]", "postgresql")
+        page.fill("input[name=database_vault_path]", "customers/acme-co")
+        page.click("input[name=_save]")
+        assert "was added successfully" in page.inner_text("ul.messagelist")
+
+        # Its first run: on the runs list, until the worker has carried it out.
+        deadline = time.monotonic() + 120
+        while True:
+            page.goto(f"{base}/admin/tenants/migrationrun/")
+            row = page.locator("#result_list tbody tr", has_text="acme-co")
+            status = row.locator("td.field-status").inner_text() if row.count() else ""
+            if status in ("Succeeded", "Failed"):
+                break
+            assert time.monotonic() < deadline, f"the first run is still {status or 'absent'}"
+            time.sleep(0.5)
+        screenshot(page, "registered-tenant-first-run")
+        assert status == "Succeeded", (tmp_path / "qcluster.log").read_text()
+        assert row.locator("td.field-trigger").inner_text() == "Tenant created"
+
+    page.goto(f"{base}/admin/tenants/tenant/")
+    row = page.locator("#result_list tbody tr", has_text="acme-co")
+    assert row.locator("td.field-revision").inner_text() == HEAD
