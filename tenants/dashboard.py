@@ -47,9 +47,20 @@ def _head():
         return ()
 
 
+def _phase_labels():
+    """{head revision: "expand" or "contract"} for the blue/green branches' heads, or {}."""
+    try:
+        from migrator import phases
+
+        return {revision: label for label, revision in phases.branch_heads().items()}
+    except Exception:  # noqa: BLE001 - the heads alone, as read
+        return {}
+
+
 @staff_member_required
 def fleet_dashboard(request):
     heads = _head()
+    labels = _phase_labels() if len(heads) > 1 else {}
     total = MigrationTarget.objects.count()
 
     by_status = {
@@ -178,6 +189,9 @@ def fleet_dashboard(request):
         "title": "Fleet",
         "total": total,
         "heads": heads,
+        # Each head with the branch it ends: "0005_x (expand)".
+        "heads_named": [f"{h} ({labels[h]})" if h in labels else h for h in heads],
+        "heads_are_phases": len(heads) > 1 and all(h in labels for h in heads),
         "statuses": statuses,
         "revisions": revisions,
         "phase_counts": phase_counts,

@@ -104,3 +104,15 @@ def test_a_dedicated_tenant_added_with_a_provider_brings_its_database(admin_clie
     assert "Only for a dedicated or external tenant with no target chosen" in (
         shared.content.decode()
     )
+
+
+@pytest.mark.django_db
+def test_the_fleet_header_says_which_branch_each_head_ends(admin_client):
+    from migrator import phases
+
+    heads = phases.branch_heads()
+    html = admin_client.get("/admin/fleet/").content.decode()
+    assert (
+        f"heads: <strong>{heads['expand']} (expand), {heads['contract']} (contract)</strong>"
+        " &mdash; the heads of the blue/green expand and contract branches." in html
+    ), html
