@@ -131,8 +131,10 @@ class PostgresFleet:
         and roles leave full of dead rows that autovacuum does not visit (every login reads
         them: 20,000 dead rows in pg_authid after a day of runs here)."""
         with self.connect() as conn:
-            conn.execute("VACUUM pg_catalog.pg_authid, pg_catalog.pg_auth_members, "
-                         "pg_catalog.pg_database, pg_catalog.pg_shdepend")
+            conn.execute(
+                "VACUUM pg_catalog.pg_authid, pg_catalog.pg_auth_members, "
+                "pg_catalog.pg_database, pg_catalog.pg_shdepend"
+            )
             conn.execute("CHECKPOINT")
 
     def create_plain_database(self, name):
@@ -181,12 +183,18 @@ class PostgresFleet:
         from psycopg import sql
 
         with self.connect() as conn:
-            dbs = [r[0] for r in conn.execute(
-                "SELECT datname FROM pg_database WHERE datname LIKE %s", (f"{PREFIX}\\_%",)
-            )]
-            roles = [r[0] for r in conn.execute(
-                "SELECT rolname FROM pg_roles WHERE rolname LIKE %s", (f"{PREFIX}\\_%",)
-            )]
+            dbs = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT datname FROM pg_database WHERE datname LIKE %s", (f"{PREFIX}\\_%",)
+                )
+            ]
+            roles = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT rolname FROM pg_roles WHERE rolname LIKE %s", (f"{PREFIX}\\_%",)
+                )
+            ]
             for name in dbs:
                 conn.execute(
                     sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
@@ -215,8 +223,12 @@ class MySQLFleet:
         import pymysql
 
         return pymysql.connect(
-            host=self.host, port=self.port, user=self.user, password=self.password,
-            autocommit=True, connect_timeout=5,
+            host=self.host,
+            port=self.port,
+            user=self.user,
+            password=self.password,
+            autocommit=True,
+            connect_timeout=5,
         )
 
     def create(self, names, threads=4):
@@ -298,7 +310,11 @@ class Database:
 
         driver = {"postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql"}[self.provider]
         return URL.create(
-            driver, username=self.user, password=self.password, host=self.host, port=self.port,
+            driver,
+            username=self.user,
+            password=self.password,
+            host=self.host,
+            port=self.port,
             database=self.name,
         ).render_as_string(hide_password=False)
 
@@ -334,8 +350,13 @@ class OpenBao:
         import requests
 
         self.process = subprocess.Popen(
-            [self.binary, "server", "-dev", f"-dev-root-token-id={self.token}",
-             f"-dev-listen-address=127.0.0.1:{self.port}"],
+            [
+                self.binary,
+                "server",
+                "-dev",
+                f"-dev-root-token-id={self.token}",
+                f"-dev-listen-address=127.0.0.1:{self.port}",
+            ],
             stdout=open(self.log_path, "wb"),  # noqa: SIM115 - closed with the process
             stderr=subprocess.STDOUT,
             env={**os.environ, "HOME": str(self.log_path.parent), "SKIP_SETCAP": "1"},
@@ -448,7 +469,8 @@ def cpu_snapshot(roots):
     servers = (("postgres", "postgres"), ("mariadb", "mariadbd"), ("redis", "redis-server"))
     for label, name in servers:
         tops = [
-            pid for pid, (ppid, comm, _) in table.items()
+            pid
+            for pid, (ppid, comm, _) in table.items()
             if comm == name and table.get(ppid, (0, ""))[1] != name
         ]
         if tops:
@@ -462,8 +484,7 @@ def cpu_snapshot(roots):
 def cpu_delta(before, after, count):
     """CPU milliseconds per tenant by component between two snapshots."""
     return {
-        label: round((after[label] - before.get(label, 0.0)) * 1000 / count, 2)
-        for label in after
+        label: round((after[label] - before.get(label, 0.0)) * 1000 / count, 2) for label in after
     }
 
 
@@ -508,7 +529,11 @@ class ControlPlane:
     def manage(self, *args, check=True, timeout=None):
         started = time.perf_counter()
         result = subprocess.run(
-            [PYTHON, "manage.py", *args], cwd=ROOT, env=self.env, capture_output=True, text=True,
+            [PYTHON, "manage.py", *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
             timeout=timeout,
         )
         elapsed = time.perf_counter() - started
@@ -522,9 +547,12 @@ class ControlPlane:
     def start_cluster(self, extra_env=None, timeout=60):
         self.cluster_log.write_bytes(b"")  # worker pids are read from this cluster's lines
         self.cluster = subprocess.Popen(
-            [PYTHON, "manage.py", "qcluster"], cwd=ROOT, env={**self.env, **(extra_env or {})},
+            [PYTHON, "manage.py", "qcluster"],
+            cwd=ROOT,
+            env={**self.env, **(extra_env or {})},
             stdout=open(self.cluster_log, "ab"),  # noqa: SIM115 - closed with the process
-            stderr=subprocess.STDOUT, start_new_session=True,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -613,8 +641,12 @@ def _floor_one(args):
         import psycopg
 
         with psycopg.connect(
-            host=db["host"], port=db["port"], user=db["user"], password=db["password"],
-            dbname=db["name"], autocommit=True,
+            host=db["host"],
+            port=db["port"],
+            user=db["user"],
+            password=db["password"],
+            dbname=db["name"],
+            autocommit=True,
         ) as conn:
             for statement in statements:
                 conn.execute(statement)
@@ -622,8 +654,12 @@ def _floor_one(args):
         import pymysql
 
         conn = pymysql.connect(
-            host=db["host"], port=db["port"], user=db["user"], password=db["password"],
-            database=db["name"], autocommit=True,
+            host=db["host"],
+            port=db["port"],
+            user=db["user"],
+            password=db["password"],
+            database=db["name"],
+            autocommit=True,
         )
         try:
             with conn.cursor() as cur:
@@ -656,8 +692,9 @@ def measure_floor(databases, statements, workers, roots):
         pool.map(_warm, range(workers * 2))  # imports done before the clock starts
         cpu_before = cpu_snapshot(roots)
         started = time.perf_counter()
-        durations = pool.map(_floor_one, [(db.as_dict(), statements) for db in databases],
-                             chunksize=1)
+        durations = pool.map(
+            _floor_one, [(db.as_dict(), statements) for db in databases], chunksize=1
+        )
         wall = time.perf_counter() - started
         pool.close()
         pool.join()  # reaped: their CPU time counts under "commands"
@@ -684,9 +721,17 @@ def measure_shell_loop(databases, workers, roots):
         result = subprocess.run(
             # "heads": every branch head, as the product's "head" means for the expand/contract
             # pair (branch-labelled heads); the same as "head" for a linear chain.
-            [str(Path(PYTHON).parent / "alembic"), "-x", f"url={db.sqlalchemy_url()}",
-             "upgrade", "heads"],
-            cwd=ROOT, env=env, capture_output=True, text=True,
+            [
+                str(Path(PYTHON).parent / "alembic"),
+                "-x",
+                f"url={db.sqlalchemy_url()}",
+                "upgrade",
+                "heads",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
         )
         if result.returncode:
             raise RuntimeError(f"alembic failed on {db.name}: {result.stderr[-2000:]}")
@@ -718,7 +763,14 @@ def measure_product(plane, provider, region, expect, count, roots):
     cpu_before = cpu_snapshot(roots)
     started = time.perf_counter()
     result, _ = plane.manage(
-        "migrate_tenants", "--all", "--provider", provider, "--region", region, "--wait", "--json",
+        "migrate_tenants",
+        "--all",
+        "--provider",
+        provider,
+        "--region",
+        region,
+        "--wait",
+        "--json",
         check=False,
     )
     command_wall = time.perf_counter() - started
@@ -769,8 +821,15 @@ def measure_skip_at_head(plane, provider, region, count, roots):
     cpu_before = cpu_snapshot(roots)
     started = time.perf_counter()
     result, _ = plane.manage(
-        "migrate_tenants", "--all", "--provider", provider, "--region", region, "--wait",
-        "--json", "--skip-at-head",
+        "migrate_tenants",
+        "--all",
+        "--provider",
+        provider,
+        "--region",
+        region,
+        "--wait",
+        "--json",
+        "--skip-at-head",
     )
     wall = time.perf_counter() - started
     statuses = {}
@@ -854,9 +913,11 @@ def measure_memory(plane, runs, region, profile_path=None):
     if profile_path:
         env["BENCH_PROFILE"] = str(profile_path)
     result = subprocess.run(
-        [PYTHON, str(Path(__file__).resolve()), "_memory", "--runs", str(runs), "--region",
-         region],
-        cwd=ROOT, env=env, capture_output=True, text=True,
+        [PYTHON, str(Path(__file__).resolve()), "_memory", "--runs", str(runs), "--region", region],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     if result.returncode:
         raise RuntimeError(f"memory phase failed:\n{result.stderr[-3000:]}")
@@ -893,8 +954,10 @@ class Bench:
 
     def run(self):
         o = self.options
-        log(f"Work directory {self.workdir}; N={o.tenants}, W={o.workers}, "
-            f"control db {o.control_db}, broker {o.broker}")
+        log(
+            f"Work directory {self.workdir}; N={o.tenants}, W={o.workers}, "
+            f"control db {o.control_db}, broker {o.broker}"
+        )
         self.vault = OpenBao(self.workdir).start()
         variants = self.variants()
         if o.control_db == "postgres":
@@ -905,7 +968,10 @@ class Bench:
             database_url = f"sqlite:///{self.workdir / 'controlplane.sqlite3'}"
         broker_url = o.redis_url if o.broker == "redis" else None
         self.plane = ControlPlane(
-            self.workdir, self.vault, workers=o.workers, database_url=database_url,
+            self.workdir,
+            self.vault,
+            workers=o.workers,
+            database_url=database_url,
             broker_url=broker_url,
         )
         log("Migrating the control-plane database ...")
@@ -923,16 +989,19 @@ class Bench:
         memory_targets = None
         for variant, extra_env in variants.items():
             region = self.region(variant)
-            fleets = {provider: self.fresh(provider, VARIANT_CODES[variant]) for provider in
-                      self.servers}
+            fleets = {
+                provider: self.fresh(provider, VARIANT_CODES[variant]) for provider in self.servers
+            }
             self.register(fleets, region)
             log(f"Starting qcluster with {o.workers} workers ({variant}) ...")
             pids = self.plane.start_cluster(extra_env)
             memory_start = {pid: proc_memory(pid) for pid in pids}
             for provider in self.servers:
                 result = self.results[provider]
-                log(f"[{provider}] {variant}: migrate_tenants --all --region {region} --wait "
-                    f"on {o.tenants} targets ...")
+                log(
+                    f"[{provider}] {variant}: migrate_tenants --all --region {region} --wait "
+                    f"on {o.tenants} targets ..."
+                )
                 self.quiesce()
                 result[variant] = measure_product(
                     self.plane, provider, region, "succeeded", o.tenants, self.roots()
@@ -973,8 +1042,10 @@ class Bench:
             if not sample:
                 continue
             shell = self.fresh(provider, "s", sample)
-            log(f"[{provider}] shell loop: alembic upgrade heads, one process per tenant, "
-                f"{sample} tenants, {o.workers} at a time ...")
+            log(
+                f"[{provider}] shell loop: alembic upgrade heads, one process per tenant, "
+                f"{sample} tenants, {o.workers} at a time ..."
+            )
             self.quiesce()
             self.results[provider]["shell"] = measure_shell_loop(shell, o.workers, self.roots())
             log(f"  {self.results[provider]['shell']['latency_ms']['mean']:.0f} ms per process")
@@ -985,8 +1056,10 @@ class Bench:
             self.results["memory"] = measure_memory(
                 self.plane, o.memory_runs, memory_targets[0], o.profile
             )
-            log(f"  RSS {self.results['memory']['warm_rss_kb']} kB after 10 runs, "
-                f"{self.results['memory']['end_rss_kb']} kB after {o.memory_runs}")
+            log(
+                f"  RSS {self.results['memory']['warm_rss_kb']} kB after 10 runs, "
+                f"{self.results['memory']['end_rss_kb']} kB after {o.memory_runs}"
+            )
         self.report()
 
     def measure_floors(self, statements):
@@ -998,8 +1071,10 @@ class Bench:
             result = self.results.setdefault(provider, {})
             runs = result.setdefault("floor_runs", [])
             floor = self.fresh(provider, f"f{len(runs)}")
-            log(f"[{provider}] floor #{len(runs) + 1}: {len(statements[provider])} statements on "
-                f"{o.tenants} databases, {o.workers} processes ...")
+            log(
+                f"[{provider}] floor #{len(runs) + 1}: {len(statements[provider])} statements on "
+                f"{o.tenants} databases, {o.workers} processes ..."
+            )
             self.quiesce()
             runs.append(measure_floor(floor, statements[provider], o.workers, self.roots()))
             log(f"  {runs[-1]['ms_per_tenant']:.1f} ms/tenant")
@@ -1083,9 +1158,15 @@ class Bench:
             for db in dbs:
                 path = db.name.replace("_", "-")
                 secrets_by_path[path] = db.secret()
-                targets.append(MigrationTarget(
-                    name=path, kind="dedicated", provider=provider, vault_path=path, region=region
-                ))
+                targets.append(
+                    MigrationTarget(
+                        name=path,
+                        kind="dedicated",
+                        provider=provider,
+                        vault_path=path,
+                        region=region,
+                    )
+                )
         log(f"Writing {len(secrets_by_path)} secrets to OpenBao and registering the targets ...")
         self.vault.write(secrets_by_path)
         MigrationTarget.objects.bulk_create(targets, batch_size=500)
@@ -1115,11 +1196,9 @@ class Bench:
             ("product", "product: migrate_tenants --wait", "task_ms", "floor"),
             ("product_noverify", "  the same, VERIFY_AFTER_UPGRADE=false", "task_ms", "floor"),
             ("shell", "shell loop: alembic CLI per tenant", "latency_ms", "floor"),
-            ("noop_floor", "no-op floor: connect, read version (mean)", "latency_ms",
-             "noop_floor"),
+            ("noop_floor", "no-op floor: connect, read version (mean)", "latency_ms", "noop_floor"),
             ("noop", "no-op pass: product, all at head", "task_ms", "noop_floor"),
-            ("noop_recorded", "  the same, --skip-at-head (no read)", "command_ms",
-             "noop_floor"),
+            ("noop_recorded", "  the same, --skip-at-head (no read)", "command_ms", "noop_floor"),
         )
         for provider in self.servers:
             r = self.results.get(provider, {})
@@ -1128,31 +1207,41 @@ class Bench:
                     continue
                 m = r[key]
                 floor = m.get("floor_ms_per_tenant") or r.get(versus, {}).get("ms_per_tenant")
-                rows.append((
-                    f"{provider} {label}",
-                    str(m["tenants"]),
-                    f"{m['wall_s']:.2f}" if m["wall_s"] is not None else "",
-                    f"{m['ms_per_tenant']:.2f}",
-                    f"{m['ms_per_tenant'] / floor:.2f}" if floor else "",
-                    f"{m[latency].get('p50', 0):.1f}",
-                ))
+                rows.append(
+                    (
+                        f"{provider} {label}",
+                        str(m["tenants"]),
+                        f"{m['wall_s']:.2f}" if m["wall_s"] is not None else "",
+                        f"{m['ms_per_tenant']:.2f}",
+                        f"{m['ms_per_tenant'] / floor:.2f}" if floor else "",
+                        f"{m[latency].get('p50', 0):.1f}",
+                    )
+                )
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         print()
-        print(f"Fleet benchmark: N={o.tenants}, W={o.workers}, control db {o.control_db}, "
-              f"broker {o.broker}; {machine['cpus']} CPUs, {machine['memory_gib']} GiB")
+        print(
+            f"Fleet benchmark: N={o.tenants}, W={o.workers}, control db {o.control_db}, "
+            f"broker {o.broker}; {machine['cpus']} CPUs, {machine['memory_gib']} GiB"
+        )
         for row in rows:
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-        print("(x FLOOR: each product row against the mean of the floors measured right before "
-              "and after it, the no-op rows likewise against the no-op floors; wall: from the "
-              "first run queued to the last recorded)")
+        print(
+            "(x FLOOR: each product row against the mean of the floors measured right before "
+            "and after it, the no-op rows likewise against the no-op floors; wall: from the "
+            "first run queued to the last recorded)"
+        )
         for provider in self.servers:
             r = self.results.get(provider, {})
             floors = ", ".join(f"{m['ms_per_tenant']:.1f}" for m in r.get("floor_runs", []))
             noops = ", ".join(f"{m['ms_per_tenant']:.2f}" for m in r.get("noop_floor_runs", []))
-            print(f"{provider} floors in the order measured: {floors} ms/tenant; no-op floors: "
-                  f"{noops}")
-        print("\nCPU ms per tenant, by process tree (commands: manage.py, pool and alembic "
-              "processes that finished; qcluster.*: parts of qcluster)")
+            print(
+                f"{provider} floors in the order measured: {floors} ms/tenant; no-op floors: "
+                f"{noops}"
+            )
+        print(
+            "\nCPU ms per tenant, by process tree (commands: manage.py, pool and alembic "
+            "processes that finished; qcluster.*: parts of qcluster)"
+        )
         for provider in self.servers:
             for key, *_ in phases:
                 cpu = self.results.get(provider, {}).get(key, {}).get("cpu_ms_per_tenant")
@@ -1168,9 +1257,11 @@ class Bench:
                 print(f"  {pid}  {start['rss_kb']}/{start['hwm_kb']} -> {after}")
         if "memory" in self.results:
             m = self.results["memory"]
-            print(f"\nOne process, {m['runs']} consecutive migrations ({m['ms_per_run']} ms each): "
-                  f"RSS {m['warm_rss_kb']} kB after 10 -> {m['end_rss_kb']} kB "
-                  f"({m['growth_pct']:+.1f}%)")
+            print(
+                f"\nOne process, {m['runs']} consecutive migrations ({m['ms_per_run']} ms each): "
+                f"RSS {m['warm_rss_kb']} kB after 10 -> {m['end_rss_kb']} kB "
+                f"({m['growth_pct']:+.1f}%)"
+            )
         RESULTS.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         name = f"fleet-{stamp}-n{o.tenants}-w{o.workers}-{o.control_db}-{o.broker}.json"
@@ -1191,8 +1282,10 @@ class Bench:
             try:
                 server.drop_all()
             except Exception as exc:  # noqa: BLE001 - keep cleaning the rest
-                log(f"  could not drop every {server.provider} database: {exc}; "
-                    "run `python bench/fleet.py --cleanup`")
+                log(
+                    f"  could not drop every {server.provider} database: {exc}; "
+                    "run `python bench/fleet.py --cleanup`"
+                )
         if self.vault is not None:
             self.vault.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -1201,7 +1294,10 @@ class Bench:
 def git_describe():
     try:
         return subprocess.run(
-            ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True,
+            ["git", "describe", "--always", "--dirty"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
             timeout=10,
         ).stdout.strip()
     except OSError:
@@ -1212,31 +1308,59 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", "--tenants", type=int, default=200, help="tenant databases (200)")
     parser.add_argument("-w", "--workers", type=int, default=4, help="parallelism W (4)")
-    parser.add_argument("--sample", type=int, default=20,
-                        help="tenants of the shell-loop baseline (20; 0 skips it)")
+    parser.add_argument(
+        "--sample", type=int, default=20, help="tenants of the shell-loop baseline (20; 0 skips it)"
+    )
     parser.add_argument("--mysql", action="store_true", help="also a MariaDB/MySQL fleet")
-    parser.add_argument("--control-db", choices=("sqlite", "postgres"), default="sqlite",
-                        help="the control plane's own database (sqlite)")
-    parser.add_argument("--broker", choices=("orm", "redis"), default="orm",
-                        help="django-q2 broker: the control-plane database (orm) or Redis")
-    parser.add_argument("--verify", choices=("both", "on", "off"), default="both",
-                        help="product runs with the schema verification after each upgrade "
-                        "(on: the default settings), without it (off), or both (fresh databases "
-                        "for each)")
-    parser.add_argument("--memory-runs", type=int, default=1000,
-                        help="consecutive migrations in one process for the memory check "
-                        "(1000; 0 skips it)")
-    parser.add_argument("--profile", metavar="FILE",
-                        help="cProfile the memory phase's run_migration calls into FILE")
+    parser.add_argument(
+        "--control-db",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="the control plane's own database (sqlite)",
+    )
+    parser.add_argument(
+        "--broker",
+        choices=("orm", "redis"),
+        default="orm",
+        help="django-q2 broker: the control-plane database (orm) or Redis",
+    )
+    parser.add_argument(
+        "--verify",
+        choices=("both", "on", "off"),
+        default="both",
+        help="product runs with the schema verification after each upgrade "
+        "(on: the default settings), without it (off), or both (fresh databases "
+        "for each)",
+    )
+    parser.add_argument(
+        "--memory-runs",
+        type=int,
+        default=1000,
+        help="consecutive migrations in one process for the memory check (1000; 0 skips it)",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="cProfile the memory phase's run_migration calls into FILE",
+    )
     parser.add_argument("--output", metavar="NAME", help="file name under bench/results/")
-    parser.add_argument("--postgres-url", default=os.environ.get(
-        "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
-    parser.add_argument("--mysql-url", default=os.environ.get(
-        "TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/mysql"))
-    parser.add_argument("--redis-url", default=os.environ.get(
-        "BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"))
-    parser.add_argument("--cleanup", action="store_true",
-                        help="only drop what an earlier, killed run left behind, then exit")
+    parser.add_argument(
+        "--postgres-url",
+        default=os.environ.get(
+            "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+        ),
+    )
+    parser.add_argument(
+        "--mysql-url", default=os.environ.get("TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/mysql")
+    )
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+    )
+    parser.add_argument(
+        "--cleanup",
+        action="store_true",
+        help="only drop what an earlier, killed run left behind, then exit",
+    )
     return parser.parse_args(argv)
 
 

@@ -279,6 +279,15 @@ METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 # The longest one migration task may run; the queue's timeout and retry follow from it.
 MIGRATION_TASK_TIMEOUT = env.int("MIGRATION_TASK_TIMEOUT", default=3600)
 
+# Rollouts (docs/rollouts.md): at most this many migrations at a time on one database server
+# (host:port from the targets' secrets; 0: no cap; a rollout may set its own), and a webhook told
+# when a rollout halts, completes or is aborted (a JSON body with a Slack-compatible "text"),
+# tried ROLLOUT_WEBHOOK_ATTEMPTS times with a doubling pause.
+ROLLOUT_PER_SERVER_CONCURRENCY = env.int("ROLLOUT_PER_SERVER_CONCURRENCY", default=0)
+ROLLOUT_WEBHOOK_URL = env.str("ROLLOUT_WEBHOOK_URL", default="")
+ROLLOUT_WEBHOOK_ATTEMPTS = env.int("ROLLOUT_WEBHOOK_ATTEMPTS", default=4)
+ROLLOUT_WEBHOOK_BACKOFF_SECONDS = env.float("ROLLOUT_WEBHOOK_BACKOFF_SECONDS", default=1.0)
+
 # --- django-q2: ORM broker by default, Redis when REDIS_URL is set ---------------------------
 REDIS_URL = env.str("REDIS_URL", default="")
 Q_WORKERS = env.int("Q_WORKERS", default=2)

@@ -69,6 +69,7 @@ def run_migration(run_id):
         )
         if error.retryable:
             _until_recorded(run, actions.do_schedule_retry, run)
+    _advance_rollout(run)
     return {"run": run_id, "target": run.target.name, "status": run.status}
 
 
@@ -104,6 +105,19 @@ def _until_recorded(run, action, *args, **kwargs):
             )
             time.sleep(min(pause, left))
             pause = min(pause * 2, 10)
+
+
+def _advance_rollout(run):
+    """Step the run's rollout on (``tenants.rollouts.advance_after_run``; nothing for a run of
+    no rollout). A failure here is the recovery loop's to retry: the run is recorded."""
+    if run.rollout_id is None:
+        return
+    from tenants import rollouts
+
+    try:
+        rollouts.advance_after_run(run)
+    except Exception:  # noqa: BLE001 - the qcluster's loop steps it again
+        logger.exception("Could not advance rollout %s after run %s", run.rollout_id, run.pk)
 
 
 class _UnexpectedError(MigratorError):
@@ -263,6 +277,7 @@ def migrate(record, *, kind="upgrade", revision="head", run=None):
     connection = secrets.migration_credentials(
         record.effective_vault_path, provider=record.provider, fresh=True
     )
+    _record_server(record, connection)
     try:
         return _migrate(Target(record.name, connection), record, kind, revision, run)
     except DatabaseAuthFailed:
@@ -306,6 +321,31 @@ def _recorded_behind(record, revision):
     if revision not in ("head", "heads"):
         return False
     return target_status_for(record.revision, runner.heads()) != TargetStatus.UP_TO_DATE
+
+
+def _record_server(record, connection):
+    """Note on the record which server the secret names (rollouts cap runs per server)."""
+    from tenants.actions import do_record_server
+
+    if connection.host:
+        try:
+            do_record_server(record, f"{connection.host}:{connection.port or ''}".rstrip(":"))
+        except Exception:  # noqa: BLE001 - a note for scheduling; the run goes on
+            logger.warning("Could not record the server of %s", record.name, exc_info=True)
+
+
+def server_of(record):
+    """``host:port`` of the database server ``record``'s secret names (cached read), or "" when
+    it cannot be read or names no host (SQLite)."""
+    try:
+        connection = get_secrets_manager().migration_credentials(
+            record.effective_vault_path, provider=record.provider
+        )
+    except MigratorError:
+        return ""
+    if not connection.host:
+        return ""
+    return f"{connection.host}:{connection.port or ''}".rstrip(":")
 
 
 def read_revision(record):

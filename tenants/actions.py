@@ -98,6 +98,7 @@ def do_enqueue_runs(
     batch=None,
     enqueue=True,
     phase="",
+    rollout=None,
 ):
     """Create one queued run per target and hand each to the task queue after commit.
 
@@ -139,6 +140,7 @@ def do_enqueue_runs(
             requested_revision=revision,
             batch=batch,
             phase=phase,
+            rollout=rollout,
         )
         for (position, target), (run, created) in zip(wanted, runs, strict=True):
             dispatches[position] = Dispatch(target, run, created, "", kind, revision)
@@ -156,10 +158,11 @@ def do_enqueue_runs(
     return dispatches
 
 
-def do_enqueue_plan(rows, *, trigger, acting_user=None, enqueue=True, batch=None):
+def do_enqueue_plan(rows, *, trigger, acting_user=None, enqueue=True, batch=None, rollout=None):
     """Queue the accepted rows of a plan (``tenants.planning.plan``), each as it was shown: its
-    kind, its destination, its phase; all in one batch. Returns one ``Dispatch`` per accepted
-    row, in order; rows refused or left out by the planner get none.
+    kind, its destination, its phase; all in one batch (runs of ``rollout``, when a rollout
+    queues them). Returns one ``Dispatch`` per accepted row, in order; rows refused or left out
+    by the planner get none.
     """
     batch = batch or uuid.uuid4()
     accepted = [row for row in rows if row.accepted]
@@ -179,6 +182,7 @@ def do_enqueue_plan(rows, *, trigger, acting_user=None, enqueue=True, batch=None
                 phase=phase,
                 batch=batch,
                 enqueue=enqueue,
+                rollout=rollout,
             )
             for position, dispatch in zip(positions, found, strict=True):
                 dispatches[position] = dispatch
@@ -685,6 +689,14 @@ def bounded_error(message):
     return message[: ERROR_LIMIT - len(cut)] + cut
 
 
+def do_record_server(target, server):
+    """Record ``server`` (``host:port`` read from the target's secret) on ``target`` when it
+    changed: the per-server cap of rollouts counts by it."""
+    if target.server != server:
+        MigrationTarget.objects.filter(pk=target.pk).update(server=server)
+        target.server = server
+
+
 def do_heartbeat(run_id):
     """Mark a running run as alive; False when it is not running any more (recovered, cancelled)."""
     return bool(
@@ -847,6 +859,7 @@ def do_schedule_retry(run, *, at_once=False):
             requested_revision=run.requested_revision,
             batch=run.batch,
             phase=run.phase,
+            rollout_id=run.rollout_id,
             attempt=run.attempt + 1,
             not_before=None if at_once else timezone.now() + timedelta(seconds=delay),
         )

@@ -117,6 +117,39 @@ class MigrationTarget(models.Model):
         blank=True,
         help_text="A decommissioned (retired) target gets no more runs; its history is kept.",
     )
+    canary = models.BooleanField(
+        default=False,
+        help_text="A canary goes first in a rollout (docs/rollouts.md): the first wave is made of "
+        "canaries before any other target.",
+    )
+    server = models.CharField(
+        max_length=255,
+        blank=True,
+        help_text="host:port of the database server, as last read from the target's secret: "
+        "a rollout runs at most ROLLOUT_PER_SERVER_CONCURRENCY migrations at a time on one server.",
+    )
+    window_days = models.CharField(
+        "maintenance window days",
+        max_length=64,
+        blank=True,
+        help_text="Days of a weekly maintenance window, e.g. 'sat,sun' or 'mon-fri' (empty: "
+        "any time). A rollout waits for the window instead of migrating outside it.",
+    )
+    window_start = models.TimeField(
+        "maintenance window start", null=True, blank=True, help_text="Local time, e.g. 02:00."
+    )
+    window_end = models.TimeField(
+        "maintenance window end",
+        null=True,
+        blank=True,
+        help_text="Local time; before the start means the window ends the next day.",
+    )
+    window_timezone = models.CharField(
+        "maintenance window time zone",
+        max_length=64,
+        blank=True,
+        help_text="IANA name, e.g. Europe/Paris (empty: UTC).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -358,6 +391,14 @@ class MigrationRun(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    rollout = models.ForeignKey(
+        "Rollout",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="runs",
+        help_text="The rollout that queued this run (docs/rollouts.md).",
+    )
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -426,3 +467,84 @@ class MigrationRun(models.Model):
             "worker_cluster": self.worker_cluster or None,
             "drift_report": self.drift_report or None,
         }
+
+
+class RolloutStatus(models.TextChoices):
+    PLANNED = "planned", "Planned"
+    RUNNING = "running", "Running"
+    BAKING = "baking", "Baking"
+    HALTED = "halted", "Halted"
+    COMPLETED = "completed", "Completed"
+    ABORTED = "aborted", "Aborted"
+
+
+ACTIVE_ROLLOUT_STATUSES = (RolloutStatus.PLANNED, RolloutStatus.RUNNING, RolloutStatus.BAKING)
+FINISHED_ROLLOUT_STATUSES = (RolloutStatus.COMPLETED, RolloutStatus.ABORTED)
+
+
+class Rollout(models.Model):
+    """A recorded, resumable plan that takes a selection of targets to a revision in waves,
+    halting when its failure budget is spent (docs/rollouts.md). ``tenants.rollouts`` moves it."""
+
+    revision = models.CharField(max_length=64, default="head")
+    selection = models.JSONField(
+        default=dict, blank=True, help_text="What was selected, as it was asked."
+    )
+    waves_spec = models.CharField(
+        max_length=200, help_text="As given: counts or cumulative percentages, e.g. 1,10%,50%,100%"
+    )
+    waves = models.JSONField(
+        default=list, help_text="The targets of each wave, in order: lists of target ids."
+    )
+    max_failures = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Halt when more targets than this fail (0: the first)."
+    )
+    max_failure_rate = models.FloatField(
+        null=True,
+        blank=True,
+        help_text="Halt when more than this percentage of the targets sent so far failed.",
+    )
+    bake_seconds = models.PositiveIntegerField(
+        default=0, help_text="How long each finished wave is watched before the next starts."
+    )
+    per_server_concurrency = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="At most this many migrations at a time on one database server "
+        "(empty: ROLLOUT_PER_SERVER_CONCURRENCY).",
+    )
+    status = models.CharField(
+        max_length=16, choices=RolloutStatus.choices, default=RolloutStatus.PLANNED
+    )
+    current_wave = models.PositiveIntegerField(default=0, help_text="0-based index in waves.")
+    bake_until = models.DateTimeField(null=True, blank=True)
+    # Runs up to this id that failed were before the last resume: their targets go again, and
+    # their failures no longer count against the budget.
+    resumed_after_run = models.PositiveBigIntegerField(default=0)
+    note = models.TextField(blank=True, help_text="Why it halted, and what to do.")
+    # Targets that got no run when their wave started: {target id: {"state", "reason"}}, state
+    # "skipped" (held, decommissioned) or "refused" (the planner refused it: counts as a failure).
+    notes = models.JSONField(default=dict, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    trigger = models.CharField(max_length=16, choices=Trigger.choices, default=Trigger.COMMAND)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["status"])]
+
+    def __str__(self):
+        return f"rollout #{self.pk}"
+
+    @property
+    def is_active(self):
+        return self.status in ACTIVE_ROLLOUT_STATUSES
+
+    @property
+    def target_ids(self):
+        return [target_id for wave in self.waves for target_id in wave]

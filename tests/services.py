@@ -160,7 +160,9 @@ class PostgresServer:
         ).fetchone()
         if not exists:
             try:
-                conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(PASSWORD_CHECKED_GROUP)))
+                conn.execute(
+                    sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(PASSWORD_CHECKED_GROUP))
+                )
             except Exception:  # noqa: BLE001 - created concurrently by another test process
                 pass
 

@@ -243,9 +243,9 @@ def test_dashboard_shows_where_the_fleet_stands_on_each_phase(
     target_factory(revision="x003_contract_drop_display_name")
     text = admin_client.get(reverse("fleet-dashboard")).content.decode()
     section = text.split('id="fleet-phases"')[1].split("</table>")[0]
-    assert "Before expand</td><td class=\"fleet-num\">1" in section
-    assert "Expanded</td><td class=\"fleet-num\">2" in section
-    assert "Contracted</td><td class=\"fleet-num\">1" in section
+    assert 'Before expand</td><td class="fleet-num">1' in section
+    assert 'Expanded</td><td class="fleet-num">2' in section
+    assert 'Contracted</td><td class="fleet-num">1' in section
 
 
 def test_the_example_pair_in_tenant_migrations(registered_tenant):

@@ -229,8 +229,11 @@ def test_app_role_that_cannot_log_in_or_is_gone_is_reported_after_an_upgrade(reg
     for each in (tenant, gone):
         grant_app_everything_to_come(each.database)
     execute(tenant.database, f'ALTER ROLE "{tenant.database.app_username}" NOLOGIN')
-    execute(gone.database, f'DROP OWNED BY "{gone.database.app_username}"',
-            f'DROP ROLE "{gone.database.app_username}"')
+    execute(
+        gone.database,
+        f'DROP OWNED BY "{gone.database.app_username}"',
+        f'DROP ROLE "{gone.database.app_username}"',
+    )
 
     run = migrate_once(tenant.target)
     name = tenant.database.app_username

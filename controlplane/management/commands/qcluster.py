@@ -11,7 +11,8 @@ django-q2's own command has three problems this one removes (issue 17):
   broker, the workers finish their runs, and the process exits.
 * The stale-run recovery was a django-q2 schedule, queued behind the migrations it should watch
   over: it waited as long as they ran. Here the main process, idle while the cluster runs,
-  recovers the runs of this cluster's regions itself every ``RUN_HEARTBEAT_SECONDS``.
+  recovers the runs of this cluster's regions itself every ``RUN_HEARTBEAT_SECONDS``, and steps
+  the rollouts in progress on (``tenants.rollouts.advance_active``).
 * A worker that died without recording anything (``os._exit()``, a segfault, SIGKILL) left its
   run silent until its heartbeats were missed. The sentinel knows how each worker ended: it
   writes that on the worker's running run and marks it silent, so the next recovery closes it
@@ -195,7 +196,7 @@ def recover_here():
     from django.conf import settings
 
     from migrator.tasks import recover_stale_runs
-    from tenants import routing
+    from tenants import rollouts, routing
 
     regions = None
     if settings.REGION_CLUSTERS:
@@ -206,6 +207,11 @@ def recover_here():
             logger.warning("%s", line)
     except Exception:  # noqa: BLE001 - the next pass tries again
         logger.exception("Recovery failed")
+    try:
+        # Rollouts move on here too: bake times end and windows open without a run finishing.
+        rollouts.advance_active()
+    except Exception:  # noqa: BLE001 - the next pass tries again
+        logger.exception("Advancing rollouts failed")
     finally:
         connections.close_all()
 

@@ -155,6 +155,39 @@ class Command(BaseCommand):
             help="cancel the queued runs of the selected targets instead of migrating (a running "
             "run cannot be cancelled)",
         )
+        staged = parser.add_argument_group("rollout in waves (docs/rollouts.md)")
+        staged.add_argument(
+            "--waves",
+            metavar="SPEC",
+            help="start a rollout: counts or cumulative percentages, e.g. 1,10%%,50%%,100%% "
+            "(canaries first, each wave spread over regions and providers); prints its id",
+        )
+        staged.add_argument(
+            "--max-failures",
+            type=int,
+            metavar="N",
+            help="halt the rollout when more than N targets fail (0: the first failure; the "
+            "default when no budget is given)",
+        )
+        staged.add_argument(
+            "--max-failure-rate",
+            metavar="P%%",
+            help="halt the rollout when more than P%% of the targets sent so far failed",
+        )
+        staged.add_argument(
+            "--bake",
+            type=int,
+            default=0,
+            metavar="SECONDS",
+            help="watch each finished wave this long before the next starts",
+        )
+        staged.add_argument(
+            "--per-server",
+            type=int,
+            metavar="K",
+            help="at most K migrations at a time on one database server (default: "
+            "ROLLOUT_PER_SERVER_CONCURRENCY)",
+        )
         how.add_argument(
             "--as-user",
             metavar="USERNAME",
@@ -181,6 +214,8 @@ class Command(BaseCommand):
             self.stderr.write("No target matches.")
             return
         intent = self._intent(options)
+        if options["waves"] is not None:
+            return self._start_rollout(targets, intent, options, user)
         rows = planning.plan(
             targets, intent, live=options["dry_run"] or options["undo_last"], sql=options["dry_run"]
         )
@@ -235,12 +270,96 @@ class Command(BaseCommand):
                 "or --undo-last).",
                 returncode=EXIT_USAGE,
             )
+        self._check_rollout_usage(options)
         if not self._scoped(options) and not options["recover"]:
             raise CommandError(
                 "Say which targets: --all, --shared, --tenant ID, --target NAME, --strategy, "
                 "--failed, --provider or --region.",
                 returncode=EXIT_USAGE,
             )
+
+    def _check_rollout_usage(self, options):
+        staged = [
+            flag
+            for flag, given in (
+                ("--max-failures", options["max_failures"] is not None),
+                ("--max-failure-rate", options["max_failure_rate"] is not None),
+                ("--bake", options["bake"]),
+                ("--per-server", options["per_server"] is not None),
+            )
+            if given
+        ]
+        if options["waves"] is None:
+            if staged:
+                raise CommandError(
+                    f"{', '.join(staged)} belong to a rollout: add --waves, e.g. "
+                    "--waves 1,10%,100%.",
+                    returncode=EXIT_USAGE,
+                )
+            return
+        clashing = [
+            flag
+            for flag in ("phase", "undo_last", "sync", "cancel", "verify", "skip_at_head")
+            if options[flag]
+        ]
+        if clashing:
+            raise CommandError(
+                "--waves starts a rollout of an upgrade through the workers; it does not go "
+                f"with --{clashing[0].replace('_', '-')}.",
+                returncode=EXIT_USAGE,
+            )
+        for flag in ("max_failures", "bake", "per_server"):
+            if (options[flag] or 0) < 0:
+                raise CommandError(
+                    f"--{flag.replace('_', '-')} must be 0 or more.", returncode=EXIT_USAGE
+                )
+        if options["max_failure_rate"] is not None:
+            options["max_failure_rate"] = _percentage(options["max_failure_rate"])
+
+    def _start_rollout(self, targets, intent, options, user):
+        """``--waves``: plan the rollout, show its order, record it and queue its first wave
+        (``tenants.rollouts``); with ``--wait`` follow it to its end (exit 0 completed, 1
+        halted)."""
+        from tenants import rollouts
+        from tenants.management.commands.rollout import exit_code, wait_for
+
+        intent = planning.Intent.upgrade(intent.revision, allow_downgrade=False)
+        try:
+            staged = rollouts.plan_rollout(targets, intent, options["waves"])
+        except rollouts.WavesError as exc:
+            raise CommandError(str(exc), returncode=EXIT_USAGE) from None
+        if options["dry_run"]:
+            if options["json"]:
+                self.stdout.write(json.dumps(staged.as_dict(), indent=2))
+            else:
+                self.stdout.write(staged.table())
+                self.stdout.write("\nPreview: nothing was run.")
+            return
+        self.stderr.write(staged.table())
+        if not staged.size:
+            self.stderr.write("Nothing to roll out: no target can go there.")
+            sys.exit(EXIT_FAILED)
+        selection = {k: options[k] for k in self.SCOPES if options[k]}
+        rollout = rollouts.do_start_rollout(
+            staged,
+            trigger=Trigger.COMMAND,
+            acting_user=user,
+            selection=selection,
+            max_failures=options["max_failures"],
+            max_failure_rate=options["max_failure_rate"],
+            bake_seconds=options["bake"],
+            per_server_concurrency=options["per_server"],
+        )
+        self.stdout.write(
+            f"Rollout #{rollout.pk} started: {staged.size} target(s) in {len(staged.waves)} "
+            f"wave(s) to {rollout.revision}. Follow it with `manage.py rollout show {rollout.pk}`."
+        )
+        if options["wait"]:
+            rollout = wait_for(rollout, self.stderr, timeout=options["timeout"])
+            self.stdout.write(rollouts.show_text(rollout))
+            code = exit_code(rollout)
+            if code:
+                sys.exit(code)
 
     def _intent(self, options):
         if options["phase"]:
@@ -496,6 +615,20 @@ class Command(BaseCommand):
                     self.stderr.write(
                         f"{run.target.name}: {run.status}: {run.error or run.reason}".rstrip()
                     )
+
+
+def _percentage(text):
+    """``10%`` or ``10`` as 10.0; a usage error otherwise."""
+    try:
+        value = float(str(text).strip().rstrip("%"))
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 100:
+        raise CommandError(
+            f"--max-failure-rate {text!r}: give a percentage from 0% to 100%, e.g. 10%.",
+            returncode=EXIT_USAGE,
+        )
+    return value
 
 
 def _not_queued_as_dict(row):

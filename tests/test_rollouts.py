@@ -1,0 +1,417 @@
+"""Rollouts (issue 21): waves, a failure budget, a per-server cap, maintenance windows, resume,
+abort and the webhook, on real PostgreSQL and MariaDB fleets, real OpenBao and real ``qcluster``
+processes. docs/rollouts.md describes what each shows."""
+
+import http.server
+import io
+import json
+import threading
+from contextlib import contextmanager
+from datetime import UTC, datetime, time, timedelta
+
+import pytest
+from django.core.management import call_command
+
+from migrator import runner
+from tenants import rollouts
+from tenants.models import MigrationRun, MigrationTarget, Rollout
+from tests.test_dispatch import api_tokens  # noqa: F401 - a fixture
+from tests.test_reliability import FIXTURES
+from tests.workers import ROOT, manage, process_env, qcluster
+
+pytestmark = [pytest.mark.django_db]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_runner():
+    runner.reset()
+    yield
+    runner.reset()
+
+
+def command(*args):
+    """``manage.py`` in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        call_command(*args, stdout=out, stderr=err)
+    except SystemExit as exc:
+        return exc.code, out.getvalue(), err.getvalue()
+    except Exception as exc:  # CommandError: what manage.py prints, and its code
+        return getattr(exc, "returncode", 1), out.getvalue(), err.getvalue() + str(exc)
+    return 0, out.getvalue(), err.getvalue()
+
+
+class Webhook:
+    """A local HTTP server that records the JSON bodies POSTed to it; the first ``fail_first``
+    requests get a 500."""
+
+    def __init__(self, fail_first=0):
+        self.bodies, self.answers = [], []
+        self.fail_first = fail_first
+        hook = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                status = 500 if len(hook.answers) < hook.fail_first else 200
+                hook.answers.append(status)
+                if status == 200:
+                    hook.bodies.append(body)
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/rollouts"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@contextmanager
+def webhook(settings, fail_first=0):
+    hook = Webhook(fail_first)
+    settings.ROLLOUT_WEBHOOK_URL = hook.url
+    settings.ROLLOUT_WEBHOOK_BACKOFF_SECONDS = 0.05
+    try:
+        yield hook
+    finally:
+        hook.close()
+
+
+# --- waves and their order ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec, total, sizes",
+    [
+        ("1,10%,50%,100%", 20, [1, 2, 10, 20]),
+        ("1,10%,50%,100%", 5, [1, 3, 5]),  # 10% of 5 is 1: no empty wave
+        ("2,5", 10, [2, 5, 10]),  # the rest is one more wave
+        ("100%", 3, [3]),
+    ],
+)
+def test_waves_are_cumulative_counts_or_percentages(spec, total, sizes):
+    assert rollouts.parse_waves(spec, total) == sizes
+
+
+@pytest.mark.parametrize("spec", ["", "1,,2", "0", "5,2", "abc", "150%"])
+def test_bad_waves_are_a_usage_error(target_factory, spec):
+    target_factory()
+    code, out, err = command("migrate_tenants", "--all", "--waves", spec)
+    assert code == 2, (out, err)
+    assert "--waves" in err
+    assert not Rollout.objects.exists() and not MigrationRun.objects.exists()
+
+
+def test_budget_flags_without_waves_are_a_usage_error(target_factory):
+    target_factory()
+    code, _, err = command("migrate_tenants", "--all", "--max-failures", "1")
+    assert code == 2 and "add --waves" in err
+
+
+def test_dry_run_shows_the_order_canaries_first_spread_over_regions_and_providers(
+    target_factory,
+):
+    for region in ("eu", "us"):
+        for provider in ("postgresql", "mysql"):
+            for n in range(2):
+                target_factory(
+                    name=f"{region}-{provider[:2]}-{n}", region=region, provider=provider
+                )
+    target_factory(name="zz-canary", region="us", provider="mysql", canary=True)
+    code, out, _ = command("migrate_tenants", "--all", "--waves", "1,50%,100%", "--dry-run")
+    assert code == 0, out
+    names = [line.split()[0] for line in out.splitlines() if line.startswith("  ")]
+    assert names[0] == "zz-canary"
+    # Wave 2 (up to 50% of 9, i.e. 5 targets in all) holds one of each region and provider.
+    wave_two = {(n.split("-")[0], n.split("-")[1]) for n in names[1:5]}
+    assert wave_two == {("eu", "my"), ("eu", "po"), ("us", "my"), ("us", "po")}
+    assert "Wave 1 (1 target(s))" in out and "Wave 3 (4 target(s))" in out
+    assert not Rollout.objects.exists() and not MigrationRun.objects.exists()
+
+
+def started_id(out):
+    """The rollout id `migrate_tenants --waves` printed."""
+    assert "Rollout #" in out, out
+    return int(out.split("Rollout #", 1)[1].split()[0])
+
+
+def canary(tenant):
+    MigrationTarget.objects.filter(pk=tenant.target.pk).update(canary=True)
+    tenant.target.refresh_from_db()
+    return tenant
+
+
+# --- abort, windows: stepped in this process ------------------------------------------------------
+
+
+@pytest.mark.vault
+@pytest.mark.django_db(transaction=True)
+def test_abort_leaves_untouched_targets_untouched_and_tells_the_webhook(
+    registered_tenant, settings
+):
+    from migrator.tasks import read_revision, run_migration
+    from tests.dispatch_fixtures import HEAD
+
+    first = canary(registered_tenant("postgresql"))
+    others = [registered_tenant("mysql"), registered_tenant("postgresql")]
+    with webhook(settings, fail_first=1) as hook:
+        code, out, err = command("migrate_tenants", "--all", "--waves", "1,100%", "--bake", "3600")
+        assert code == 0, (out, err)
+        rollout_id = started_id(out)
+        assert err.index(first.target.name) < err.index(others[0].target.name)  # order shown
+        [run] = MigrationRun.objects.filter(rollout_id=rollout_id)
+        assert run.target == first.target
+        run_migration(run.pk)  # the canary's run, as a worker runs it
+        rollout = Rollout.objects.get(pk=rollout_id)
+        assert rollout.status == "baking"
+        assert rollout.bake_until > rollout.started_at + timedelta(seconds=3500)
+
+        code, out, err = command("rollout", "abort", str(rollout_id))
+        assert code == 0, (out, err)
+        assert f"Rollout #{rollout_id} aborted" in out
+
+        code, out, _ = command("rollout", "show", str(rollout_id))
+        assert "aborted" in out and "Untouched:" in out
+        for tenant in others:
+            assert not MigrationRun.objects.filter(target=tenant.target).exists()
+            assert read_revision(tenant.target) is None  # its database was never touched
+        assert read_revision(first.target) == HEAD
+        code, _, err = command("rollout", "resume", str(rollout_id))
+        assert code == 2 and "only a halted rollout" in err
+
+    # The webhook: a 500 first, then received once, saying what happened, and no secret.
+    assert hook.answers == [500, 200]
+    [body] = hook.bodies
+    assert body["status"] == "aborted" and body["rollout"] == rollout_id
+    assert f"Rollout #{rollout_id} to head aborted" in body["text"]
+    assert body["counts"]["pending"] == 2
+    sent = json.dumps(body)
+    for tenant in [first, *others]:
+        assert tenant.database.admin_password not in sent
+
+
+@pytest.mark.vault
+def test_a_target_outside_its_window_waits_and_runs_when_it_opens(registered_tenant):
+    from migrator.tasks import read_revision, run_migration
+    from tenants.planning import Intent
+    from tests.dispatch_fixtures import HEAD
+
+    target = registered_tenant("mysql").target
+    target.window_days, target.window_timezone = "sat", "Europe/Paris"
+    target.window_start, target.window_end = time(2, 0), time(4, 0)
+    target.save()
+    saturday_noon = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)  # 13:00 in Paris: closed
+    staged = rollouts.plan_rollout([target], Intent.upgrade(), "100%")
+    rollout = rollouts.do_start_rollout(staged, trigger="command", now=saturday_noon)
+    assert rollout.status == "running"
+    assert not MigrationRun.objects.exists()
+    [entry] = rollouts.describe(rollout)["waves"][0]["targets"]
+    assert entry["state"] == "waiting"
+
+    # A later step, the recovery loop's, before the window: still nothing.
+    rollouts.advance(rollout, now=saturday_noon + timedelta(hours=6))
+    assert not MigrationRun.objects.exists()
+
+    opened = datetime(2026, 12, 12, 1, 30, tzinfo=UTC)  # the next Saturday, 02:30 in Paris
+    rollout = rollouts.advance(rollout, now=opened)
+    [run] = MigrationRun.objects.filter(rollout=rollout)
+    run_migration(run.pk)
+    rollout.refresh_from_db()
+    assert rollout.status == "completed"
+    assert read_revision(target) == HEAD
+
+
+# --- real workers ------------------------------------------------------------------------------
+
+FIXED_F003 = '''"""Test revision f003_broken, fixed."""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "f003_broken"
+down_revision = "f002_gadgets"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table("gizmos", sa.Column("id", sa.Integer(), primary_key=True))
+
+
+def downgrade() -> None:
+    op.drop_table("gizmos")
+'''
+
+
+def wait_until(predicate, timeout, what):
+    import time as clock
+
+    deadline = clock.monotonic() + timeout
+    while not predicate():
+        assert clock.monotonic() < deadline, what
+        clock.sleep(0.2)
+
+
+def copy_scripts(source, tmp_path):
+    """A script directory of our own (to fix and deploy again) running the real env.py."""
+    import shutil
+
+    scripts = tmp_path / "scripts"
+    shutil.copytree(source, scripts)
+    (scripts / "env.py").write_text(
+        f"import runpy\n\nrunpy.run_path({str(ROOT / 'tenant_migrations' / 'env.py')!r})\n"
+    )
+    return scripts
+
+
+@pytest.mark.slow
+@pytest.mark.vault
+@pytest.mark.django_db(transaction=True)
+def test_a_revision_failing_everywhere_touches_only_the_first_wave_and_resume_completes(
+    registered_tenant, settings, tmp_path
+):
+    from migrator.tasks import read_revision
+
+    scripts = copy_scripts(FIXTURES / "failing", tmp_path)
+    settings.TENANT_MIGRATIONS_DIR = str(scripts)
+    first = canary(registered_tenant("postgresql"))
+    fleet = [registered_tenant(kind) for kind in ("mysql", "postgresql", "mysql", "postgresql")]
+    hook = Webhook()
+    env = process_env(
+        workers=2,
+        TENANT_MIGRATIONS_DIR=str(scripts),
+        ROLLOUT_WEBHOOK_URL=hook.url,
+        RUN_HEARTBEAT_SECONDS="2",
+    )
+    try:
+        with qcluster(env, tmp_path / "qcluster.log"):
+            result = manage(
+                "migrate_tenants",
+                "--all",
+                "--waves",
+                "1,50%,100%",
+                "--max-failures",
+                "0",
+                "--wait",
+                "--timeout",
+                "150",
+                env=env,
+                timeout=200,
+            )
+            said = result.stdout + result.stderr
+            assert result.returncode == 1, said
+            rollout_id = started_id(result.stdout)
+            assert f"Rollout #{rollout_id} to head: halted" in result.stdout, said
+            assert f"Failed: {first.target.name}" in result.stdout, said
+            assert "rollout resume" in result.stdout  # what to do
+            # Exactly the first wave was touched.
+            runs = MigrationRun.objects.filter(rollout_id=rollout_id)
+            assert [run.target_id for run in runs] == [first.target.pk]
+            assert runs[0].status == "failed"
+            for tenant in fleet:
+                assert not tenant.target.runs.exists()
+                assert read_revision(tenant.target) is None
+            wait_until(lambda: hook.bodies, 30, "the webhook was not told the rollout halted")
+            assert hook.bodies[0]["status"] == "halted"
+            assert first.target.name in hook.bodies[0]["text"]
+
+            listed = manage("rollout", "list", "--json", env=env, check=True)
+            [entry] = json.loads(listed.stdout)
+            assert entry["id"] == rollout_id and entry["status"] == "halted"
+
+            # The fix is deployed; resume takes the whole fleet there.
+            (scripts / "versions" / "f003_broken.py").write_text(FIXED_F003)
+            result = manage(
+                "rollout", "resume", str(rollout_id), "--wait", "--timeout", "150", env=env
+            )
+            said = result.stdout + result.stderr
+            assert result.returncode == 0, said
+            assert f"Rollout #{rollout_id} to head: completed" in result.stdout, said
+        for tenant in [first, *fleet]:
+            assert read_revision(tenant.target) == "f004_never", tenant.target.name
+        wait_until(
+            lambda: any(body["status"] == "completed" for body in hook.bodies),
+            30,
+            "the webhook was not told the rollout completed",
+        )
+    finally:
+        hook.close()
+
+
+@pytest.mark.slow
+@pytest.mark.vault
+@pytest.mark.django_db(transaction=True)
+def test_failures_under_the_rate_budget_do_not_halt(registered_tenant, tmp_path):
+    from migrator.tasks import read_revision
+    from tests.dispatch_fixtures import HEAD
+
+    broken = canary(registered_tenant("missing-secret"))  # its run fails: no secret
+    good_canary = canary(registered_tenant("mysql"))
+    rest = [registered_tenant("postgresql"), registered_tenant("mysql")]
+    env = process_env(workers=2, RUN_MAX_ATTEMPTS="1")
+    with qcluster(env, tmp_path / "qcluster.log"):
+        result = manage(
+            "migrate_tenants",
+            "--all",
+            "--waves",
+            "2,100%",
+            "--max-failure-rate",
+            "50%",
+            "--wait",
+            "--timeout",
+            "150",
+            env=env,
+            timeout=200,
+        )
+    said = result.stdout + result.stderr
+    assert result.returncode == 0, said
+    assert "completed" in result.stdout
+    assert f"Completed with 1 failure(s) within the budget: {broken.target.name}" in said
+    for tenant in [good_canary, *rest]:
+        assert read_revision(tenant.target) == HEAD
+
+
+@pytest.mark.slow
+@pytest.mark.vault
+@pytest.mark.django_db(transaction=True)
+def test_the_per_server_cap_holds_under_eight_workers(registered_tenant, tmp_path):
+    fleet = [registered_tenant("postgresql") for _ in range(8)]  # one server: 127.0.0.1:5432
+    env = process_env(
+        workers=8, TENANT_MIGRATIONS_DIR=str(FIXTURES / "slow"), MIGRATOR_TEST_SLEEP="2"
+    )
+    with qcluster(env, tmp_path / "qcluster.log"):
+        result = manage(
+            "migrate_tenants",
+            "--all",
+            "--waves",
+            "100%",
+            "--per-server",
+            "2",
+            "--wait",
+            "--timeout",
+            "200",
+            env=env,
+            timeout=250,
+        )
+    said = result.stdout + result.stderr
+    assert result.returncode == 0, said
+    runs = list(MigrationRun.objects.filter(target__in=[t.target for t in fleet]))
+    assert len(runs) == 8 and {run.status for run in runs} == {"succeeded"}
+    servers = set(MigrationTarget.objects.filter(runs__in=runs).values_list("server", flat=True))
+    assert len(servers) == 1 and servers.pop().endswith(":5432")
+    # The most runs in progress at any moment, from their recorded intervals.
+    events = sorted(
+        [(run.started_at, 1) for run in runs] + [(run.finished_at, -1) for run in runs],
+        key=lambda event: (event[0], event[1]),
+    )
+    peak = now = 0
+    for _, change in events:
+        now += change
+        peak = max(peak, now)
+    assert peak == 2, f"at most 2 at once on one server, saw {peak}"
