@@ -80,6 +80,14 @@ def test_import_creates_then_reports_unchanged_and_updated(tmp_path):
     assert Tenant.objects.get(pk="initech").decommissioned
     assert MigrationTarget.objects.get(name="initech").decommissioned
 
+    # Active again: the tenant and its own database are back.
+    back = changed.replace("false,decommissioned", "false,active")
+    code, out, err = run(write(tmp_path, "back.csv", back))
+    assert code == 0, err
+    assert "line 4: initech: updated (status: registered 'decommissioned', now 'active')" in out
+    assert not Tenant.objects.get(pk="initech").decommissioned
+    assert not MigrationTarget.objects.get(name="initech").decommissioned
+
 
 @pytest.mark.django_db
 def test_a_file_with_bad_rows_imports_the_good_ones_and_names_each_bad_line(tmp_path):
