@@ -5,6 +5,8 @@ that start migrations are shown only to users with the ``tenants.run_migrations`
 which is separate from the permission to edit tenants.
 """
 
+import textwrap
+
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
@@ -89,6 +91,22 @@ class DecommissionAction:
                 self.message_user(
                     request, f"{what} not decommissioned: {outcome.refusal}", messages.ERROR
                 )
+
+
+class WideChangelist:
+    """A changelist without the navigation sidebar: its columns need the width more than a menu
+    of six models (the breadcrumbs and the index lead to them)."""
+
+    def changelist_view(self, request, extra_context=None):
+        extra_context = {"is_nav_sidebar_enabled": False, **(extra_context or {})}
+        return super().changelist_view(request, extra_context)
+
+
+def _short_time(moment):
+    """``2026-12-02 10:15`` in the current time zone: narrower than Django's default format."""
+    from django.utils import timezone
+
+    return timezone.localtime(moment).strftime("%Y-%m-%d %H:%M") if moment else "–"
 
 
 def _run_link(run):
@@ -273,7 +291,9 @@ class RunMigrationsActions:
 
 
 @admin.register(MigrationTarget)
-class MigrationTargetAdmin(RunMigrationsActions, DecommissionAction, admin.ModelAdmin):
+class MigrationTargetAdmin(
+    RunMigrationsActions, DecommissionAction, WideChangelist, admin.ModelAdmin
+):
     actions = [*RunMigrationsActions.actions, "decommission"]
     change_form_template = "admin/tenants/migrationtarget/change_form.html"
     list_display = (
@@ -284,9 +304,9 @@ class MigrationTargetAdmin(RunMigrationsActions, DecommissionAction, admin.Model
         "revision",
         "status",
         "phase",
-        "held",
+        "hold",
         "drift",
-        "last_migrated_at",
+        "last_migrated",
     )
     list_filter = (
         "kind",
@@ -351,6 +371,15 @@ class MigrationTargetAdmin(RunMigrationsActions, DecommissionAction, admin.Model
         ("Run history", {"fields": ("recent_runs",)}),
     )
     show_full_result_count = False
+
+    @admin.display(description="held", ordering="held")
+    def hold(self, obj):
+        """ "held" for a held target, a neutral dash otherwise (not a red cross)."""
+        return format_html("<strong>{}</strong>", "held") if obj.held else "–"
+
+    @admin.display(description="last migrated", ordering="last_migrated_at")
+    def last_migrated(self, obj):
+        return _short_time(obj.last_migrated_at)
 
     @admin.display(description="drifted", ordering="drifted")
     def drift(self, obj):
@@ -511,7 +540,7 @@ class TenantAddForm(forms.ModelForm):
 
 
 @admin.register(Tenant)
-class TenantAdmin(RunMigrationsActions, DecommissionAction, admin.ModelAdmin):
+class TenantAdmin(RunMigrationsActions, DecommissionAction, WideChangelist, admin.ModelAdmin):
     actions = [*RunMigrationsActions.actions, "decommission"]
     list_display = (
         "id",
@@ -577,20 +606,58 @@ class TenantAdmin(RunMigrationsActions, DecommissionAction, admin.ModelAdmin):
 
 
 @admin.register(MigrationRun)
-class MigrationRunAdmin(admin.ModelAdmin):
+class MigrationRunAdmin(WideChangelist, admin.ModelAdmin):
     actions = ["cancel_selected_runs"]
+
+    @admin.display(description="asked", ordering="requested_revision")
+    def asked(self, run):
+        phase = f" ({run.phase})" if run.phase else ""
+        return f"{run.get_kind_display().lower()} to {run.requested_revision}{phase}"
+
+    @admin.display(description="revision")
+    def revisions(self, run):
+        if run.finished_at is None:
+            return run.revision_before or "–"
+        return f"{run.stood_at} → {run.revision_after or '?'}"
+
+    @admin.display(description="took", ordering="duration_ms")
+    def took(self, run):
+        if run.duration_ms is None:
+            return "–"
+        if run.duration_ms < 1000:
+            return f"{run.duration_ms} ms"
+        return f"{run.duration_ms / 1000:.1f} s"
+
+    @admin.display(description="why")
+    def why(self, run):
+        """The reason (the error's first line), cut between words; all of it on hover."""
+        reason = run.reason
+        if not reason:
+            return ""
+        return format_html(
+            '<span title="{}">{}</span>', reason, textwrap.shorten(reason, 70, placeholder=" …")
+        )
+
+    @admin.display(description="trigger", ordering="trigger")
+    def triggered(self, run):
+        who = f" ({run.triggered_by.get_username()})" if run.triggered_by else ""
+        return f"{run.get_trigger_display()}{who}"
+
+    @admin.display(description="created", ordering="created_at")
+    def created(self, run):
+        return _short_time(run.created_at)
+
+    # What matters in 1400 px: what was asked, where it went, how long it took, and why not.
     list_display = (
         "id",
         "target",
-        "kind",
         "status",
-        "trigger",
-        "requested_revision",
-        "revision_before",
-        "revision_after",
-        "duration_ms",
-        "triggered_by",
-        "created_at",
+        "asked",
+        "revisions",
+        "took",
+        "why",
+        "triggered",
+        "created",
     )
     list_filter = ("status", "kind", "trigger", "target__provider", "target__region")
     search_fields = ("target__name", "task_id", "error")

@@ -323,6 +323,25 @@ class RunStatus(models.TextChoices):
 
 
 ACTIVE_RUN_STATUSES = (RunStatus.QUEUED, RunStatus.RUNNING)
+# Errors a run ends with before it could read where its database stood.
+NOT_READ_ERROR_CODES = frozenset(
+    {
+        "vault_error",
+        "vault_unavailable",
+        "vault_auth_failed",
+        "vault_forbidden",
+        "secret_not_found",
+        "vault_mount_not_kv2",
+        "secret_incomplete",
+        "unknown_provider",
+        "database_unreachable",
+        "database_not_found",
+        "database_auth_failed",
+        "locked",
+        "queue_unavailable",
+        "cancelled",
+    }
+)
 # A run queued this long without a worker taking it is worth a warning (the fleet dashboard,
 # `migrate_tenants --wait`); RUN_QUEUED_TIMEOUT_SECONDS later, in a queue that stands still, it
 # is closed as abandoned.
@@ -422,6 +441,14 @@ class MigrationRun(models.Model):
     @property
     def is_active(self):
         return self.status in ACTIVE_RUN_STATUSES
+
+    @property
+    def stood_at(self):
+        """Where the database stood before the run: its revision, ``base`` for one read as
+        empty, ``?`` when the run ended before it could read it (its error says why)."""
+        if self.revision_before:
+            return self.revision_before
+        return "?" if self.error_code in NOT_READ_ERROR_CODES else "base"
 
     @property
     def error_summary(self):

@@ -77,8 +77,56 @@ def test_a_tenant_registered_in_the_admin_gets_its_first_run(
             time.sleep(0.5)
         screenshot(page, "registered-tenant-first-run")
         assert status == "Succeeded", (tmp_path / "qcluster.log").read_text()
-        assert row.locator("td.field-trigger").inner_text() == "Tenant created"
+        assert row.locator("td.field-triggered").inner_text() == "Tenant created"
 
     page.goto(f"{base}/admin/tenants/tenant/")
     row = page.locator("#result_list tbody tr", has_text="acme-co")
     assert row.locator("td.field-revision").inner_text() == HEAD
+
+
+def test_the_lists_show_what_matters_in_1400_pixels(
+    page,  # noqa: F811
+    live_server,
+    django_user_model,
+    tenant_factory,
+):
+    """The runs and targets lists fit beside their filters at 1400 px: no column (the error, the
+    duration, the last migration) is cut off on the right."""
+    from django.utils import timezone
+
+    from tenants.models import MigrationRun
+
+    user = django_user_model.objects.create_superuser("root", password=PASSWORD)
+    for n in range(3):
+        tenant = tenant_factory(id=f"a-rather-long-tenant-name-{n}", auto_migrate=False)
+        MigrationRun.objects.create(
+            target=tenant.target,
+            trigger="admin",
+            status="failed",
+            revision_before="0003_projects_account_name",
+            revision_after="0004_a_long_revision_name",
+            duration_ms=12345,
+            error="Vault at http://127.0.0.1:8200 cannot be reached: check VAULT_ADDR and that "
+            "Vault is running and unsealed.",
+            error_code="vault_unavailable",
+            finished_at=timezone.now(),
+        )
+        tenant.target.revision = "0006_contract_drop_display_name"
+        tenant.target.last_migrated_at = timezone.now()
+        tenant.target.save()
+    page.set_viewport_size({"width": 1400, "height": 900})
+    log_in(page, live_server.url, user)
+    for url in (
+        "/admin/tenants/migrationrun/",
+        "/admin/tenants/migrationtarget/",
+        "/admin/tenants/tenant/",
+    ):
+        page.goto(live_server.url + url)
+        table = page.locator("#result_list").bounding_box()
+        filters = page.locator("#changelist-filter").bounding_box()
+        assert table["x"] + table["width"] <= filters["x"], (url, table, filters)
+    page.goto(live_server.url + "/admin/tenants/migrationrun/")
+    row = page.locator("#result_list tbody tr").first
+    assert row.locator("td.field-took").inner_text() == "12.3 s"
+    assert row.locator("td.field-why").inner_text().startswith("Vault at http://127.0.0.1:8200")
+    screenshot(page, "runs-list-1400px")

@@ -720,35 +720,6 @@ def stands_cell(row):
     return "?" if row.source_note else "base"
 
 
-# Errors raised before a run could read where its database stood.
-UNREAD_ERROR_CODES = {
-    "vault_error",
-    "vault_unavailable",
-    "vault_auth_failed",
-    "vault_forbidden",
-    "secret_not_found",
-    "vault_mount_not_kv2",
-    "secret_incomplete",
-    "unknown_provider",
-    "database_unreachable",
-    "database_not_found",
-    "database_auth_failed",
-    "locked",
-    "queue_unavailable",
-    "cancelled",
-}
-
-
-def revision_before_cell(run):
-    """``base`` only for a database read as empty; ``?`` for a run that ended before it could
-    read where the database stood (its error says why)."""
-    if run.revision_before:
-        return run.revision_before
-    if run.error_code in UNREAD_ERROR_CODES:
-        return "?"
-    return "base"
-
-
 def plan_table(rows):
     """The plan as a plain-text table: where each target stands (and whether that was read
     live or from the record), where it goes, how many revisions, and why not when it does not."""
@@ -790,7 +761,7 @@ def summary_table(runs):
             run.target.name,
             run.target.provider,
             run.status,
-            f"{revision_before_cell(run)} -> {run.revision_after or '?'}"
+            f"{run.stood_at} -> {run.revision_after or '?'}"
             if run.finished_at
             else run.requested_revision,
             str(len(run.applied)),
