@@ -118,7 +118,23 @@ def check_settings(app_configs=None, **kwargs):
         if problem:
             # Every run would fail saying so; the rest of the control plane still works.
             errors.append(checks.Warning(problem, id="controlplane.W011"))
+        problem = _check_revisions_import()
+        if problem:
+            errors.append(checks.Warning(problem, id="controlplane.W012"))
     return errors
+
+
+def _check_revisions_import():
+    """Every revision file imports in this process ("" when it does): a warning, not an error,
+    so that a web process still starts and shows the record while a bad deploy is fixed."""
+    from migrator import runner
+    from migrator.exceptions import ScriptDirectoryUnreadable
+
+    try:
+        runner.script_directory()
+    except ScriptDirectoryUnreadable as exc:
+        return str(exc)
+    return ""
 
 
 def _check_run_liveness():

@@ -126,6 +126,13 @@ class EnvPyContract(MigrationError):
     code = "env_py_contract"
 
 
+class ScriptDirectoryUnreadable(MigrationError):
+    """A file of the script directory cannot be loaded (a revision importing a module the
+    control plane's processes cannot import, a syntax error); nothing ran."""
+
+    code = "script_directory_unreadable"
+
+
 class MigrationFailed(MigrationError):
     """A revision raised while it was applied; the target stands at ``current_revision``."""
 

@@ -32,6 +32,7 @@ import re
 import sys
 import threading
 import time
+import traceback
 import types
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -57,6 +58,7 @@ from migrator.exceptions import (
     MigratorError,
     MultipleHeads,
     RevisionNotFound,
+    ScriptDirectoryUnreadable,
 )
 from migrator.targets import Target
 
@@ -355,7 +357,7 @@ class _ScriptDirectories:
                 _forget_modules_under(location)
             config = Config()
             config.set_main_option("script_location", location)
-            loaded = _Loaded(ScriptDirectory.from_config(config), fingerprint)
+            loaded = _Loaded(_read_revisions_of(config, location), fingerprint)
             env_py = Path(location) / "env.py"
             if env_py.exists():
                 source = env_py.read_bytes()
@@ -392,6 +394,39 @@ class _ScriptDirectories:
 
 
 _scripts = _ScriptDirectories()
+
+
+def _read_revisions_of(config: Config, location: str) -> ScriptDirectory:
+    """The ``ScriptDirectory`` with every revision file imported into its map now, so that a
+    file that cannot be imported is said here, naming it, for every caller alike."""
+    script = ScriptDirectory.from_config(config)
+    try:
+        script.revision_map.heads  # noqa: B018 - imports every revision file
+    except Exception as exc:  # noqa: BLE001 - a revision's own module code: any error
+        raise ScriptDirectoryUnreadable(_unreadable(location, exc)) from exc
+    return script
+
+
+def _unreadable(location: str, error: Exception) -> str:
+    """What cannot be read in the script directory, which file, and what to do."""
+    root = os.path.join(location, "")
+    culprit = getattr(error, "filename", None) if isinstance(error, SyntaxError) else None
+    for frame in traceback.extract_tb(error.__traceback__):
+        if os.path.abspath(frame.filename).startswith(root):
+            culprit = f"{frame.filename}, line {frame.lineno}"
+    where = f"{culprit} raised" if culprit else "reading it raised"
+    message = (
+        f"The script directory {location} cannot be read: {where} "
+        f"{type(error).__name__}: {error}. Nothing ran."
+    )
+    if isinstance(error, ImportError):
+        message += (
+            " The control plane imports every revision file (in the web and worker processes, "
+            "to know the heads) before any env.py runs, so a module a revision imports must be "
+            "importable there: put its directory on PYTHONPATH for the web and worker processes "
+            "(or install it in their environment); a sys.path change in env.py comes too late."
+        )
+    return message + " Fix it and deploy: the next run reads the directory again"
 
 
 def _fingerprint(location: str) -> tuple:

@@ -443,10 +443,14 @@ class MigrationTargetAdmin(
     @admin.display(description="blue/green")
     def phase(self, obj):
         from migrator import phases
+        from migrator.exceptions import MigratorError
 
-        if not phases.has_phases():
-            return "-"
-        return phases.state(obj.revision).label
+        try:
+            if not phases.has_phases():
+                return "-"
+            return phases.state(obj.revision).label
+        except MigratorError:  # the script directory cannot be read: the dashboard says why
+            return "?"
 
     @admin.display(description=f"Latest {RECENT_RUNS_ON_TARGET_PAGE} runs")
     def recent_runs(self, obj):

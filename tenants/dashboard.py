@@ -38,13 +38,17 @@ def _targets_url(**filters):
 
 
 def _head():
-    """The head revision(s) of the script directory, or () when it cannot be read."""
+    """(the head revision(s) of the script directory, or () when it cannot be read; why not)."""
+    from migrator.exceptions import MigratorError
+
     try:
         from migrator import runner
 
-        return tuple(runner.heads())
+        return tuple(runner.heads()), ""
+    except MigratorError as exc:  # a revision that cannot be imported: said on the page
+        return (), str(exc)
     except Exception:  # noqa: BLE001 - the dashboard still shows everything else
-        return ()
+        return (), ""
 
 
 def _phase_labels():
@@ -59,8 +63,12 @@ def _phase_labels():
 
 @staff_member_required
 def fleet_dashboard(request):
+<<<<<<< HEAD
     heads = _head()
     labels = _phase_labels() if len(heads) > 1 else {}
+=======
+    heads, script_error = _head()
+>>>>>>> 8677ba9 (A revision the control plane cannot import is named, with what to do, at every entry point: the script directory's revisions are imported when it is read and a failure is script_directory_unreadable (the file, the line, the error; for an import error: PYTHONPATH for the web and workers, env.py's sys.path comes too late); manage.py check warns (W012); the dashboard shows it; the targets list no longer answers 500 and migrate_tenants --dry-run no longer prints a traceback. Tables print a note or error their column cut whole under them; no '..' after the contract gate's reason. README, reliability row 80)
     total = MigrationTarget.objects.count()
 
     by_status = {
@@ -189,9 +197,13 @@ def fleet_dashboard(request):
         "title": "Fleet",
         "total": total,
         "heads": heads,
+<<<<<<< HEAD
         # Each head with the branch it ends: "0005_x (expand)".
         "heads_named": [f"{h} ({labels[h]})" if h in labels else h for h in heads],
         "heads_are_phases": len(heads) > 1 and all(h in labels for h in heads),
+=======
+        "script_error": script_error,
+>>>>>>> 8677ba9 (A revision the control plane cannot import is named, with what to do, at every entry point: the script directory's revisions are imported when it is read and a failure is script_directory_unreadable (the file, the line, the error; for an import error: PYTHONPATH for the web and workers, env.py's sys.path comes too late); manage.py check warns (W012); the dashboard shows it; the targets list no longer answers 500 and migrate_tenants --dry-run no longer prints a traceback. Tables print a note or error their column cut whole under them; no '..' after the contract gate's reason. README, reliability row 80)
         "statuses": statuses,
         "revisions": revisions,
         "phase_counts": phase_counts,

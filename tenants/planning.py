@@ -263,7 +263,7 @@ class _Planner:
         reason = (
             f"Contract refused: {len(lagging)} target(s) have not finished the expand phase: "
             f"{names}. Run `migrate_tenants --phase expand` for them first (and deploy the new "
-            "application), then contract."
+            "application), then contract"
         )
         for row in rows:
             row.refusal = reason

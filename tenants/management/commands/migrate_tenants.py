@@ -742,6 +742,9 @@ def plan_table(rows):
         "  ".join(cell.ljust(width) for cell, width in zip(r, widths, strict=True)).rstrip()
         for r in [header, *table]
     ]
+    lines += _in_full(
+        ((row.target.name, row.reason or row.source_note or row.no_sql) for row in rows), cut=120
+    )
     counts = {}
     for row in rows:
         counts[row.status] = counts.get(row.status, 0) + 1
@@ -775,12 +778,24 @@ def summary_table(runs):
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in [header, *rows]
     ]
+    lines += _in_full((run.target.name, run.error.splitlines()[0]) for run in runs if run.error)
     counts = {}
     for run in runs:
         counts[run.status] = counts.get(run.status, 0) + 1
     lines.append("")
     lines.append(", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
     return "\n".join(lines)
+
+
+def _in_full(notes, cut=100):
+    """Under a table, each note or error its column cut short, whole: "  name: text" (a
+    truncated "Create it with: vault kv put secret/datab" tells nobody what to do)."""
+    lines = [
+        f"  {name}: {text}"
+        for name, text in notes
+        if text and (len(text.splitlines()[0]) > cut or len(text.splitlines()) > 1)
+    ]
+    return ["", *lines] if lines else []
 
 
 class Progress:
