@@ -63,12 +63,8 @@ def _phase_labels():
 
 @staff_member_required
 def fleet_dashboard(request):
-<<<<<<< HEAD
-    heads = _head()
-    labels = _phase_labels() if len(heads) > 1 else {}
-=======
     heads, script_error = _head()
->>>>>>> 8677ba9 (A revision the control plane cannot import is named, with what to do, at every entry point: the script directory's revisions are imported when it is read and a failure is script_directory_unreadable (the file, the line, the error; for an import error: PYTHONPATH for the web and workers, env.py's sys.path comes too late); manage.py check warns (W012); the dashboard shows it; the targets list no longer answers 500 and migrate_tenants --dry-run no longer prints a traceback. Tables print a note or error their column cut whole under them; no '..' after the contract gate's reason. README, reliability row 80)
+    labels = _phase_labels() if len(heads) > 1 else {}
     total = MigrationTarget.objects.count()
 
     by_status = {
@@ -197,13 +193,10 @@ def fleet_dashboard(request):
         "title": "Fleet",
         "total": total,
         "heads": heads,
-<<<<<<< HEAD
         # Each head with the branch it ends: "0005_x (expand)".
         "heads_named": [f"{h} ({labels[h]})" if h in labels else h for h in heads],
         "heads_are_phases": len(heads) > 1 and all(h in labels for h in heads),
-=======
         "script_error": script_error,
->>>>>>> 8677ba9 (A revision the control plane cannot import is named, with what to do, at every entry point: the script directory's revisions are imported when it is read and a failure is script_directory_unreadable (the file, the line, the error; for an import error: PYTHONPATH for the web and workers, env.py's sys.path comes too late); manage.py check warns (W012); the dashboard shows it; the targets list no longer answers 500 and migrate_tenants --dry-run no longer prints a traceback. Tables print a note or error their column cut whole under them; no '..' after the contract gate's reason. README, reliability row 80)
         "statuses": statuses,
         "revisions": revisions,
         "phase_counts": phase_counts,
