@@ -20,6 +20,7 @@ from tenants.models import (
     MigrationRun,
     MigrationTarget,
     Provider,
+    Rollout,
     Strategy,
     TargetStatus,
     Tenant,
@@ -315,6 +316,7 @@ class MigrationTargetAdmin(
         "status",
         "drifted",
         "held",
+        "canary",
         "revision",
         ("decommissioned_at", admin.EmptyFieldListFilter),
     )
@@ -333,6 +335,7 @@ class MigrationTargetAdmin(
         "verified_at",
         "drift_report_text",
         "decommissioned_at",
+        "server",
     )
     fieldsets = (
         (
@@ -345,8 +348,23 @@ class MigrationTargetAdmin(
                     "region",
                     "vault_path",
                     "held",
+                    "canary",
                     "backup_policy",
                 )
+            },
+        ),
+        (
+            "Rollouts",
+            {
+                "fields": (
+                    "server",
+                    "window_days",
+                    "window_start",
+                    "window_end",
+                    "window_timezone",
+                ),
+                "description": "A canary goes first in a rollout; a rollout waits for the "
+                "target's weekly maintenance window (docs/rollouts.md).",
             },
         ),
         (
@@ -679,6 +697,7 @@ class MigrationRunAdmin(WideChangelist, admin.ModelAdmin):
                     "trigger",
                     "triggered_by",
                     "batch",
+                    "rollout",
                     "requested_revision",
                 )
             },
@@ -762,3 +781,157 @@ class MigrationRunAdmin(WideChangelist, admin.ModelAdmin):
             elif run.status == "running":
                 running.append(run)
         report_cancelled(self, request, cancelled, running)
+
+
+@admin.register(Rollout)
+class RolloutAdmin(admin.ModelAdmin):
+    """A rollout's page: its waves, each target's state, the failures, what to do; *Resume*
+    and *Abort* buttons (with ``tenants.run_migrations``). Rollouts are started by
+    ``migrate_tenants --waves`` or ``POST /api/rollouts/``, and moved only by
+    ``tenants.rollouts``: nothing here is edited by hand."""
+
+    change_form_template = "admin/tenants/rollout/change_form.html"
+    list_display = (
+        "id",
+        "status",
+        "revision",
+        "waves_spec",
+        "wave",
+        "created_by",
+        "created_at",
+        "finished_at",
+    )
+    list_filter = ("status",)
+    list_select_related = ("created_by",)
+    fields = (
+        "status",
+        "revision",
+        "waves_spec",
+        "budget",
+        "bake_seconds",
+        "per_server_concurrency",
+        "note",
+        "created_by",
+        "trigger",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "progress",
+    )
+    readonly_fields = fields
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="wave")
+    def wave(self, obj):
+        return f"{min(obj.current_wave + 1, len(obj.waves))}/{len(obj.waves)}"
+
+    @admin.display(description="failure budget")
+    def budget(self, obj):
+        parts = []
+        if obj.max_failures is not None:
+            parts.append(f"at most {obj.max_failures} failure(s)")
+        if obj.max_failure_rate is not None:
+            parts.append(f"at most {obj.max_failure_rate:g}% of the targets sent")
+        return ", ".join(parts) or "-"
+
+    @admin.display(description="waves and progress")
+    def progress(self, obj):
+        from tenants import rollouts
+
+        data = rollouts.describe(obj)
+        counts = data["counts"]
+        summary = format_html(
+            "<p>{} done, {} under way, {} failed, {} untouched, {} skipped</p>",
+            counts["done"],
+            counts["active"],
+            counts["failed"],
+            counts["pending"],
+            counts["skipped"],
+        )
+        waves = format_html_join(
+            "\n",
+            "<h3>Wave {}{}</h3><table><thead><tr><th>Target</th><th>Region</th><th>Provider</th>"
+            "<th>State</th><th>Run</th><th>Reason</th></tr></thead><tbody>{}</tbody></table>",
+            (
+                (
+                    wave["wave"],
+                    " (current)" if wave["wave"] == data["current_wave"] and obj.is_active else "",
+                    format_html_join(
+                        "\n",
+                        "<tr><td>{}{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>"
+                        "<td>{}</td></tr>",
+                        (
+                            (
+                                entry["target"],
+                                " (canary)" if entry["canary"] else "",
+                                entry["region"] or "",
+                                entry["provider"] or "",
+                                entry["state"],
+                                format_html(
+                                    '<a href="{}">#{}</a>',
+                                    reverse(
+                                        "admin:tenants_migrationrun_change", args=[entry["run"]]
+                                    ),
+                                    entry["run"],
+                                )
+                                if entry["run"]
+                                else "",
+                                entry["reason"] or "",
+                            )
+                            for entry in wave["targets"]
+                        ),
+                    ),
+                )
+                for wave in data["waves"]
+            ),
+        )
+        return format_html("{}{}", summary, waves)
+
+    def get_urls(self):
+        from django.urls import path
+
+        return [
+            path(
+                "<int:object_id>/steer/<str:verb>/",
+                self.admin_site.admin_view(self.steer_view),
+                name="tenants_rollout_steer",
+            )
+        ] + super().get_urls()
+
+    def render_change_form(self, request, context, *args, **kwargs):
+        context["can_run_migrations"] = request.user.has_perm("tenants.run_migrations")
+        return super().render_change_form(request, context, *args, **kwargs)
+
+    def steer_view(self, request, object_id, verb):
+        """The *Resume* and *Abort* buttons: the same actions as ``manage.py rollout``."""
+        from django.core.exceptions import PermissionDenied
+        from django.http import Http404, HttpResponseNotAllowed, HttpResponseRedirect
+        from django.shortcuts import get_object_or_404
+
+        from tenants import rollouts
+
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        if verb not in ("resume", "abort"):
+            raise Http404
+        if not request.user.has_perm("tenants.run_migrations"):
+            raise PermissionDenied
+        rollout = get_object_or_404(Rollout, pk=object_id)
+        if verb == "resume":
+            done = rollouts.do_resume_rollout(rollout, acting_user=request.user)
+            refusal = (
+                f"Rollout #{rollout.pk} is {rollout.status}: only a halted one can be resumed."
+            )
+        else:
+            done = rollouts.do_abort_rollout(rollout, acting_user=request.user)
+            refusal = f"Rollout #{rollout.pk} is already {rollout.status}."
+        if done is None:
+            self.message_user(request, refusal, messages.ERROR)
+        else:
+            self.message_user(request, f"Rollout #{done.pk}: {done.status}. {done.note}".strip())
+        return HttpResponseRedirect(reverse("admin:tenants_rollout_change", args=[rollout.pk]))

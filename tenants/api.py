@@ -241,6 +241,12 @@ class TargetSerializer(serializers.ModelSerializer):
             "region",
             "vault_path",
             "backup_policy",
+            "canary",
+            "server",
+            "window_days",
+            "window_start",
+            "window_end",
+            "window_timezone",
             "status",
             "revision",
             "held",
@@ -253,6 +259,7 @@ class TargetSerializer(serializers.ModelSerializer):
             "tenants",
         ]
         read_only_fields = [
+            "server",
             "status",
             "revision",
             "held",
@@ -265,6 +272,24 @@ class TargetSerializer(serializers.ModelSerializer):
         # One shared database per region: said by ``validate`` in words, not DRF's "must make
         # a unique set".
         validators = []
+
+    def validate_window_days(self, value):
+        from tenants.rollouts import window_days
+
+        try:
+            window_days(value)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
+        return value
+
+    def validate_window_timezone(self, value):
+        from tenants.rollouts import window_zone
+
+        try:
+            window_zone(MigrationTarget(window_timezone=value))
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
+        return value
 
     @extend_schema_field(serializers.IntegerField())
     def get_tenants(self, target):
@@ -613,3 +638,152 @@ class BearerTokenScheme(OpenApiAuthenticationExtension):
             "description": "An API token: the admin's 'API tokens' page or "
             "`manage.py create_api_token USERNAME`.",
         }
+
+
+# --- Rollouts (issue 21) -------------------------------------------------------------------------
+
+
+class RolloutRequest(serializers.Serializer):
+    """``POST /api/rollouts/``: which targets (scopes OR-ed, ``providers``/``regions`` narrow
+    them, as ``migrate_tenants``), where to, in which waves, with which budget."""
+
+    all = serializers.BooleanField(required=False, default=False)
+    shared = serializers.BooleanField(required=False, default=False)
+    tenants = serializers.ListField(child=serializers.CharField(max_length=63), required=False)
+    targets = serializers.ListField(child=serializers.CharField(max_length=63), required=False)
+    strategies = serializers.ListField(
+        child=serializers.ChoiceField(choices=Strategy.values), required=False
+    )
+    providers = serializers.ListField(
+        child=serializers.ChoiceField(choices=Provider.values), required=False
+    )
+    regions = serializers.ListField(child=serializers.CharField(max_length=63), required=False)
+    failed = serializers.BooleanField(required=False, default=False)
+    revision = serializers.CharField(max_length=64, required=False, default="head")
+    waves = serializers.CharField(max_length=200, help_text="e.g. 1,10%,50%,100%")
+    max_failures = serializers.IntegerField(min_value=0, required=False, allow_null=True)
+    max_failure_rate = serializers.FloatField(
+        min_value=0, max_value=100, required=False, allow_null=True
+    )
+    bake_seconds = serializers.IntegerField(min_value=0, required=False, default=0)
+    per_server_concurrency = serializers.IntegerField(min_value=0, required=False, allow_null=True)
+    dry_run = serializers.BooleanField(required=False, default=False)
+
+    SCOPES = ("all", "shared", "tenants", "targets", "strategies", "failed", "providers", "regions")
+
+    def validate(self, attrs):
+        if not any(attrs.get(scope) for scope in self.SCOPES):
+            raise ValidationError(
+                {
+                    "all": "Say which targets: all, shared, tenants, targets, strategies, failed, "
+                    "providers or regions."
+                }
+            )
+        return attrs
+
+
+def rollout_as_json(rollout, request):
+    from tenants import rollouts
+
+    return {
+        "url": request.build_absolute_uri(reverse("api-rollout", args=[rollout.pk])),
+        **rollouts.describe(rollout),
+    }
+
+
+class RolloutListView(ApiView):
+    """``GET /api/rollouts/``: rollouts, newest first (paginated). ``POST``: start one
+    (``RolloutRequest``): 201 with the rollout, its waves in order and its first wave queued;
+    with ``"dry_run": true`` 200 with the plan only; 400 naming the field for bad input."""
+
+    @extend_schema(responses=OpenApiTypes.OBJECT)
+    def get(self, request):
+        from tenants.models import Rollout
+
+        paginator = Page()
+        page = paginator.paginate_queryset(
+            Rollout.objects.select_related("created_by").order_by("-created_at", "-id"),
+            request,
+            view=self,
+        )
+        return paginator.get_paginated_response([rollout_as_json(r, request) for r in page])
+
+    @extend_schema(request=RolloutRequest, responses={201: OpenApiTypes.OBJECT})
+    def post(self, request):
+        from tenants import rollouts
+        from tenants.selection import select_targets
+
+        form = RolloutRequest(data=request.data)
+        form.is_valid(raise_exception=True)
+        data = form.validated_data
+        targets = select_targets(
+            all_targets=data["all"],
+            shared=data["shared"],
+            tenant_ids=data.get("tenants", []),
+            target_names=data.get("targets", []),
+            strategies=data.get("strategies", []),
+            providers=data.get("providers", []),
+            regions=data.get("regions", []),
+            failed=data["failed"],
+        )
+        intent = planning.Intent.upgrade(data["revision"] or "head", allow_downgrade=False)
+        try:
+            staged = rollouts.plan_rollout(targets, intent, data["waves"])
+        except rollouts.WavesError as exc:
+            raise ValidationError({"waves": str(exc)}) from None
+        if data["dry_run"]:
+            return Response(staged.as_dict())
+        if not staged.size:
+            return Response(
+                {**staged.as_dict(), "detail": "Nothing to roll out: no target can go there."},
+                status=status.HTTP_409_CONFLICT,
+            )
+        rollout = rollouts.do_start_rollout(
+            staged,
+            trigger=Trigger.API,
+            acting_user=request.user,
+            selection={k: data[k] for k in RolloutRequest.SCOPES if data.get(k)},
+            max_failures=data.get("max_failures"),
+            max_failure_rate=data.get("max_failure_rate"),
+            bake_seconds=data["bake_seconds"],
+            per_server_concurrency=data.get("per_server_concurrency"),
+        )
+        return Response(rollout_as_json(rollout, request), status=status.HTTP_201_CREATED)
+
+
+class RolloutView(ApiView):
+    """``GET /api/rollouts/<id>``: its waves, each target's state, failures, what to do."""
+
+    @extend_schema(responses=OpenApiTypes.OBJECT)
+    def get(self, request, rollout_id):
+        from tenants.models import Rollout
+
+        return Response(rollout_as_json(get_object_or_404(Rollout, pk=rollout_id), request))
+
+
+class RolloutSteerView(ApiView):
+    """``POST /api/rollouts/<id>/resume`` (a halted one) and ``…/abort`` (one not finished):
+    200 with the rollout, 409 saying why not."""
+
+    verb = ""
+
+    @extend_schema(request=None, responses={200: OpenApiTypes.OBJECT, 409: OpenApiTypes.OBJECT})
+    def post(self, request, rollout_id):
+        from tenants import rollouts
+        from tenants.models import Rollout
+
+        rollout = get_object_or_404(Rollout, pk=rollout_id)
+        if self.verb == "resume":
+            done = rollouts.do_resume_rollout(rollout, acting_user=request.user)
+            refusal = (
+                f"Rollout #{rollout.pk} is {rollout.status}: only a halted one can be resumed."
+            )
+        else:
+            done = rollouts.do_abort_rollout(rollout, acting_user=request.user)
+            refusal = f"Rollout #{rollout.pk} is already {rollout.status}."
+        if done is None:
+            return Response(
+                {**rollout_as_json(rollout, request), "detail": refusal},
+                status=status.HTTP_409_CONFLICT,
+            )
+        return Response(rollout_as_json(done, request))

@@ -22,6 +22,8 @@ from tenants.models import (
     MigrationRun,
     MigrationTarget,
     Provider,
+    Rollout,
+    RolloutStatus,
     RunStatus,
     TargetStatus,
     Trigger,
@@ -188,8 +190,11 @@ def fleet_dashboard(request):
         .order_by("-finished_at", "-id")[:RECENT_FAILURES]
     )
 
+    rollouts = _rollouts()
+
     context = {
         **_admin_context(request),
+        "rollouts": rollouts,
         "title": "Fleet",
         "total": total,
         "heads": heads,
@@ -217,10 +222,66 @@ def fleet_dashboard(request):
         # The counts come from separate statements: a run that finishes between them can leave
         # a target shown as migrating with nothing in progress. Refreshing while either says
         # "under way" means the page never settles on such a half-updated picture.
-        "refresh": active_count > 0 or by_status.get(TargetStatus.MIGRATING, 0) > 0,
+        "refresh": active_count > 0
+        or by_status.get(TargetStatus.MIGRATING, 0) > 0
+        or any(r.is_active for r in rollouts),
         "runs_url": reverse("admin:tenants_migrationrun_changelist"),
     }
     return TemplateResponse(request, "admin/tenants/fleet.html", context)
+
+
+ROLLOUTS_SHOWN = 10
+
+
+def _rollouts():
+    """The rollouts in progress and the halted ones, halted first, each with its runs counted
+    by outcome: two queries (one when there are none)."""
+    from django.db.models import Case, IntegerField, Value, When
+
+    found = list(
+        Rollout.objects.filter(
+            status__in=[
+                RolloutStatus.HALTED,
+                RolloutStatus.PLANNED,
+                RolloutStatus.RUNNING,
+                RolloutStatus.BAKING,
+            ]
+        )
+        .annotate(
+            halted_first=Case(
+                When(status=RolloutStatus.HALTED, then=Value(0)),
+                default=Value(1),
+                output_field=IntegerField(),
+            )
+        )
+        .order_by("halted_first", "-created_at")[:ROLLOUTS_SHOWN]
+    )
+    if not found:
+        return []
+    counts = {
+        row["rollout"]: row
+        for row in MigrationRun.objects.filter(rollout__in=found)
+        .values("rollout")
+        .annotate(
+            done=Count("id", filter=Q(status__in=[RunStatus.SUCCEEDED, RunStatus.SKIPPED])),
+            failed=Count("id", filter=Q(status__in=[RunStatus.FAILED, RunStatus.INTERRUPTED])),
+            active=Count("id", filter=Q(status__in=ACTIVE_RUN_STATUSES)),
+        )
+        .order_by()
+    }
+    for rollout in found:
+        row = counts.get(rollout.pk, {})
+        rollout.done, rollout.failed, rollout.active = (
+            row.get("done", 0),
+            row.get("failed", 0),
+            row.get("active", 0),
+        )
+        rollout.total = len(rollout.target_ids)
+        rollout.wave_label = (
+            f"{min(rollout.current_wave + 1, len(rollout.waves))}/{len(rollout.waves)}"
+        )
+        rollout.url = reverse("admin:tenants_rollout_change", args=[rollout.pk])
+    return found
 
 
 def _admin_context(request):

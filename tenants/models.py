@@ -193,6 +193,23 @@ class MigrationTarget(models.Model):
     def clean(self):
         if not self.vault_path:
             self.vault_path = self.effective_vault_path
+        self.clean_window()
+
+    def clean_window(self):
+        """A maintenance window a rollout can read, or a ValidationError saying what is wrong."""
+        from tenants.rollouts import window_days, window_zone
+
+        errors = {}
+        try:
+            window_days(self.window_days)
+        except ValueError as exc:
+            errors["window_days"] = str(exc)
+        try:
+            window_zone(self)
+        except ValueError as exc:
+            errors["window_timezone"] = str(exc)
+        if errors:
+            raise ValidationError(errors)
 
     @property
     def effective_vault_path(self):

@@ -45,6 +45,18 @@ urlpatterns = [
     ),
     path("api/runs/<int:run_id>", api.RunView.as_view(), name="api-run"),
     path("api/runs/<int:run_id>/cancel", api.CancelRunView.as_view(), name="api-run-cancel"),
+    path("api/rollouts/", api.RolloutListView.as_view(), name="api-rollouts"),
+    path("api/rollouts/<int:rollout_id>", api.RolloutView.as_view(), name="api-rollout"),
+    path(
+        "api/rollouts/<int:rollout_id>/resume",
+        api.RolloutSteerView.as_view(verb="resume"),
+        name="api-rollout-resume",
+    ),
+    path(
+        "api/rollouts/<int:rollout_id>/abort",
+        api.RolloutSteerView.as_view(verb="abort"),
+        name="api-rollout-abort",
+    ),
     path("healthz", healthz, name="healthz"),
     path("readyz", ReadinessView.as_view(), name="readyz"),
     path("metrics", metrics_view, name="metrics"),

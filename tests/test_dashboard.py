@@ -61,7 +61,7 @@ def big_fleet():
     return {"targets": targets, "runs": runs, "batch": batch}
 
 
-def fleet_page(client, django_assert_max_num_queries, queries=12):
+def fleet_page(client, django_assert_max_num_queries, queries=14):  # 2 for the rollouts
     with django_assert_max_num_queries(queries):
         response = client.get(reverse("fleet-dashboard"))
     assert response.status_code == 200

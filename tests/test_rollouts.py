@@ -415,3 +415,118 @@ def test_the_per_server_cap_holds_under_eight_workers(registered_tenant, tmp_pat
         now += change
         peak = max(peak, now)
     assert peak == 2, f"at most 2 at once on one server, saw {peak}"
+
+
+# --- the API, the admin, the dashboard --------------------------------------------------------
+
+
+@pytest.mark.vault
+def test_api_starts_shows_resumes_and_aborts_rollouts(client, api_tokens, registered_tenant):  # noqa: F811
+    from migrator.tasks import run_migration
+
+    broken = canary(registered_tenant("missing-secret"))  # its run fails: no secret
+    rest = [registered_tenant("postgresql"), registered_tenant("mysql")]
+    auth = {"Authorization": f"Bearer {api_tokens['good']}"}
+    body = {"all": True, "waves": "1,100%", "max_failures": 0}
+
+    assert client.post("/api/rollouts/", body, content_type="application/json").status_code == 401
+    denied = client.post(
+        "/api/rollouts/",
+        body,
+        content_type="application/json",
+        headers={"Authorization": f"Bearer {api_tokens['no-permission']}"},
+    )
+    assert denied.status_code == 403
+    bad = client.post(
+        "/api/rollouts/", {**body, "waves": "5,2"}, content_type="application/json", headers=auth
+    )
+    assert bad.status_code == 400 and "waves" in bad.json()
+    preview = client.post(
+        "/api/rollouts/", {**body, "dry_run": True}, content_type="application/json", headers=auth
+    )
+    assert preview.status_code == 200
+    assert [row["target"] for row in preview.json()["waves"][0]] == [broken.target.name]
+    assert not Rollout.objects.exists()
+
+    started = client.post("/api/rollouts/", body, content_type="application/json", headers=auth)
+    assert started.status_code == 201, started.content
+    data = started.json()
+    assert data["status"] == "running" and data["wave_count"] == 2
+    [run] = MigrationRun.objects.filter(rollout_id=data["id"])
+    run_migration(run.pk)  # fails: no secret in Vault
+
+    shown = client.get(f"/api/rollouts/{data['id']}", headers=auth).json()
+    assert shown["status"] == "halted"
+    assert shown["failed"][0]["target"] == broken.target.name
+    assert "secret" in shown["failed"][0]["error"].lower()
+    assert sorted(shown["untouched"]) == sorted(t.target.name for t in rest)
+    assert "rollout resume" in shown["note"]
+
+    # Held meanwhile: the resumed rollout skips it instead of failing it again.
+    MigrationTarget.objects.filter(pk=broken.target.pk).update(held=True)
+    resumed = client.post(f"/api/rollouts/{data['id']}/resume", headers=auth)
+    assert resumed.status_code == 200, resumed.content
+    assert resumed.json()["status"] == "running"
+    assert resumed.json()["counts"]["skipped"] == 1
+    assert MigrationRun.objects.filter(rollout_id=data["id"], status="queued").count() == 2
+    again = client.post(f"/api/rollouts/{data['id']}/resume", headers=auth)
+    assert again.status_code == 409 and "only a halted one" in again.json()["detail"]
+
+    aborted = client.post(f"/api/rollouts/{data['id']}/abort", headers=auth)
+    assert aborted.status_code == 200 and aborted.json()["status"] == "aborted"
+    for tenant in rest:
+        [cancelled] = tenant.target.runs.all()
+        assert cancelled.status == "cancelled" and "nothing ran" in cancelled.error
+    listed = client.get("/api/rollouts/", headers=auth).json()
+    assert listed["results"][0]["id"] == data["id"]
+
+
+def test_admin_page_buttons_and_the_dashboard(admin_client, target_factory):
+    from django.urls import reverse
+
+    from tenants.planning import Intent
+
+    targets = [target_factory(canary=(n == 0)) for n in range(3)]
+    staged = rollouts.plan_rollout(targets, Intent.upgrade(), "1,100%")
+    running = rollouts.do_start_rollout(staged, trigger="command")
+    halted = Rollout.objects.create(
+        revision="head",
+        waves_spec="100%",
+        waves=[[targets[1].pk]],
+        status="halted",
+        note="Halted: 1 target(s) failed",
+    )
+
+    page = admin_client.get(reverse("admin:tenants_rollout_change", args=[running.pk]))
+    html = page.content.decode()
+    assert page.status_code == 200
+    assert "Wave 1" in html and "Wave 2" in html and targets[0].name in html and "(canary)" in html
+    assert "Abort" in html and "Resume" not in html
+
+    fleet = admin_client.get(reverse("fleet-dashboard")).content.decode()
+    section = fleet.split('id="fleet-rollouts"', 1)[1].split("</table>", 1)[0]
+    assert section.index(f"#{halted.pk}") < section.index(f"#{running.pk}")  # halted first
+
+    response = admin_client.post(reverse("admin:tenants_rollout_steer", args=[running.pk, "abort"]))
+    assert response.status_code == 302
+    running.refresh_from_db()
+    assert running.status == "aborted"
+    assert MigrationRun.objects.get(target=targets[0]).status == "cancelled"
+
+    # The target's page sets the canary flag and a window; a bad one is refused, saying why.
+    url = reverse("admin:tenants_migrationtarget_change", args=[targets[2].pk])
+    form = admin_client.get(url).context["adminform"].form
+    data = {k: v for k, v in form.initial.items() if v is not None and k in form.fields}
+    data.update(
+        canary="on",
+        window_days="sat-sun",
+        window_start="02:00",
+        window_end="04:00",
+        window_timezone="Mars/Olympus",
+    )
+    refused = admin_client.post(url, data)
+    assert refused.status_code == 200 and "is not a time zone" in refused.content.decode()
+    data["window_timezone"] = "Europe/Paris"
+    assert admin_client.post(url, data).status_code == 302
+    targets[2].refresh_from_db()
+    assert targets[2].canary and targets[2].window_days == "sat-sun"
