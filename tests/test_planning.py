@@ -320,6 +320,17 @@ def test_undo_of_a_contract_run_reverts_only_the_contract(registered_tenant, adm
     page = admin_action(admin_client, "undo_last_run", [tenant.target_id])
     text = page.content.decode()
     assert "<td>0005_expand_full_name</td>" in text and "Yes, downgrade 1 target" in text
+    # The CLI's preview plans the same: back to the expand head, the contract's downgrade SQL.
+    code, out, err = command("--tenant", tenant.id, "--undo-last", "--dry-run", "--json")
+    [row] = json.loads(out)
+    assert code == 0, err
+    assert (row["kind"], row["goes_to"], row["steps"], row["undoes_run"]) == (
+        "downgrade",
+        "0005_expand_full_name",
+        ["0006_contract_drop_display_name"],
+        MigrationRun.objects.filter(phase="contract").get().pk,
+    )
+    assert "ADD COLUMN display_name" in row["sql"]
 
     code, _, err = command("--tenant", tenant.id, "--undo-last", "--sync", "--yes")
 
