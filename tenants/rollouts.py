@@ -15,6 +15,7 @@ finishing. Each step queues through the planner (``tenants.planning.plan``) and
 
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -247,13 +248,14 @@ def target_states(rollout):
         note = rollout.notes.get(str(target_id))
         if note is not None:
             states[target_id] = (note["state"], run, note["reason"])
-        elif run is None or run.pk <= rollout.resumed_after_run:
+        elif run is None:
             states[target_id] = (PENDING, None, "")
         elif run.status in ACTIVE_RUN_STATUSES:
             states[target_id] = (ACTIVE, run, "")
         elif run.status in (RunStatus.SUCCEEDED, RunStatus.SKIPPED):
             states[target_id] = (DONE, run, "")
-        elif run.error_code in (HALTED_CODE, ABORTED_CODE):
+        elif run.pk <= rollout.resumed_after_run or run.error_code in (HALTED_CODE, ABORTED_CODE):
+            # Failed before the last resume (it goes again), or cancelled by a halt.
             states[target_id] = (PENDING, run, "")
         elif (
             run.status == RunStatus.FAILED
@@ -587,9 +589,27 @@ def in_window(target, now):
 
 
 def _notify_on_commit(rollout):
+    """Send the webhook once the change is committed, from a thread of its own: its retries
+    never hold up a worker's next run or a web request. Not a daemon: a command that halts a
+    rollout and exits still sends it."""
     if settings.ROLLOUT_WEBHOOK_URL:
         rollout_id = rollout.pk
-        transaction.on_commit(lambda: notify(Rollout.objects.get(pk=rollout_id)))
+        transaction.on_commit(
+            lambda: threading.Thread(
+                target=_notify_by_id, args=(rollout_id,), name=f"rollout-{rollout_id}-webhook"
+            ).start()
+        )
+
+
+def _notify_by_id(rollout_id):
+    from django.db import connections
+
+    try:
+        notify(Rollout.objects.get(pk=rollout_id))
+    except Exception:  # noqa: BLE001 - a notification must never break anything
+        logger.exception("Rollout %s webhook could not be sent", rollout_id)
+    finally:
+        connections.close_all()  # this thread's own connection
 
 
 def notification(rollout):

@@ -184,6 +184,7 @@ def test_abort_leaves_untouched_targets_untouched_and_tells_the_webhook(
         assert read_revision(first.target) == HEAD
         code, _, err = command("rollout", "resume", str(rollout_id))
         assert code == 2 and "only a halted rollout" in err
+        wait_until(lambda: hook.bodies, 30, "the webhook was not told the rollout was aborted")
 
     # The webhook: a 500 first, then received once, saying what happened, and no secret.
     assert hook.answers == [500, 200]
@@ -425,9 +426,10 @@ def test_api_starts_shows_resumes_and_aborts_rollouts(client, api_tokens, regist
     from migrator.tasks import run_migration
 
     broken = canary(registered_tenant("missing-secret"))  # its run fails: no secret
+    good = canary(registered_tenant("postgresql"))
     rest = [registered_tenant("postgresql"), registered_tenant("mysql")]
     auth = {"Authorization": f"Bearer {api_tokens['good']}"}
-    body = {"all": True, "waves": "1,100%", "max_failures": 0}
+    body = {"all": True, "waves": "2,100%", "max_failures": 0}
 
     assert client.post("/api/rollouts/", body, content_type="application/json").status_code == 401
     denied = client.post(
@@ -445,15 +447,18 @@ def test_api_starts_shows_resumes_and_aborts_rollouts(client, api_tokens, regist
         "/api/rollouts/", {**body, "dry_run": True}, content_type="application/json", headers=auth
     )
     assert preview.status_code == 200
-    assert [row["target"] for row in preview.json()["waves"][0]] == [broken.target.name]
+    first_wave = {row["target"] for row in preview.json()["waves"][0]}
+    assert first_wave == {broken.target.name, good.target.name}  # the canaries
     assert not Rollout.objects.exists()
 
     started = client.post("/api/rollouts/", body, content_type="application/json", headers=auth)
     assert started.status_code == 201, started.content
     data = started.json()
     assert data["status"] == "running" and data["wave_count"] == 2
-    [run] = MigrationRun.objects.filter(rollout_id=data["id"])
-    run_migration(run.pk)  # fails: no secret in Vault
+    runs = MigrationRun.objects.filter(rollout_id=data["id"])
+    assert {run.target for run in runs} == {broken.target, good.target}
+    run_migration(runs.get(target=good.target).pk)  # succeeds
+    run_migration(runs.get(target=broken.target).pk)  # fails: no secret in Vault
 
     shown = client.get(f"/api/rollouts/{data['id']}", headers=auth).json()
     assert shown["status"] == "halted"
@@ -469,6 +474,7 @@ def test_api_starts_shows_resumes_and_aborts_rollouts(client, api_tokens, regist
     assert resumed.json()["status"] == "running"
     assert resumed.json()["counts"]["skipped"] == 1
     assert MigrationRun.objects.filter(rollout_id=data["id"], status="queued").count() == 2
+    assert good.target.runs.count() == 1  # done before the halt: not run again
     again = client.post(f"/api/rollouts/{data['id']}/resume", headers=auth)
     assert again.status_code == 409 and "only a halted one" in again.json()["detail"]
 
