@@ -78,22 +78,33 @@ def _downgrade_problem(module):
     function = getattr(module, "downgrade", None)
     if function is None:
         return "it has no downgrade()"
+    meaningful = _statements(function)
+    if meaningful is None:
+        return ""
+    if not meaningful:
+        # A revision that changes nothing either way (what `alembic merge heads` writes, or
+        # an empty placeholder) has nothing to revert.
+        if _statements(getattr(module, "upgrade", None)) == []:
+            return ""
+        return "its downgrade() is empty"
+    if any(isinstance(node, ast.Raise) for node in meaningful):
+        return "its downgrade() raises"
+    return ""
+
+
+def _statements(function):
+    """The statements of ``function`` other than its docstring and ``pass``; None when its
+    source cannot be read."""
+    if function is None:
+        return None
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
     except (OSError, TypeError, SyntaxError):
-        return ""
+        return None
     body = tree.body[0].body
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-        if isinstance(body[0].value.value, str):
-            body = body[1:]  # the docstring
-    meaningful = [
+    return [
         node
         for node in body
         if not isinstance(node, ast.Pass)
         and not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))
     ]
-    if not meaningful:
-        return "its downgrade() is empty"
-    if any(isinstance(node, ast.Raise) for node in meaningful):
-        return "its downgrade() raises"
-    return ""
