@@ -350,7 +350,10 @@ def test_messages_lost_with_a_redis_restart_are_abandoned_and_sent_again(
     for run in MigrationRun.objects.filter(attempt=1):
         assert (run.status, run.error_code) == ("failed", "abandoned")
         assert "nothing ran" in run.error and "SECRET_KEY and Q_SITE_NAME" in run.error
-    with qcluster(env, tmp_path / "qcluster.log"):
+    # The cluster runs with the default bound: its own recovery must not abandon the retries
+    # again while its workers are still starting on a loaded machine.
+    cluster_env = {**env, "RUN_QUEUED_TIMEOUT_SECONDS": "300"}
+    with qcluster(cluster_env, tmp_path / "qcluster.log"):
         retries = wait_for_runs(MigrationRun.objects.filter(attempt=2), timeout=120)
     assert [r.status for r in retries] == ["succeeded"] * 3, [r.error for r in retries]
     for tenant in tenants:
