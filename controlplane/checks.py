@@ -102,6 +102,7 @@ def check_settings(app_configs=None, **kwargs):
     errors += _check_values_of_the_wrong_type()
     errors += _check_postgres_durations()
     errors += _check_mysql_bounds()
+    errors += _check_rollouts()
     errors += _check_workers_and_bounds()
     if not os.path.isfile(os.path.join(settings.TENANT_MIGRATIONS_DIR, "env.py")):
         errors.append(
@@ -249,6 +250,38 @@ def _check_mysql_bounds():
             checks.Error(
                 "MIGRATION_MYSQL_STATEMENT_TIMEOUT must be 0 (no bound) or more seconds.",
                 id="controlplane.E046",
+            )
+        )
+    return errors
+
+
+def _check_rollouts():
+    """ROLLOUT_*: a cap of 0 (none) or more, a webhook URL that is http(s), 1 attempt or more."""
+    from urllib.parse import urlsplit
+
+    errors = []
+    if settings.ROLLOUT_PER_SERVER_CONCURRENCY < 0:
+        errors.append(
+            checks.Error(
+                "ROLLOUT_PER_SERVER_CONCURRENCY must be 0 (no cap) or more.",
+                id="controlplane.E061",
+            )
+        )
+    url = settings.ROLLOUT_WEBHOOK_URL
+    if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
+        errors.append(
+            checks.Error(
+                "ROLLOUT_WEBHOOK_URL must be an http:// or https:// URL (e.g. a Slack incoming "
+                "webhook), or empty for no notifications.",
+                id="controlplane.E061",
+            )
+        )
+    if settings.ROLLOUT_WEBHOOK_ATTEMPTS < 1 or settings.ROLLOUT_WEBHOOK_BACKOFF_SECONDS < 0:
+        errors.append(
+            checks.Error(
+                "ROLLOUT_WEBHOOK_ATTEMPTS must be 1 or more, ROLLOUT_WEBHOOK_BACKOFF_SECONDS 0 "
+                "or more.",
+                id="controlplane.E061",
             )
         )
     return errors

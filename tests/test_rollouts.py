@@ -536,3 +536,19 @@ def test_admin_page_buttons_and_the_dashboard(admin_client, target_factory):
     assert admin_client.post(url, data).status_code == 302
     targets[2].refresh_from_db()
     assert targets[2].canary and targets[2].window_days == "sat-sun"
+
+
+@pytest.mark.parametrize(
+    "setting, value",
+    [
+        ("ROLLOUT_WEBHOOK_URL", "hooks.slack.com/services/x"),
+        ("ROLLOUT_PER_SERVER_CONCURRENCY", "-1"),
+        ("ROLLOUT_WEBHOOK_ATTEMPTS", "0"),
+    ],
+)
+def test_bad_rollout_settings_are_named_at_start(setting, value):
+    from tests.test_settings_checks import run_manage
+
+    result = run_manage("check", DEBUG="true", VAULT_TOKEN="x", **{setting: value})
+    assert result.returncode != 0
+    assert "controlplane.E061" in result.stderr and setting in result.stderr
