@@ -216,6 +216,9 @@ VAULT_KUBERNETES_JWT_FILE = env.str(
 VAULT_KUBERNETES_MOUNT_POINT = env.str("VAULT_KUBERNETES_MOUNT_POINT", default="kubernetes")
 VAULT_MOUNT_POINT = env.str("VAULT_MOUNT_POINT", default="secret")
 VAULT_DATABASE_SECRETS_PATH = env.str("VAULT_DATABASE_SECRETS_PATH", default="database")
+# Where Vault's database secrets engine is mounted, for targets whose secret says
+# admin_credentials=dynamic or static-role (README: "Dynamic credentials").
+VAULT_DATABASE_MOUNT_POINT = env.str("VAULT_DATABASE_MOUNT_POINT", default="database")
 VAULT_CACHE_SECONDS = env.int("VAULT_CACHE_SECONDS", default=300)
 VAULT_TIMEOUT = env.int("VAULT_TIMEOUT", default=10)
 

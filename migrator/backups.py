@@ -224,14 +224,14 @@ def restore_run(run, *, backup_run):
         with heartbeat(run.pk):
             # Fresh from Vault, as for a migration: a restore goes to the database the
             # secret names now.
-            connection = get_secrets_manager().migration_credentials(
+            with get_secrets_manager().admin_credentials(
                 record.effective_vault_path, provider=record.provider, fresh=True
-            )
-            result = restore(
-                Target(record.name, connection),
-                backup_run.backup_path,
-                checksum=backup_run.backup_checksum,
-            )
+            ) as admin:
+                result = restore(
+                    Target(record.name, admin.connection),
+                    backup_run.backup_path,
+                    checksum=backup_run.backup_checksum,
+                )
     except MigratorError as exc:
         error = exc
     except Exception as exc:  # noqa: BLE001 - recorded on the run, never lost

@@ -37,6 +37,7 @@ from migrator.exceptions import (
     DatabaseAuthFailed,
     DatabaseNotFound,
     DatabaseUnreachable,
+    OwnerRoleFailed,
     UnknownProvider,
 )
 from migrator.redaction import redact
@@ -228,9 +229,35 @@ def connect(target: Target) -> Iterator[Connection]:
 
     Raises ``DatabaseAuthFailed`` when the database rejects the credentials and
     ``DatabaseUnreachable`` when it cannot be reached within ``DATABASE_CONNECT_TIMEOUT``.
+
+    On PostgreSQL, when the secret names an ``owner_role``, the session switches to it
+    (``SET ROLE``, committed: it lasts for the session, through every revision's transaction)
+    before anything else runs on it, so that what the migration creates is owned by that role
+    and not by the user that logged in (which Vault may drop after the run). Raises
+    ``OwnerRoleFailed`` when the user may not.
     """
     with _open(target.connection, lambda exc: connect_error(target, exc)) as connection:
+        if target.connection.owner_role and connection.dialect.name == "postgresql":
+            _set_owner_role(target, connection)
         yield connection
+
+
+def _set_owner_role(target: Target, connection: Connection) -> None:
+    info = target.connection
+    role = info.owner_role
+    try:
+        connection.exec_driver_sql(f"SET ROLE {connection.dialect.identifier_preparer.quote(role)}")
+        connection.commit()
+    except sa_exc.DBAPIError as exc:
+        reason = error_reason(exc, info)
+        source = info.credentials_path or info.vault_path
+        raise OwnerRoleFailed(
+            f"Nothing ran on {target.name}: user {info.username!r} (from {source}) could not "
+            f"switch to the owner role {role!r} named by owner_role in the secret at "
+            f"{info.vault_path} (SET ROLE: {reason}). Grant it: in the Vault role's "
+            f'creation_statements add GRANT "{role}" TO "{{{{name}}}}"; (for a static user: '
+            f'GRANT "{role}" TO "{info.username}";), or correct owner_role in the secret.'
+        ) from None
 
 
 @contextmanager
@@ -367,7 +394,8 @@ def connect_error(
     if provider.auth_failed(error.orig):
         return DatabaseAuthFailed(
             f"The database of {target.name} at {where} rejected user {info.username!r} "
-            f"({reason}). Check the admin credentials in the Vault secret at {info.vault_path}: "
+            f"({reason}). Check the admin credentials in the Vault secret at "
+            f"{info.credentials_path or info.vault_path}: "
             f"the password may have been rotated, or the user may not be allowed to connect to "
             f"database {info.database!r}."
         )

@@ -57,6 +57,12 @@ class MountNotKV2(VaultError):
     code = "vault_mount_not_kv2"
 
 
+class DatabaseRoleNotFound(VaultError):
+    """The secret names a role (``admin_role``) the database secrets engine does not have."""
+
+    code = "vault_role_not_found"
+
+
 class SecretIncomplete(VaultError):
     """The secret exists but lacks keys, or a key has a value of the wrong form."""
 
@@ -91,6 +97,13 @@ class DatabaseAuthFailed(TargetError):
     """The database rejected the admin credentials."""
 
     code = "database_auth_failed"
+
+
+class OwnerRoleFailed(TargetError):
+    """The migration session could not switch to the secret's ``owner_role`` (SET ROLE); no DDL
+    ran."""
+
+    code = "owner_role_failed"
 
 
 class TargetLocked(TargetError):

@@ -23,7 +23,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from django.conf import settings
 
 from migrator import deadlines
 from migrator.exceptions import (
+    DatabaseRoleNotFound,
     MountNotKV2,
     SecretIncomplete,
     SecretNotFound,
@@ -120,6 +122,12 @@ class ConnectionInfo:
     driver: str | None = None
     vault_path: str = ""
     role: str = "admin"
+    # PostgreSQL: the role every migration session switches to (SET ROLE) before any DDL, so
+    # that what it creates is owned by a stable role, not by a user Vault made for one run.
+    owner_role: str | None = None
+    # Where the user and password came from when not from ``vault_path`` (dynamic and
+    # static-role credentials: ``database/creds/ROLE``, ``database/static-creds/ROLE``).
+    credentials_path: str = ""
 
     def __post_init__(self):
         if not self.database:
@@ -148,6 +156,7 @@ class VaultConfig:
     cacert: str = ""
     mount_point: str = "secret"
     database_secrets_path: str = "database"
+    database_mount_point: str = "database"
     cache_seconds: int = 300
     timeout: int = 10
 
@@ -168,6 +177,7 @@ class VaultConfig:
             cacert=settings.VAULT_CACERT,
             mount_point=settings.VAULT_MOUNT_POINT.strip("/"),
             database_secrets_path=settings.VAULT_DATABASE_SECRETS_PATH.strip("/"),
+            database_mount_point=settings.VAULT_DATABASE_MOUNT_POINT.strip("/"),
             cache_seconds=settings.VAULT_CACHE_SECONDS,
             timeout=settings.VAULT_TIMEOUT,
         )
@@ -242,15 +252,65 @@ class SecretsManager:
     ) -> ConnectionInfo:
         """The admin user of the database whose secret is at ``path`` (relative to
         VAULT_DATABASE_SECRETS_PATH), for migrations. Reads (or takes from the cache)
-        ``GET /v1/{mount}/data/{database_secrets_path}/{path}``.
+        ``GET /v1/{mount}/data/{database_secrets_path}/{path}``; for a secret that says
+        ``admin_credentials=static-role``, also ``GET /v1/{database mount}/static-creds/{role}``
+        (always fresh: Vault rotates that password).
 
         ``provider`` is the provider recorded on the target; the secret's optional ``provider``
         key must agree with it. ``fresh``: read the latest version from Vault whatever the cache
         holds (and cache it), for a run that decides what to do to the database the secret
         names: a secret changed to point at another database must never be missed. Raises a
-        ``VaultError`` subclass on any failure.
+        ``VaultError`` subclass on any failure. A secret that says
+        ``admin_credentials=dynamic`` needs a lease that is revoked afterwards: use
+        ``admin_credentials()``, which works for every mode.
         """
-        return self._connection_info(path, provider, "admin", fresh=fresh)
+        info, _use, lease = self._admin(path, provider, fresh=fresh, issue=False)
+        return info
+
+    def database_server(
+        self, path: str, provider: str | None = None
+    ) -> tuple[str | None, int | None]:
+        """(host, port) of the database server the secret at ``path`` names, whatever the mode
+        of its admin credentials (None, None for SQLite). Reads (or takes from the cache)
+        ``GET /v1/{mount}/data/{database_secrets_path}/{path}``; makes no user."""
+        full = self.full_path(path)
+        data = self._secret_data(self._relative_path(path))
+        provider = _resolve_provider(full, provider, data.get("provider"))
+        if provider == "sqlite":
+            return None, None
+        _require(full, data, ("host",))
+        return data["host"], _port(full, data.get("port"), DEFAULT_PORTS[provider])
+
+    @contextmanager
+    def admin_credentials(
+        self, path: str, provider: str | None = None, *, fresh: bool = False
+    ) -> Iterator["AdminCredentials"]:
+        """The admin user of the database whose secret is at ``path``, for the ``with`` block,
+        in whichever mode the secret's ``admin_credentials`` key names (README: "Dynamic
+        credentials"):
+
+        * ``static`` (the default): ``admin_username`` / ``admin_password`` of the KV secret;
+        * ``static-role``: ``GET /v1/{database mount}/static-creds/{admin_role}``, read fresh;
+        * ``dynamic``: ``GET /v1/{database mount}/creds/{admin_role}``, a user Vault creates for
+          this block. Its lease is renewed while the block runs (``PUT /v1/sys/leases/renew``,
+          every third of its TTL) and revoked when it ends, however it ends
+          (``PUT /v1/sys/leases/revoke/{lease id}``, tried ``REVOKE_ATTEMPTS`` times): a worker
+          that dies leaves a user that Vault drops when the lease's TTL runs out.
+
+        Yields an ``AdminCredentials``: ``connection`` (a ``ConnectionInfo``) and ``use`` (a
+        ``CredentialsUse`` for the record: mode, path, user, the lease's safe form and, once
+        the block has ended, whether the revocation succeeded). Never holds a password.
+        """
+        info, use, lease = self._admin(path, provider, fresh=fresh, issue=True)
+        if lease is None:
+            yield AdminCredentials(info, use)
+            return
+        keeper = _LeaseKeeper(self, lease)
+        try:
+            yield AdminCredentials(info, use)
+        finally:
+            keeper.stop()
+            self._revoke(lease, use)
 
     def application_credentials(self, path: str, provider: str | None = None) -> ConnectionInfo:
         """The app user of the database whose secret is at ``path``, for the application at
@@ -303,29 +363,120 @@ class SecretsManager:
 
     # --- Credentials --------------------------------------------------------------------------
 
-    def _connection_info(
-        self, path: str, provider: str | None, role: str, *, fresh: bool = False
-    ) -> ConnectionInfo:
+    def _connection_info(self, path: str, provider: str | None, role: str) -> ConnectionInfo:
+        """The app pair of the secret at ``path`` (``role`` "app")."""
+        if role == "admin":
+            return self.migration_credentials(path, provider)
+        relative = self._relative_path(path)
+        full = self.full_path(path)
+        data = self._secret_data(relative)
+        provider = _resolve_provider(full, provider, data.get("provider"))
+        if provider == "sqlite":
+            return self._sqlite_info(full, data, role)
+        # A secret whose admin user comes from the database secrets engine holds no admin pair.
+        static = _credentials_mode(full, data) == "static"
+        _require(
+            full,
+            data,
+            SERVER_KEYS if static else ("app_username", "app_password", "host", "database"),
+        )
+        return self._server_info(
+            full, data, provider, role, data["app_username"], Secret(data["app_password"])
+        )
+
+    def _admin(
+        self, path: str, provider: str | None, *, fresh: bool, issue: bool
+    ) -> tuple[ConnectionInfo, "CredentialsUse", "_Lease | None"]:
+        """The admin ``ConnectionInfo`` of the secret at ``path``, how it was obtained, and the
+        lease to revoke afterwards (dynamic credentials, when ``issue``)."""
         relative = self._relative_path(path)
         full = self.full_path(path)
         data = self._secret_data(relative, fresh=fresh)
         provider = _resolve_provider(full, provider, data.get("provider"))
-        options = _options(full, data.get("options"))
+        mode = _credentials_mode(full, data)
         if provider == "sqlite":
-            _require(full, data, ("database",))
-            return ConnectionInfo(
-                provider=provider,
-                host=None,
-                port=None,
-                database=data["database"],
-                username=None,
-                password=None,
-                options=options,
-                driver=None,
-                vault_path=full,
-                role=role,
+            if mode != "static":
+                raise SecretIncomplete(
+                    f"The secret at {full} says admin_credentials={mode}, but a SQLite database "
+                    "has no users: remove admin_credentials."
+                )
+            return self._sqlite_info(full, data, "admin"), CredentialsUse("static", full), None
+        owner_role = _optional_text(full, data, "owner_role")
+        if mode == "static":
+            _require(full, data, SERVER_KEYS)
+            info = self._server_info(
+                full,
+                data,
+                provider,
+                "admin",
+                data["admin_username"],
+                Secret(data["admin_password"]),
+                owner_role=owner_role,
             )
-        _require(full, data, SERVER_KEYS)
+            return info, CredentialsUse("static", full, username=info.username or ""), None
+        _require(full, data, ("host", "database", "admin_role"))
+        role_name = data["admin_role"].strip()
+        if mode == "dynamic" and provider == "postgresql" and not owner_role:
+            raise SecretIncomplete(
+                f"The secret at {full} says admin_credentials=dynamic but names no owner_role: "
+                "what a user Vault made for one run creates must belong to a role that outlives "
+                "it (PostgreSQL will not drop a role that owns tables). Add it with "
+                f"`vault kv patch {full.replace('/data/', '/', 1)} owner_role=...` and grant it "
+                f'in the Vault role\'s creation_statements: GRANT "OWNER" TO "{{{{name}}}}";'
+            )
+        if mode == "static-role":
+            username, password, source = self._read_static_role(full, role_name)
+            lease = None
+        elif not issue:
+            raise VaultError(
+                f"The secret at {full} says admin_credentials=dynamic: its admin user is made "
+                "for one run and revoked after it, so it is read with admin_credentials(), "
+                "never on its own (a bug in the caller)."
+            )
+        else:
+            username, password, lease = self._issue(full, role_name)
+            source = lease.path
+        info = self._server_info(
+            full,
+            data,
+            provider,
+            "admin",
+            username,
+            password,
+            owner_role=owner_role,
+            credentials_path=source,
+        )
+        use = CredentialsUse(
+            mode,
+            source,
+            username=username,
+            lease=lease.safe_id if lease else "",
+            lease_seconds=lease.seconds if lease else 0,
+        )
+        return info, use, lease
+
+    def _sqlite_info(self, full: str, data: dict, role: str) -> ConnectionInfo:
+        _require(full, data, ("database",))
+        return ConnectionInfo(
+            provider="sqlite",
+            database=data["database"],
+            options=_options(full, data.get("options")),
+            vault_path=full,
+            role=role,
+        )
+
+    def _server_info(
+        self,
+        full: str,
+        data: dict,
+        provider: str,
+        role: str,
+        username: str,
+        password: Secret,
+        *,
+        owner_role: str | None = None,
+        credentials_path: str = "",
+    ) -> ConnectionInfo:
         driver = data.get("driver") or None
         if driver is not None and not isinstance(driver, str):
             raise SecretIncomplete(f"The secret at {full} has a 'driver' key that is not text.")
@@ -334,13 +485,171 @@ class SecretsManager:
             host=data["host"],
             port=_port(full, data.get("port"), DEFAULT_PORTS[provider]),
             database=data["database"],
-            username=data[f"{role}_username"],
-            password=Secret(data[f"{role}_password"]),
-            options=options,
+            username=username,
+            password=password,
+            options=_options(full, data.get("options")),
             driver=driver,
             vault_path=full,
             role=role,
+            owner_role=owner_role if provider == "postgresql" else None,
+            credentials_path=credentials_path,
         )
+
+    # --- The database secrets engine ---------------------------------------------------------
+
+    def _database_call(self, endpoint: str, path: str, full: str, kind: str, call) -> dict:
+        """One read of the database secrets engine at ``path`` (``database/creds/ROLE``), its
+        refusals mapped to errors naming the path, the secret that named it and the fix."""
+        mount = self.config.database_mount_point
+        role_name = path.rsplit("/", 1)[-1]
+        named = f"named by admin_role in the secret at {full}"
+        try:
+            return self._with_token(endpoint, lambda client: call(client, role_name, mount))
+        except hvac.exceptions.Forbidden:
+            raise VaultForbidden(
+                f"The Vault token ({self._login_description()}) may not read {path} "
+                f"(permission denied), {named}. Give its policy: "
+                f'path "{path}" {{ capabilities = ["read"] }}'
+                + (
+                    f' and path "sys/leases/revoke/{path}/*" {{ capabilities = ["update"] }}'
+                    if kind == "dynamic"
+                    else ""
+                )
+                + " (README: Dynamic credentials)."
+            ) from None
+        except (hvac.exceptions.InvalidPath, hvac.exceptions.InvalidRequest) as exc:
+            reason = _reason(exc)
+            if "no handler for route" in reason:
+                raise SecretNotFound(
+                    f"No database secrets engine is mounted at {mount}/ in Vault "
+                    f"{self.config.addr}, so {path} ({named}) cannot be read: enable it "
+                    f"(`bao secrets enable -path={mount} database`) or set "
+                    "VAULT_DATABASE_MOUNT_POINT to where it is mounted."
+                ) from None
+            if "unknown role" in reason or "role" in reason and "not" in reason:
+                roles = "roles" if kind == "dynamic" else "static-roles"
+                make = (
+                    f"bao write {mount}/roles/{role_name} db_name=... "
+                    "creation_statements=... default_ttl=... max_ttl=..."
+                    if kind == "dynamic"
+                    else f"bao write {mount}/static-roles/{role_name} db_name=... username=... "
+                    "rotation_period=..."
+                )
+                raise DatabaseRoleNotFound(
+                    f"Vault has no {'role' if kind == 'dynamic' else 'static role'} "
+                    f"{role_name} at {mount}/{roles}/{role_name} (GET /v1/{path}: {reason}), "
+                    f"{named}. Create it (`{make}`; README: Dynamic credentials) or correct "
+                    "admin_role in the secret."
+                ) from None
+            raise VaultError(
+                f"Vault answered GET /v1/{path} ({named}) with an error: {reason}"
+            ) from None
+        except hvac.exceptions.VaultError as exc:
+            raise VaultError(
+                f"Vault answered GET /v1/{path} ({named}) with an error: {_reason(exc)}"
+            ) from None
+
+    def _read_static_role(self, full: str, role_name: str) -> tuple[str, Secret, str]:
+        """``GET /v1/{database mount}/static-creds/{role}``: the user of a static role and its
+        current password, which Vault rotates."""
+        path = f"{self.config.database_mount_point}/static-creds/{role_name}"
+        response = self._database_call(
+            f"GET /v1/{path}",
+            path,
+            full,
+            "static-role",
+            lambda client, name, mount: client.secrets.database.get_static_credentials(
+                name=name, mount_point=mount
+            ),
+        )
+        username, password = _issued_pair(path, response)
+        return username, password, path
+
+    def _issue(self, full: str, role_name: str) -> tuple[str, Secret, "_Lease"]:
+        """``GET /v1/{database mount}/creds/{role}``: a user Vault creates now, and its lease."""
+        path = f"{self.config.database_mount_point}/creds/{role_name}"
+        response = self._database_call(
+            f"GET /v1/{path}",
+            path,
+            full,
+            "dynamic",
+            lambda client, name, mount: client.secrets.database.generate_credentials(
+                name=name, mount_point=mount
+            ),
+        )
+        username, password = _issued_pair(path, response)
+        lease_id = response.get("lease_id") or ""
+        register_secret(lease_id.rsplit("/", 1)[-1]) if lease_id else None
+        lease = _Lease(
+            path=path,
+            lease_id=lease_id,
+            seconds=int(response.get("lease_duration") or 0),
+            renewable=bool(response.get("renewable")),
+        )
+        logger.info(
+            "Vault created user %s for this run (%s, lease %s, TTL %ss)",
+            username,
+            path,
+            lease.safe_id,
+            lease.seconds,
+        )
+        return username, password, lease
+
+    def _renew(self, lease: "_Lease") -> int:
+        """``PUT /v1/sys/leases/renew``: extend ``lease`` by its TTL; the seconds it now has."""
+        response = self._with_token(
+            "PUT /v1/sys/leases/renew",
+            lambda client: client.sys.renew_lease(lease_id=lease.lease_id, increment=lease.seconds),
+        )
+        return int((response or {}).get("lease_duration") or 0)
+
+    def _revoke(self, lease: "_Lease", use: "CredentialsUse") -> None:
+        """``PUT /v1/sys/leases/revoke/{lease id}``, tried ``REVOKE_ATTEMPTS`` times; records
+        on ``use`` whether it worked and, when not, why. Never raises: the run's outcome stands
+        whatever happens here, and the lease's TTL bounds the user's life all the same."""
+        if not lease.lease_id:
+            use.revoked = False
+            use.problem = f"Vault gave no lease for {lease.path}: nothing to revoke"
+            return
+        pause = REVOKE_FIRST_PAUSE
+        problem = ""
+        for attempt in range(1, REVOKE_ATTEMPTS + 1):
+            try:
+                self._with_token(
+                    f"PUT /v1/sys/leases/revoke/{lease.path}/…",
+                    lambda client: client.adapter.put(f"/v1/sys/leases/revoke/{lease.lease_id}"),
+                )
+            except hvac.exceptions.Forbidden:
+                problem = (
+                    f"the Vault token may not revoke it (permission denied): give its policy "
+                    f'path "sys/leases/revoke/{lease.path}/*" {{ capabilities = ["update"] }}'
+                )
+                break  # asking again will not change a policy
+            except (VaultError, hvac.exceptions.VaultError) as exc:
+                problem = str(exc) if isinstance(exc, VaultError) else _reason(exc)
+                logger.warning(
+                    "Revoking the lease %s (user %s) failed (attempt %s of %s): %s",
+                    lease.safe_id,
+                    use.username,
+                    attempt,
+                    REVOKE_ATTEMPTS,
+                    problem,
+                )
+                if attempt < REVOKE_ATTEMPTS:
+                    time.sleep(pause)
+                    pause *= 2
+                continue
+            use.revoked = True
+            logger.info("Revoked the lease %s: Vault dropped user %s", lease.safe_id, use.username)
+            return
+        use.revoked = False
+        use.problem = (
+            f"Revoking the lease {lease.safe_id} of user {use.username} failed: {problem}. "
+            f"Vault drops the user when the lease ends (TTL {lease.seconds}s); to drop it now: "
+            f"`bao list sys/leases/lookup/{lease.path}` and "
+            f"`bao lease revoke {lease.path}/<the id ending in {lease.lease_id[-4:]}>`."
+        )
+        logger.error("%s", use.problem)
 
     def _secret_data(self, relative: str, *, fresh: bool = False) -> dict:
         """The secret's key/value pairs, from the cache (unless ``fresh``) or from Vault."""
@@ -845,6 +1154,137 @@ def _options(full: str, value: Any) -> dict:
             '(e.g. {"sslmode": "require"}).'
         )
     return dict(value)
+
+
+# --- Dynamic credentials --------------------------------------------------------------------
+
+CREDENTIAL_MODES = ("static", "dynamic", "static-role")
+REVOKE_ATTEMPTS = 3
+REVOKE_FIRST_PAUSE = 0.5  # seconds; doubled for each next attempt
+
+
+@dataclass
+class CredentialsUse:
+    """How one run got its admin user, for its record: never a password, never a whole lease id.
+
+    ``mode``: static, dynamic or static-role. ``source``: the Vault path the user came from.
+    ``lease``: the lease's safe form, its path and the last four characters of its id (enough
+    to find it in ``bao list sys/leases/lookup/<path>``, not to renew or revoke it). ``revoked``:
+    None until the run ends (and for modes without a lease), then whether the revocation
+    worked; ``problem`` says why not.
+    """
+
+    mode: str
+    source: str
+    username: str = ""
+    lease: str = ""
+    lease_seconds: int = 0
+    revoked: bool | None = None
+    problem: str = ""
+
+    def summary(self) -> str:
+        """One line for the run's log and page."""
+        if self.mode != "dynamic":
+            return f"Admin credentials: {self.mode} ({self.source}, user {self.username or '-'})"
+        line = (
+            f"Admin credentials: dynamic, user {self.username} from {self.source}, "
+            f"lease {self.lease} (TTL {self.lease_seconds}s)"
+        )
+        if self.revoked is True:
+            return line + "; revoked after the run"
+        if self.revoked is False:
+            return line + f"; NOT revoked: {self.problem}"
+        return line
+
+
+@dataclass(frozen=True)
+class AdminCredentials:
+    """What ``SecretsManager.admin_credentials`` yields."""
+
+    connection: ConnectionInfo
+    use: CredentialsUse
+
+
+@dataclass
+class _Lease:
+    path: str  # database/creds/ROLE
+    lease_id: str = field(repr=False)
+    seconds: int = 0
+    renewable: bool = False
+
+    @property
+    def safe_id(self) -> str:
+        return f"{self.path}/…{self.lease_id[-4:]}" if self.lease_id else f"{self.path}/(none)"
+
+
+class _LeaseKeeper:
+    """Renews a lease every third of its TTL while a run uses it, from a thread of its own
+    (the run's thread is busy in Alembic). A short TTL then bounds how long the user of a dead
+    worker lives, and a run longer than the TTL keeps its user."""
+
+    def __init__(self, manager: "SecretsManager", lease: _Lease):
+        self._manager = manager
+        self._lease = lease
+        self._stopped = threading.Event()
+        self._thread = None
+        if lease.renewable and lease.seconds > 0 and lease.lease_id:
+            self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        period = max(1.0, self._lease.seconds / 3)
+        while not self._stopped.wait(period):
+            try:
+                left = self._manager._renew(self._lease)
+            except Exception as exc:  # noqa: BLE001 - the run goes on; the TTL still bounds it
+                logger.warning(
+                    "Renewing the lease %s failed: %s", self._lease.safe_id, redact(str(exc))
+                )
+                continue
+            if left and left < self._lease.seconds:
+                logger.warning(
+                    "The lease %s reached its max TTL: Vault drops its user in %ss, even if "
+                    "the run is still going (raise the role's max_ttl).",
+                    self._lease.safe_id,
+                    left,
+                )
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self._manager.config.timeout + 1)
+
+
+def _credentials_mode(full: str, data: dict) -> str:
+    mode = data.get("admin_credentials")
+    if mode in (None, ""):
+        return "static"
+    if not isinstance(mode, str) or mode.strip().lower() not in CREDENTIAL_MODES:
+        raise SecretIncomplete(
+            f"The secret at {full} has an 'admin_credentials' key that is not one of "
+            f"{', '.join(CREDENTIAL_MODES)}."
+        )
+    return mode.strip().lower()
+
+
+def _optional_text(full: str, data: dict, key: str) -> str | None:
+    value = data.get(key)
+    if value in (None, ""):
+        return None
+    if not _is_text(value):
+        raise SecretIncomplete(f"The secret at {full} has a '{key}' key that is not text.")
+    return value.strip()
+
+
+def _issued_pair(path: str, response: Any) -> tuple[str, Secret]:
+    data = (response or {}).get("data") if isinstance(response, dict) else None
+    if (
+        not isinstance(data, dict)
+        or not _is_text(data.get("username"))
+        or not _is_text(data.get("password"))
+    ):
+        raise VaultError(f"Vault's answer to GET /v1/{path} holds no username and password.")
+    return data["username"], Secret(data["password"])
 
 
 # --- The process-wide manager ---------------------------------------------------------------

@@ -267,26 +267,71 @@ def migrate(record, *, kind="upgrade", revision="head", run=None):
     Reads the admin credentials at ``{mount}/data/{secrets path}/{path}``, ``path`` being
     ``record.effective_vault_path``, fresh from Vault: a run never decides what to do (nor
     "nothing to do") on a cached secret older than the one in Vault, which may now name
-    another database. When the database rejects them and
-    Vault has newer ones (a rotation), reads Vault once more and retries once. With ``run``,
-    also does what a recorded run does around the migration: a backup first when the target's
+    another database. The secret says where the admin user comes from
+    (``migrator.secrets.SecretsManager.admin_credentials``): its own pair, a static role, or a
+    user Vault creates for this run and whose lease is revoked when the run ends, however it
+    ends; with ``run``, that is recorded on the run when the user is issued and again after the
+    revocation, and said in its log. When the database rejects static credentials and Vault has
+    newer ones (a rotation), reads Vault once more and retries once. With ``run``, also does
+    what a recorded run does around the migration: a backup first when the target's
     policy asks for one and something is pending (a failed backup stops the run before any
     DDL), and a verification of the schema after an upgrade; both are recorded on the run.
     """
     secrets = get_secrets_manager()
-    connection = secrets.migration_credentials(
-        record.effective_vault_path, provider=record.provider, fresh=True
-    )
-    _record_server(record, connection)
+    used = None
+    outcome = None
+    try:
+        with secrets.admin_credentials(
+            record.effective_vault_path, provider=record.provider, fresh=True
+        ) as admin:
+            used = admin.use
+            _record_server(record, admin.connection)
+            if run is not None and used.mode != "static":
+                _record_credentials(run, used)
+            outcome = _migrate_as(secrets, admin, record, kind, revision, run)
+            return outcome
+    except MigratorError as exc:
+        outcome = exc.result
+        raise
+    finally:
+        if used is not None:
+            _say_credentials(used, outcome, run)
+
+
+def _migrate_as(secrets, admin, record, kind, revision, run):
+    connection = admin.connection
     try:
         return _migrate(Target(record.name, connection), record, kind, revision, run)
     except DatabaseAuthFailed:
+        if admin.use.mode == "dynamic":
+            raise  # a user made for this very run: reading another one would not help
         secrets.invalidate(record.effective_vault_path)
         fresh = secrets.migration_credentials(record.effective_vault_path, provider=record.provider)
         if fresh == connection:
             raise
         logger.info("Credentials for %s changed in Vault; retrying once", record.name)
         return _migrate(Target(record.name, fresh), record, kind, revision, run)
+
+
+def _say_credentials(used, outcome, run):
+    """Put where the admin user came from (and, for a dynamic one, whether its lease was
+    revoked) in the run's log and record; a failed revocation is an error in the worker's log
+    too (``SecretsManager._revoke``)."""
+    if used.mode == "static":
+        return
+    if outcome is not None:
+        outcome.log.append(used.summary())
+    if run is not None:
+        _record_credentials(run, used)
+
+
+def _record_credentials(run, used):
+    from tenants import actions
+
+    try:
+        _until_recorded(run, actions.do_record_admin_credentials, run, used)
+    except Exception:  # noqa: BLE001 - the run's outcome matters more; its log says it
+        logger.exception("Could not record the admin credentials of run %s", run.pk)
 
 
 def _migrate(target, record, kind, revision, run):
@@ -338,23 +383,23 @@ def server_of(record):
     """``host:port`` of the database server ``record``'s secret names (cached read), or "" when
     it cannot be read or names no host (SQLite)."""
     try:
-        connection = get_secrets_manager().migration_credentials(
+        host, port = get_secrets_manager().database_server(
             record.effective_vault_path, provider=record.provider
         )
     except MigratorError:
         return ""
-    if not connection.host:
+    if not host:
         return ""
-    return f"{connection.host}:{connection.port or ''}".rstrip(":")
+    return f"{host}:{port or ''}".rstrip(":")
 
 
 def read_revision(record):
     """The revision the database of ``record`` stands at now, read from its ``alembic_version``
     (the secret read fresh from Vault: the database it names now)."""
-    connection = get_secrets_manager().migration_credentials(
+    with get_secrets_manager().admin_credentials(
         record.effective_vault_path, provider=record.provider, fresh=True
-    )
-    return runner.current(Target(record.name, connection)).revision
+    ) as admin:
+        return runner.current(Target(record.name, admin.connection)).revision
 
 
 def target_lock_held(record):
@@ -362,10 +407,12 @@ def target_lock_held(record):
     (``migrator.locks.is_held``)? Reads the admin credentials from Vault (cached) to ask."""
     from migrator import engines, locks
 
-    connection = get_secrets_manager().migration_credentials(
-        record.effective_vault_path, provider=record.provider
-    )
-    with engines.connect(Target(record.name, connection)) as db:
+    with (
+        get_secrets_manager().admin_credentials(
+            record.effective_vault_path, provider=record.provider
+        ) as admin,
+        engines.connect(Target(record.name, admin.connection)) as db,
+    ):
         return locks.is_held(db)
 
 

@@ -799,14 +799,17 @@ def verify_record(record, *, script_location=None) -> Verification:
     migrating: reads its admin and app credentials from Vault and its revision from
     ``alembic_version``. Records nothing (see ``verify_records``)."""
     try:
-        secrets = get_secrets_manager()
-        target = Target(
-            record.name,
-            secrets.migration_credentials(
-                record.effective_vault_path, provider=record.provider, fresh=True
-            ),
-        )
-        revision = runner.current(target, script_location=script_location).revision
+        with get_secrets_manager().admin_credentials(
+            record.effective_vault_path, provider=record.provider, fresh=True
+        ) as admin:
+            target = Target(record.name, admin.connection)
+            revision = runner.current(target, script_location=script_location).revision
+            return verify_target(
+                target,
+                revision=revision,
+                app=_app_credentials(record),
+                script_location=script_location,
+            )
     except MigratorError as exc:
         return Verification(
             record.name,
@@ -814,9 +817,6 @@ def verify_record(record, *, script_location=None) -> Verification:
             record.revision or None,
             not_verified=f"the database could not be read: {exc}",
         )
-    return verify_target(
-        target, revision=revision, app=_app_credentials(record), script_location=script_location
-    )
 
 
 def verify_records(records, *, trigger, acting_user=None, record_every_run=False):

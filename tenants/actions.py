@@ -962,6 +962,29 @@ def _take_verification(target, verification, now):
     return fields, report
 
 
+# --- Admin credentials ---------------------------------------------------------------------------
+
+
+def do_record_admin_credentials(run, use):
+    """Record on ``run`` where its admin user came from (a ``migrator.secrets.CredentialsUse``):
+    the mode, the user, the lease's safe form and whether it was revoked. Saved at once when the
+    user is issued, so a run whose worker dies shows the lease it left, and again after the
+    revocation."""
+    run.admin_credentials = use.mode
+    run.credentials_user = use.username[:128]
+    run.credentials_lease = use.lease[:300]
+    run.credentials_revoked = use.revoked
+    run.save(
+        update_fields=[
+            "admin_credentials",
+            "credentials_user",
+            "credentials_lease",
+            "credentials_revoked",
+        ]
+    )
+    return run
+
+
 # --- Backups and restores -----------------------------------------------------------------------
 
 

@@ -728,6 +728,17 @@ class MigrationRunAdmin(WideChangelist, admin.ModelAdmin):
                 )
             },
         ),
+        (
+            "Admin credentials",
+            {
+                "fields": (
+                    "admin_credentials",
+                    "credentials_user",
+                    "credentials_lease",
+                    "credentials_revoked",
+                )
+            },
+        ),
         ("Log", {"fields": ("log_lines",)}),
         ("Schema verification", {"fields": ("drift_report_text",)}),
         (

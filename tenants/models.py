@@ -414,6 +414,23 @@ class MigrationRun(models.Model):
         help_text="For a restore: the run whose backup was restored.",
     )
     drift_report = models.TextField(blank=True)
+    admin_credentials = models.CharField(
+        max_length=16,
+        blank=True,
+        help_text="Where the run's admin user came from: static (the KV secret), dynamic (made "
+        "by Vault for this run) or static-role (a password Vault rotates).",
+    )
+    credentials_user = models.CharField(max_length=128, blank=True)
+    credentials_lease = models.CharField(
+        max_length=300,
+        blank=True,
+        help_text="Dynamic credentials: the lease's path and the last characters of its id.",
+    )
+    credentials_revoked = models.BooleanField(
+        null=True,
+        blank=True,
+        help_text="Dynamic credentials: was the lease revoked after the run (empty: not yet).",
+    )
     worker_cluster = models.CharField(max_length=100, blank=True)
     attempt = models.PositiveSmallIntegerField(
         default=1, help_text="1 for a first try; automatic retries of retryable errors count up."

@@ -1,0 +1,379 @@
+"""Admin credentials from Vault's database secrets engine (README: "Dynamic credentials"),
+against a real OpenBao whose database engine manages users on the local PostgreSQL and MariaDB:
+a user made for each run and dropped after it, its tables owned by a stable owner role, a dead
+worker's user dropped when its lease ends, and each misconfiguration named with its fix."""
+
+import os
+import secrets as random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from migrator import runner
+from migrator.secrets import reset_secrets_manager
+from migrator.tasks import run_migration
+from tenants import actions
+from tenants.models import MigrationRun, Trigger
+from tests import services
+from tests.dispatch_fixtures import HEAD
+
+pytestmark = [pytest.mark.vault, pytest.mark.postgres, pytest.mark.mysql, pytest.mark.django_db]
+
+FIXTURES = Path(__file__).parent / "alembic_fixtures"
+TTL = 4  # seconds: short, so that a dead worker's user goes within the test
+
+
+class DatabaseEngine:
+    """A database secrets engine mounted on the session's OpenBao for one test, with a
+    connection to the local PostgreSQL (``pg``) and MariaDB (``my``)."""
+
+    def __init__(self, openbao, postgres_server, mysql_server):
+        self.client = openbao.client()
+        self.mount = f"db-{random.token_hex(4)}"
+        self.postgres = postgres_server
+        self.mysql = mysql_server
+        self.client.sys.enable_secrets_engine("database", path=self.mount)
+        self.client.write(
+            f"{self.mount}/config/pg",
+            plugin_name="postgresql-database-plugin",
+            connection_url=(
+                f"postgresql://{{{{username}}}}:{{{{password}}}}@{postgres_server.host}:"
+                f"{postgres_server.port}/{postgres_server.dbname}?sslmode=disable"
+            ),
+            username=postgres_server.user,
+            password=postgres_server.password or "trusted",
+            allowed_roles="*",
+        )
+        self.client.write(
+            f"{self.mount}/config/my",
+            plugin_name="mysql-database-plugin",
+            connection_url=f"{{{{username}}}}:{{{{password}}}}@tcp({mysql_server.host}:"
+            f"{mysql_server.port})/",
+            username=mysql_server.user,
+            password=mysql_server.password,
+            allowed_roles="*",
+        )
+
+    def pg_role(self, name, *, owner, grant_owner=True, ttl=TTL):
+        """A role whose users may log in (their passwords checked where pg_hba says so) and,
+        with ``grant_owner``, switch to ``owner``: the README's creation statements."""
+        statements = [
+            "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' "
+            f"VALID UNTIL '{{{{expiration}}}}' IN ROLE {services.PASSWORD_CHECKED_GROUP};"
+        ]
+        if grant_owner:
+            statements.append(f'GRANT "{owner}" TO "{{{{name}}}}";')
+        self.client.write(
+            f"{self.mount}/roles/{name}",
+            db_name="pg",
+            creation_statements=statements,
+            default_ttl=f"{ttl}s",
+            max_ttl="10m",
+        )
+        return name
+
+    def mysql_role(self, name, *, database, ttl=TTL):
+        self.client.write(
+            f"{self.mount}/roles/{name}",
+            db_name="my",
+            creation_statements=[
+                "CREATE USER '{{name}}'@'%' IDENTIFIED BY '{{password}}';",
+                f"GRANT ALL PRIVILEGES ON `{database}`.* TO '{{{{name}}}}'@'%';",
+            ],
+            default_ttl=f"{ttl}s",
+            max_ttl="10m",
+        )
+        return name
+
+    def static_role(self, name, *, username):
+        self.client.write(
+            f"{self.mount}/static-roles/{name}",
+            db_name="pg",
+            username=username,
+            rotation_period="1h",
+        )
+        return name
+
+    def vault_users(self):
+        """Users the engine made that are still on either server."""
+        with self.postgres.connect() as conn:
+            pg = [
+                r[0] for r in conn.execute("SELECT rolname FROM pg_roles WHERE rolname LIKE 'v-%'")
+            ]
+        conn = self.mysql.connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT user FROM mysql.user WHERE user LIKE 'v-%'")
+                my = [r[0] for r in cur.fetchall()]
+        finally:
+            conn.close()
+        return pg + my
+
+    def close(self):
+        self.client.sys.revoke_prefix(
+            f"{self.mount}/creds",
+        )
+        self.client.sys.disable_secrets_engine(self.mount)
+
+
+@pytest.fixture
+def engine(vault, settings, postgres_server, mysql_server):
+    made = DatabaseEngine(vault, postgres_server, mysql_server)
+    settings.VAULT_DATABASE_MOUNT_POINT = made.mount
+    reset_secrets_manager()
+    yield made
+    made.close()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_runner():
+    runner.reset()
+    yield
+    runner.reset()
+
+
+def dynamic_tenant(registered_tenant, vault_secret, engine, provider="postgresql", **secret):
+    """A tenant whose secret names a Vault role instead of an admin pair. On PostgreSQL its
+    database's owner is the owner role, and the app user gets its grants by that role's
+    default privileges (README)."""
+    tenant = registered_tenant(provider)
+    db = tenant.database
+    role = f"adm-{random.token_hex(3)}"
+    if provider == "postgresql":
+        engine.pg_role(role, owner=db.admin_username)
+        with engine.postgres.connect(db.database) as conn:
+            conn.execute(
+                f'ALTER DEFAULT PRIVILEGES FOR ROLE "{db.admin_username}" IN SCHEMA public '
+                f'GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO "{db.app_username}"'
+            )
+            conn.execute(
+                f'ALTER DEFAULT PRIVILEGES FOR ROLE "{db.admin_username}" IN SCHEMA public '
+                f'GRANT USAGE ON SEQUENCES TO "{db.app_username}"'
+            )
+        secret.setdefault("owner_role", db.admin_username)
+    else:
+        engine.mysql_role(role, database=db.database)
+    data = db.secret(admin_credentials="dynamic", admin_role=role, **secret)
+    del data["admin_username"], data["admin_password"]
+    vault_secret(tenant.target.vault_path, data)
+    tenant.role = role
+    return tenant
+
+
+def migrate_once(target):
+    [dispatch] = actions.do_enqueue_runs([target], trigger=Trigger.COMMAND, enqueue=False)
+    run_migration(dispatch.run.pk)
+    dispatch.run.refresh_from_db()
+    return dispatch.run
+
+
+def table_owners(postgres_server, database):
+    with postgres_server.connect(database) as conn:
+        return dict(
+            conn.execute("SELECT tablename, tableowner FROM pg_tables WHERE schemaname = 'public'")
+        )
+
+
+def wait_until(condition, *, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {timeout}s"
+        time.sleep(0.25)
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_a_fleet_migrates_with_dynamic_credentials_and_leaves_no_user(
+    registered_tenant, vault_secret, engine, postgres_server
+):
+    from tests.workers import manage, process_env
+
+    tenants = [
+        dynamic_tenant(registered_tenant, vault_secret, engine, "postgresql"),
+        dynamic_tenant(registered_tenant, vault_secret, engine, "postgresql"),
+        dynamic_tenant(registered_tenant, vault_secret, engine, "mysql"),
+    ]
+    done = manage(
+        "migrate_tenants",
+        "--all",
+        "--sync",
+        env=process_env(VAULT_DATABASE_MOUNT_POINT=engine.mount),
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    for tenant in tenants:
+        run = MigrationRun.objects.get(target=tenant.target)
+        assert (run.status, run.revision_after) == ("succeeded", HEAD), run.error
+        assert run.admin_credentials == "dynamic"
+        assert run.credentials_user.startswith("v-")
+        assert run.credentials_lease.startswith(f"{engine.mount}/creds/{tenant.role}/…")
+        assert run.credentials_revoked is True
+        assert "; revoked after the run" in run.log
+        # The grant check after the upgrade ran with the app user's own grants.
+        assert "App user grants not checked" not in run.log
+        assert "Grants" in run.log
+    # No user Vault made is left on either server.
+    assert engine.vault_users() == []
+    # PostgreSQL: every table belongs to the owner role, not to the users that are gone, and
+    # the app user got its grants from the owner role's default privileges.
+    for tenant in tenants[:2]:
+        owners = table_owners(postgres_server, tenant.database.database)
+        assert "alembic_version" in owners and "projects" in owners
+        assert set(owners.values()) == {tenant.database.admin_username}
+        run = MigrationRun.objects.get(target=tenant.target)
+        assert f"Grants of app user {tenant.database.app_username}: as expected" in run.log
+
+
+def test_a_missing_role_names_the_path_and_the_fix(registered_tenant, vault_secret, engine):
+    tenant = dynamic_tenant(registered_tenant, vault_secret, engine)
+    data = tenant.database.secret(
+        admin_credentials="dynamic", admin_role="no-such-role", owner_role="x"
+    )
+    vault_secret(tenant.target.vault_path, data)
+    run = migrate_once(tenant.target)
+    assert (run.status, run.error_code) == ("failed", "vault_role_not_found")
+    assert f"{engine.mount}/roles/no-such-role" in run.error
+    assert f"bao write {engine.mount}/roles/no-such-role" in run.error
+    assert f"secret/data/database/{tenant.target.vault_path}" in run.error
+
+
+def test_a_policy_that_cannot_read_creds_names_the_path_and_the_policy(
+    registered_tenant, vault_secret, engine, settings
+):
+    tenant = dynamic_tenant(registered_tenant, vault_secret, engine)
+    engine.client.sys.create_or_update_policy(
+        "kv-only", 'path "secret/data/database/*" { capabilities = ["read"] }'
+    )
+    settings.VAULT_TOKEN = engine.client.auth.token.create(policies=["kv-only"])["auth"][
+        "client_token"
+    ]
+    reset_secrets_manager()
+    run = migrate_once(tenant.target)
+    assert (run.status, run.error_code) == ("failed", "vault_forbidden")
+    path = f"{engine.mount}/creds/{tenant.role}"
+    assert f"may not read {path} (permission denied)" in run.error
+    assert f'path "{path}" {{ capabilities = ["read"] }}' in run.error
+
+
+def test_a_user_that_cannot_take_the_owner_role_fails_before_any_ddl(
+    registered_tenant, vault_secret, engine, postgres_server
+):
+    tenant = dynamic_tenant(registered_tenant, vault_secret, engine)
+    engine.pg_role(tenant.role, owner=tenant.database.admin_username, grant_owner=False)
+    run = migrate_once(tenant.target)
+    assert (run.status, run.error_code) == ("failed", "owner_role_failed"), run.error
+    owner = tenant.database.admin_username
+    assert run.error.startswith(f"Nothing ran on {tenant.target.name}")
+    assert f"could not switch to the owner role '{owner}'" in run.error
+    assert f'GRANT "{owner}" TO "{{{{name}}}}"' in run.error
+    assert table_owners(postgres_server, tenant.database.database) == {}
+    # Its user was revoked all the same.
+    assert run.credentials_revoked is True
+    assert engine.vault_users() == []
+
+
+def test_postgresql_dynamic_credentials_need_an_owner_role(registered_tenant, vault_secret, engine):
+    tenant = dynamic_tenant(registered_tenant, vault_secret, engine)
+    data = tenant.database.secret(admin_credentials="dynamic", admin_role=tenant.role)
+    vault_secret(tenant.target.vault_path, data)
+    run = migrate_once(tenant.target)
+    assert (run.status, run.error_code) == ("failed", "secret_incomplete")
+    assert "names no owner_role" in run.error and "vault kv patch" in run.error
+    assert engine.vault_users() == []  # refused before any user was made
+
+
+def test_a_revocation_the_policy_refuses_is_reported_and_the_ttl_ends_the_user(
+    registered_tenant, vault_secret, engine, settings
+):
+    tenant = dynamic_tenant(registered_tenant, vault_secret, engine)
+    path = f"{engine.mount}/creds/{tenant.role}"
+    engine.client.sys.create_or_update_policy(
+        "no-revoke",
+        'path "secret/data/database/*" { capabilities = ["read"] }\n'
+        f'path "{path}" {{ capabilities = ["read"] }}',
+    )
+    settings.VAULT_TOKEN = engine.client.auth.token.create(policies=["no-revoke"])["auth"][
+        "client_token"
+    ]
+    reset_secrets_manager()
+    run = migrate_once(tenant.target)
+    assert run.status == "succeeded", run.error
+    assert run.credentials_revoked is False
+    assert "NOT revoked" in run.log and "may not revoke it (permission denied)" in run.log
+    assert f'path "sys/leases/revoke/{path}/*"' in run.log
+    assert run.credentials_user in engine.vault_users()
+    wait_until(
+        lambda: run.credentials_user not in engine.vault_users(),
+        timeout=60,
+        what="Vault drops the user when its lease ends",
+    )
+
+
+def test_static_role_credentials_are_read_fresh(
+    registered_tenant, vault_secret, engine, postgres_server
+):
+    tenant = registered_tenant("postgresql")
+    db = tenant.database
+    role = engine.static_role(f"st-{random.token_hex(3)}", username=db.admin_username)
+    data = db.secret(admin_credentials="static-role", admin_role=role)
+    del data["admin_password"]
+    vault_secret(tenant.target.vault_path, data)
+    first = migrate_once(tenant.target)
+    assert first.status == "succeeded", first.error
+    assert (first.admin_credentials, first.credentials_user) == ("static-role", db.admin_username)
+    assert first.credentials_lease == "" and first.credentials_revoked is None
+    # Vault rotates the password; the next run reads the new one.
+    engine.client.write(f"{engine.mount}/rotate-role/{role}")
+    tenant.target.refresh_from_db()
+    second = migrate_once(tenant.target)
+    assert second.status == "skipped", second.error
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_a_killed_worker_leaves_a_user_that_goes_when_its_lease_ends(
+    registered_tenant, vault_secret, engine, settings, tmp_path
+):
+    from tests.workers import ROOT, process_env
+
+    tenant = dynamic_tenant(registered_tenant, vault_secret, engine)
+    signal_file = tmp_path / "inside"
+    process = subprocess.Popen(
+        [sys.executable, "manage.py", "migrate_tenants", "--target", tenant.target.name, "--sync"],
+        cwd=ROOT,
+        env=process_env(
+            VAULT_DATABASE_MOUNT_POINT=engine.mount,
+            TENANT_MIGRATIONS_DIR=str(FIXTURES / "slow"),
+            MIGRATOR_TEST_SIGNAL=str(signal_file),
+            MIGRATOR_TEST_SLEEP="120",
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_until(signal_file.exists, timeout=90, what="the slow revision starts")
+        run = MigrationRun.objects.get(target=tenant.target)
+        # Recorded when it was issued: the run shows which user and lease it holds.
+        assert run.admin_credentials == "dynamic" and run.credentials_revoked is None
+        user = run.credentials_user
+        assert user in engine.vault_users()
+        # While the worker lives its lease is renewed: the user outlives its TTL.
+        time.sleep(TTL + 2)
+        assert process.poll() is None and user in engine.vault_users()
+        os.killpg(process.pid, signal.SIGKILL)  # no cleanup of any kind
+        process.wait()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    wait_until(
+        lambda: user not in engine.vault_users(),
+        timeout=60,
+        what="OpenBao's expiration drops the dead worker's user",
+    )
