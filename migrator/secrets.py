@@ -1241,6 +1241,7 @@ class _LeaseKeeper:
                     "Renewing the lease %s failed: %s", self._lease.safe_id, redact(str(exc))
                 )
                 continue
+            logger.debug("Renewed the lease %s for %ss", self._lease.safe_id, left)
             if left and left < self._lease.seconds:
                 logger.warning(
                     "The lease %s reached its max TTL: Vault drops its user in %ss, even if "

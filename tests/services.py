@@ -317,8 +317,9 @@ def find_bao_binary() -> str | None:
 class OpenBaoServer:
     """A real OpenBao dev server on a free loopback port (in-memory storage, KV v2 at secret/)."""
 
-    def __init__(self, binary: str, root_token: str | None = None):
+    def __init__(self, binary: str, root_token: str | None = None, config: str | None = None):
         self.binary = binary
+        self.config = config  # an HCL file of its own (an audit device), next to -dev
         self.root_token = root_token or f"root-{secrets.token_hex(8)}"
         self.port = free_port()
         self.addr = f"http://127.0.0.1:{self.port}"
@@ -333,6 +334,7 @@ class OpenBaoServer:
                 "-dev",
                 f"-dev-root-token-id={self.root_token}",
                 f"-dev-listen-address=127.0.0.1:{self.port}",
+                *([f"-config={self.config}"] if self.config else []),
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -370,3 +372,99 @@ class OpenBaoServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+
+
+class VaultDatabaseEngine:
+    """A database secrets engine mounted on the session's OpenBao for one test, with a
+    connection to the local PostgreSQL (``pg``) and MariaDB (``my``)."""
+
+    def __init__(self, openbao, postgres_server, mysql_server, *, ttl=4):
+        self.ttl = ttl
+        self.client = openbao.client()
+        self.mount = f"db-{secrets.token_hex(4)}"
+        self.postgres = postgres_server
+        self.mysql = mysql_server
+        self.client.sys.enable_secrets_engine("database", path=self.mount)
+        self.client.write(
+            f"{self.mount}/config/pg",
+            plugin_name="postgresql-database-plugin",
+            connection_url=(
+                f"postgresql://{{{{username}}}}:{{{{password}}}}@{postgres_server.host}:"
+                f"{postgres_server.port}/{postgres_server.dbname}?sslmode=disable"
+            ),
+            username=postgres_server.user,
+            password=postgres_server.password or "trusted",
+            allowed_roles="*",
+        )
+        self.client.write(
+            f"{self.mount}/config/my",
+            plugin_name="mysql-database-plugin",
+            connection_url=f"{{{{username}}}}:{{{{password}}}}@tcp({mysql_server.host}:"
+            f"{mysql_server.port})/",
+            username=mysql_server.user,
+            password=mysql_server.password,
+            allowed_roles="*",
+        )
+
+    def pg_role(self, name, *, owner, grant_owner=True, ttl=None):
+        """A role whose users may log in (their passwords checked where pg_hba says so) and,
+        with ``grant_owner``, switch to ``owner``: the README's creation statements."""
+        statements = [
+            "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' "
+            f"VALID UNTIL '{{{{expiration}}}}' IN ROLE {PASSWORD_CHECKED_GROUP};"
+        ]
+        if grant_owner:
+            statements.append(f'GRANT "{owner}" TO "{{{{name}}}}";')
+        self.client.write(
+            f"{self.mount}/roles/{name}",
+            db_name="pg",
+            creation_statements=statements,
+            revocation_statements=['DROP ROLE IF EXISTS "{{name}}";'],
+            default_ttl=f"{ttl or self.ttl}s",
+            max_ttl="10m",
+        )
+        return name
+
+    def mysql_role(self, name, *, database, ttl=None):
+        self.client.write(
+            f"{self.mount}/roles/{name}",
+            db_name="my",
+            creation_statements=[
+                "CREATE USER '{{name}}'@'%' IDENTIFIED BY '{{password}}';",
+                f"GRANT ALL PRIVILEGES ON `{database}`.* TO '{{{{name}}}}'@'%';",
+            ],
+            revocation_statements=["DROP USER IF EXISTS '{{name}}'@'%';"],
+            default_ttl=f"{ttl or self.ttl}s",
+            max_ttl="10m",
+        )
+        return name
+
+    def static_role(self, name, *, username):
+        self.client.write(
+            f"{self.mount}/static-roles/{name}",
+            db_name="pg",
+            username=username,
+            rotation_period="1h",
+        )
+        return name
+
+    def vault_users(self):
+        """Users the engine made that are still on either server."""
+        with self.postgres.connect() as conn:
+            pg = [
+                r[0] for r in conn.execute("SELECT rolname FROM pg_roles WHERE rolname LIKE 'v-%'")
+            ]
+        conn = self.mysql.connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT user FROM mysql.user WHERE user LIKE 'v-%'")
+                my = [r[0] for r in cur.fetchall()]
+        finally:
+            conn.close()
+        return pg + my
+
+    def close(self):
+        self.client.sys.revoke_prefix(
+            f"{self.mount}/creds",
+        )
+        self.client.sys.disable_secrets_engine(self.mount)

@@ -3,6 +3,7 @@ against a real OpenBao whose database engine manages users on the local PostgreS
 a user made for each run and dropped after it, its tables owned by a stable owner role, a dead
 worker's user dropped when its lease ends, and each misconfiguration named with its fix."""
 
+import logging
 import os
 import secrets as random
 import signal
@@ -27,102 +28,9 @@ FIXTURES = Path(__file__).parent / "alembic_fixtures"
 TTL = 4  # seconds: short, so that a dead worker's user goes within the test
 
 
-class DatabaseEngine:
-    """A database secrets engine mounted on the session's OpenBao for one test, with a
-    connection to the local PostgreSQL (``pg``) and MariaDB (``my``)."""
-
-    def __init__(self, openbao, postgres_server, mysql_server):
-        self.client = openbao.client()
-        self.mount = f"db-{random.token_hex(4)}"
-        self.postgres = postgres_server
-        self.mysql = mysql_server
-        self.client.sys.enable_secrets_engine("database", path=self.mount)
-        self.client.write(
-            f"{self.mount}/config/pg",
-            plugin_name="postgresql-database-plugin",
-            connection_url=(
-                f"postgresql://{{{{username}}}}:{{{{password}}}}@{postgres_server.host}:"
-                f"{postgres_server.port}/{postgres_server.dbname}?sslmode=disable"
-            ),
-            username=postgres_server.user,
-            password=postgres_server.password or "trusted",
-            allowed_roles="*",
-        )
-        self.client.write(
-            f"{self.mount}/config/my",
-            plugin_name="mysql-database-plugin",
-            connection_url=f"{{{{username}}}}:{{{{password}}}}@tcp({mysql_server.host}:"
-            f"{mysql_server.port})/",
-            username=mysql_server.user,
-            password=mysql_server.password,
-            allowed_roles="*",
-        )
-
-    def pg_role(self, name, *, owner, grant_owner=True, ttl=TTL):
-        """A role whose users may log in (their passwords checked where pg_hba says so) and,
-        with ``grant_owner``, switch to ``owner``: the README's creation statements."""
-        statements = [
-            "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' "
-            f"VALID UNTIL '{{{{expiration}}}}' IN ROLE {services.PASSWORD_CHECKED_GROUP};"
-        ]
-        if grant_owner:
-            statements.append(f'GRANT "{owner}" TO "{{{{name}}}}";')
-        self.client.write(
-            f"{self.mount}/roles/{name}",
-            db_name="pg",
-            creation_statements=statements,
-            default_ttl=f"{ttl}s",
-            max_ttl="10m",
-        )
-        return name
-
-    def mysql_role(self, name, *, database, ttl=TTL):
-        self.client.write(
-            f"{self.mount}/roles/{name}",
-            db_name="my",
-            creation_statements=[
-                "CREATE USER '{{name}}'@'%' IDENTIFIED BY '{{password}}';",
-                f"GRANT ALL PRIVILEGES ON `{database}`.* TO '{{{{name}}}}'@'%';",
-            ],
-            default_ttl=f"{ttl}s",
-            max_ttl="10m",
-        )
-        return name
-
-    def static_role(self, name, *, username):
-        self.client.write(
-            f"{self.mount}/static-roles/{name}",
-            db_name="pg",
-            username=username,
-            rotation_period="1h",
-        )
-        return name
-
-    def vault_users(self):
-        """Users the engine made that are still on either server."""
-        with self.postgres.connect() as conn:
-            pg = [
-                r[0] for r in conn.execute("SELECT rolname FROM pg_roles WHERE rolname LIKE 'v-%'")
-            ]
-        conn = self.mysql.connect()
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT user FROM mysql.user WHERE user LIKE 'v-%'")
-                my = [r[0] for r in cur.fetchall()]
-        finally:
-            conn.close()
-        return pg + my
-
-    def close(self):
-        self.client.sys.revoke_prefix(
-            f"{self.mount}/creds",
-        )
-        self.client.sys.disable_secrets_engine(self.mount)
-
-
 @pytest.fixture
 def engine(vault, settings, postgres_server, mysql_server):
-    made = DatabaseEngine(vault, postgres_server, mysql_server)
+    made = services.VaultDatabaseEngine(vault, postgres_server, mysql_server, ttl=TTL)
     settings.VAULT_DATABASE_MOUNT_POINT = made.mount
     reset_secrets_manager()
     yield made
@@ -377,3 +285,66 @@ def test_a_killed_worker_leaves_a_user_that_goes_when_its_lease_ends(
         timeout=60,
         what="OpenBao's expiration drops the dead worker's user",
     )
+
+
+def test_vault_check_checks_each_mode(registered_tenant, vault_secret, engine):
+    from io import StringIO
+
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    dynamic = dynamic_tenant(registered_tenant, vault_secret, engine)
+    static = registered_tenant("postgresql")
+    pinned = registered_tenant("postgresql")
+    role = engine.static_role(f"st-{random.token_hex(3)}", username=pinned.database.admin_username)
+    vault_secret(
+        pinned.target.vault_path,
+        pinned.database.secret(admin_credentials="static-role", admin_role=role),
+    )
+    missing = registered_tenant("mysql")
+    data = missing.database.secret(admin_credentials="dynamic", admin_role="gone")
+    vault_secret(missing.target.vault_path, data)
+
+    out = StringIO()
+    with pytest.raises(CommandError, match="1 of 4 targets not OK"):
+        call_command("vault_check", stdout=out)
+    output = out.getvalue()
+    owner = dynamic.database.admin_username
+    assert f"OK    {dynamic.target.name}: " in output
+    assert f"dynamic {engine.mount}/creds/{dynamic.role}: made user v-" in output
+    assert f"and revoked it (lease TTL {TTL}s); runs SET ROLE {owner}" in output
+    assert f"OK    {static.target.name}: secret/data/database/" in output
+    assert (
+        f"static role {engine.mount}/static-creds/{role}: user {pinned.database.admin_username}"
+        in output
+    )
+    assert f"FAIL  {missing.target.name}: DatabaseRoleNotFound: Vault has no role gone" in output
+    assert engine.vault_users() == []
+
+
+def test_a_run_longer_than_its_lease_keeps_its_user_under_the_readme_policy(
+    registered_tenant, vault_secret, engine, settings, monkeypatch, caplog
+):
+    """The README's policy for dynamic credentials is enough: read the creds, renew the lease
+    (Vault's default policy) while the revision outlasts its TTL, revoke it afterwards."""
+    settings.TENANT_MIGRATIONS_DIR = str(FIXTURES / "slow")
+    monkeypatch.setenv("MIGRATOR_TEST_SLEEP", str(TTL + 3))
+    tenant = dynamic_tenant(registered_tenant, vault_secret, engine)
+    path = f"{engine.mount}/creds/{tenant.role}"
+    engine.client.sys.create_or_update_policy(
+        "readme-dynamic",
+        'path "secret/data/database/*" { capabilities = ["read"] }\n'
+        f'path "{path}" {{ capabilities = ["read"] }}\n'
+        f'path "sys/leases/revoke/{path}/*" {{ capabilities = ["update"] }}',
+    )
+    settings.VAULT_TOKEN = engine.client.auth.token.create(policies=["readme-dynamic"])["auth"][
+        "client_token"
+    ]
+    reset_secrets_manager()
+    caplog.set_level(logging.DEBUG, logger="migrator.secrets")
+    run = migrate_once(tenant.target)
+    assert (run.status, run.revision_after) == ("succeeded", "s003_last"), run.error
+    assert "Renewed the lease" in caplog.text
+    assert "Renewing the lease" not in caplog.text  # never refused
+    assert run.credentials_revoked is True, run.log
+    assert engine.vault_users() == []

@@ -12,7 +12,9 @@ class Command(BaseCommand):
     help = (
         "Log in to Vault with the configured method (VAULT_AUTH_METHOD), show the token's "
         "policies and TTL, then check for every migration target that its secret under "
-        "VAULT_DATABASE_SECRETS_PATH is readable and complete for migrations (admin user). "
+        "VAULT_DATABASE_SECRETS_PATH is readable and complete for migrations (admin user; "
+        "for dynamic credentials a user is made and revoked at once, for a static role its "
+        "password is read). "
         "Secret values are never printed. Exits with status 1 when Vault cannot be used or "
         "any target is not OK."
     )
@@ -55,22 +57,40 @@ class Command(BaseCommand):
 
         failed = 0
         for target in targets:
-            try:
-                connection = manager.migration_credentials(
-                    target.effective_vault_path, provider=target.provider
-                )
-            except MigratorError as exc:
+            problem, line = self._check(manager, target)
+            if problem:
                 failed += 1
-                self.stdout.write(
-                    self.style.ERROR(f"FAIL  {target.name}: {type(exc).__name__}: {exc}")
-                )
+                self.stdout.write(self.style.ERROR(f"FAIL  {target.name}: {problem}"))
             else:
-                self.stdout.write(
-                    self.style.SUCCESS(
-                        f"OK    {target.name}: {connection.vault_path} ({connection.provider})"
-                    )
-                )
+                self.stdout.write(self.style.SUCCESS(f"OK    {target.name}: {line}"))
         checked = len(targets)
         if failed:
             raise CommandError(f"{failed} of {checked} targets not OK.", returncode=1)
         self.stdout.write(f"All {checked} targets OK.")
+
+    @staticmethod
+    def _check(manager, target):
+        """(problem, line) for one target, in its secret's mode: its admin pair read; a static
+        role's current password read; a dynamic user made and revoked at once (which proves the
+        role, the policy, the engine's connection and its creation and revocation statements).
+        """
+        try:
+            with manager.admin_credentials(
+                target.effective_vault_path, provider=target.provider
+            ) as admin:
+                connection, use = admin.connection, admin.use
+        except MigratorError as exc:
+            return f"{type(exc).__name__}: {exc}", ""
+        line = f"{connection.vault_path} ({connection.provider})"
+        if use.mode == "static-role":
+            line += f", static role {use.source}: user {use.username}"
+        elif use.mode == "dynamic":
+            if not use.revoked:
+                return f"{line}, dynamic {use.source}: {use.problem}", ""
+            line += (
+                f", dynamic {use.source}: made user {use.username} and revoked it "
+                f"(lease TTL {use.lease_seconds}s)"
+            )
+        if connection.owner_role:
+            line += f"; runs SET ROLE {connection.owner_role}"
+        return "", line
