@@ -17,7 +17,13 @@ raises: it is that target's row.
 """
 
 import logging
+import re
+import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from django.conf import settings
+from sqlalchemy import exc as sa_exc
 
 from migrator import phases, rollback, runner
 from migrator.exceptions import MigratorError, VaultAuthError, VaultUnavailable
@@ -466,13 +472,24 @@ def _canonical(revision):
 
 
 def _why_no_sql(exc):
-    """Why Alembic's offline mode could not render a run's SQL: the run itself is not
-    affected (it runs online, on a connection)."""
-    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    """Why Alembic's offline mode could not render a run's SQL, naming the revision file where
+    it stopped; "the run itself is not affected" only where the cause is offline mode's own limit
+    (a value it cannot render, SQLite's batch mode), never for what fails online too."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    first = re.sub(r"<[^<>]* object at 0x[0-9a-f]+>", "the compiler", first)
+    first = re.sub(r" \(Background on this error at: [^)]*\)", "", first)[:300]
     name = type(exc).__name__
+    where = _revision_frame(exc)
+    at = f" ({where})" if where else ""
+    if isinstance(exc, sa_exc.UnsupportedCompilationError):
+        return (
+            f"No SQL can be shown: a revision{at} uses a type or construct this database "
+            f"cannot express: {first}. The run will fail on it too: fix the revision (a type "
+            "of this database's dialect, or a generic one such as sa.Integer)."
+        )
     if name == "CompileError":
         return (
-            "No SQL can be shown: a revision passes a Python value to a column SQLAlchemy "
+            f"No SQL can be shown: a revision{at} passes a Python value to a column SQLAlchemy "
             f"cannot render offline (an untyped sa.column()?): {first}. The run itself is not "
             "affected."
         )
@@ -484,6 +501,19 @@ def _why_no_sql(exc):
     if isinstance(exc, MigratorError):
         return f"No SQL can be shown: {first}"
     return (
-        "No SQL can be shown: a revision's code cannot run offline (it reads the database?): "
-        f"{name}: {first}. The run itself is not affected."
+        f"No SQL can be shown: a revision's code failed offline{at}: {name}: {first}. If that "
+        "code reads the database (offline there is none), the run is not affected; otherwise "
+        "it will fail the same way when it runs."
     )
+
+
+def _revision_frame(exc):
+    """ "versions/X.py, line N": the last place in the script directory's revisions where
+    ``exc`` passed, or ""."""
+    versions = Path(settings.TENANT_MIGRATIONS_DIR).resolve() / "versions"
+    found = ""
+    for frame in traceback.extract_tb(exc.__traceback__):
+        path = Path(frame.filename).resolve()
+        if versions in path.parents:
+            found = f"{path.relative_to(versions.parent)}, line {frame.lineno}"
+    return found
