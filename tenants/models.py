@@ -527,6 +527,12 @@ class MigrationRun(models.Model):
             "attempt": self.attempt,
             "worker_cluster": self.worker_cluster or None,
             "drift_report": self.drift_report or None,
+            # Where the admin user came from (empty: the KV secret's own pair), and for a user
+            # Vault made for the run, whether its lease was revoked (None: not yet).
+            "admin_credentials": self.admin_credentials or None,
+            "credentials_user": self.credentials_user or None,
+            "credentials_lease": self.credentials_lease or None,
+            "credentials_revoked": self.credentials_revoked,
         }
 
 

@@ -125,6 +125,8 @@ def test_a_fleet_migrates_with_dynamic_credentials_and_leaves_no_user(
         # The grant check after the upgrade ran with the app user's own grants.
         assert "App user grants not checked" not in run.log
         assert "Grants" in run.log
+    shown = MigrationRun.objects.get(target=tenants[2].target).outcome()  # the API, --json
+    assert (shown["admin_credentials"], shown["credentials_revoked"]) == ("dynamic", True)
     # No user Vault made is left on either server.
     assert engine.vault_users() == []
     # PostgreSQL: every table belongs to the owner role, not to the users that are gone, and
