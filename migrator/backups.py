@@ -431,19 +431,28 @@ def _pg_quote(value: str) -> str:
 
 def pg_dump_command(info: ConnectionInfo, binary: str = "pg_dump") -> list[str]:
     """The argv of ``pg_dump`` for ``info``: custom format to stdout, never prompting, giving up
-    on a table lock after MIGRATION_LOCK_TIMEOUT seconds. No password in it."""
+    on a table lock after MIGRATION_LOCK_TIMEOUT seconds, as the secret's ``owner_role`` when it
+    names one (``--role``: SET ROLE, as a migration does). No password in it."""
     return [
         binary,
         "--format=custom",
         "--no-password",
         f"--lock-wait-timeout={settings.MIGRATION_LOCK_TIMEOUT * 1000}",
+        *_pg_role(info),
         f"--dbname={pg_conninfo(info)}",
     ]
 
 
+def _pg_role(info: ConnectionInfo) -> list[str]:
+    # What a restore creates must belong to the owner role, not to a user Vault made for it
+    # (which it could not drop afterwards).
+    return [f"--role={info.owner_role}"] if info.owner_role else []
+
+
 def pg_restore_command(info: ConnectionInfo, path: str, binary: str = "pg_restore") -> list[str]:
     """The argv of ``pg_restore`` putting ``path`` back into ``info``'s database: dropping what
-    the backup holds first, in one transaction (all or nothing). No password in it."""
+    the backup holds first, in one transaction (all or nothing), as the secret's ``owner_role``
+    when it names one (``--role``). No password in it."""
     return [
         binary,
         "--clean",
@@ -452,6 +461,7 @@ def pg_restore_command(info: ConnectionInfo, path: str, binary: str = "pg_restor
         "--single-transaction",
         "--exit-on-error",
         "--no-password",
+        *_pg_role(info),
         f"--dbname={pg_conninfo(info)}",
         str(path),
     ]

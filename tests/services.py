@@ -384,6 +384,8 @@ class VaultDatabaseEngine:
         self.mount = f"db-{secrets.token_hex(4)}"
         self.postgres = postgres_server
         self.mysql = mysql_server
+        # The users of this mount, told from any other test's: v-db-1a2b3c4d-<random>.
+        self.username_template = f"v-{self.mount}-{{{{random 10}}}}"
         self.client.sys.enable_secrets_engine("database", path=self.mount)
         self.client.write(
             f"{self.mount}/config/pg",
@@ -395,6 +397,7 @@ class VaultDatabaseEngine:
             username=postgres_server.user,
             password=postgres_server.password or "trusted",
             allowed_roles="*",
+            username_template=self.username_template,
         )
         self.client.write(
             f"{self.mount}/config/my",
@@ -404,6 +407,7 @@ class VaultDatabaseEngine:
             username=mysql_server.user,
             password=mysql_server.password,
             allowed_roles="*",
+            username_template=self.username_template,
         )
 
     def pg_role(self, name, *, owner, grant_owner=True, ttl=None):
@@ -449,15 +453,20 @@ class VaultDatabaseEngine:
         return name
 
     def vault_users(self):
-        """Users the engine made that are still on either server."""
+        """Users this mount made that are still on either server."""
         with self.postgres.connect() as conn:
             pg = [
-                r[0] for r in conn.execute("SELECT rolname FROM pg_roles WHERE rolname LIKE 'v-%'")
+                r[0]
+                for r in conn.execute(
+                    "SELECT rolname FROM pg_roles WHERE rolname LIKE %s", (f"v-{self.mount}-%",)
+                )
             ]
         conn = self.mysql.connect()
         try:
             with conn.cursor() as cur:
-                cur.execute("SELECT user FROM mysql.user WHERE user LIKE 'v-%'")
+                cur.execute(
+                    "SELECT user FROM mysql.user WHERE user LIKE %s", (f"v-{self.mount}-%",)
+                )
                 my = [r[0] for r in cur.fetchall()]
         finally:
             conn.close()

@@ -350,3 +350,34 @@ def test_a_run_longer_than_its_lease_keeps_its_user_under_the_readme_policy(
     assert "Renewing the lease" not in caplog.text  # never refused
     assert run.credentials_revoked is True, run.log
     assert engine.vault_users() == []
+
+
+def test_a_backup_and_its_restore_with_dynamic_credentials_leave_tables_to_the_owner(
+    registered_tenant, vault_secret, engine, postgres_server, settings, tmp_path
+):
+    """pg_dump and pg_restore take the owner role too (--role): a restored table belongs to it,
+    not to the user Vault drops after the restore."""
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    settings.BACKUP_DIR = str(tmp_path / "backups")
+    tenant = dynamic_tenant(registered_tenant, vault_secret, engine)
+    target = tenant.target
+    [dispatch] = actions.do_enqueue_runs(
+        [target], trigger=Trigger.COMMAND, enqueue=False, revision="0002_projects"
+    )
+    run_migration(dispatch.run.pk)
+    target.backup_policy = "on"
+    target.save(update_fields=["backup_policy"])
+    run = migrate_once(target)
+    assert run.status == "succeeded" and run.backup_path, run.error
+
+    out = StringIO()
+    call_command("restore_target", "--run", str(run.pk), "--yes", stdout=out)
+    restored = MigrationRun.objects.filter(kind="restore").get()
+    assert restored.status == "succeeded", restored.error
+    owners = table_owners(postgres_server, tenant.database.database)
+    assert "projects" in owners
+    assert set(owners.values()) == {tenant.database.admin_username}
+    assert engine.vault_users() == []
