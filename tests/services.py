@@ -410,7 +410,7 @@ class VaultDatabaseEngine:
             username_template=self.username_template,
         )
 
-    def pg_role(self, name, *, owner, grant_owner=True, ttl=None):
+    def pg_role(self, name, *, owner, grant_owner=True, ttl=None, revocation=None):
         """A role whose users may log in (their passwords checked where pg_hba says so) and,
         with ``grant_owner``, switch to ``owner``: the README's creation statements."""
         statements = [
@@ -423,7 +423,7 @@ class VaultDatabaseEngine:
             f"{self.mount}/roles/{name}",
             db_name="pg",
             creation_statements=statements,
-            revocation_statements=['DROP ROLE IF EXISTS "{{name}}";'],
+            revocation_statements=[revocation or 'DROP ROLE IF EXISTS "{{name}}";'],
             default_ttl=f"{ttl or self.ttl}s",
             max_ttl="10m",
         )
@@ -473,7 +473,21 @@ class VaultDatabaseEngine:
         return pg + my
 
     def close(self):
-        self.client.sys.revoke_prefix(
-            f"{self.mount}/creds",
-        )
+        """Revoke every lease of the mount and unmount it; a user whose revocation statements
+        fail (a test's, on purpose) is dropped here."""
+        import hvac.exceptions
+
+        try:
+            self.client.sys.revoke_prefix(f"{self.mount}/creds")
+        except hvac.exceptions.VaultError:
+            self.client.sys.revoke_force(f"{self.mount}/creds")
+        for user in self.vault_users():
+            with self.postgres.connect() as conn:
+                conn.execute(f'DROP ROLE IF EXISTS "{user}"')
+            conn = self.mysql.connect()
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(f"DROP USER IF EXISTS '{user}'@'%'")
+            finally:
+                conn.close()
         self.client.sys.disable_secrets_engine(self.mount)

@@ -381,3 +381,40 @@ def test_a_backup_and_its_restore_with_dynamic_credentials_leave_tables_to_the_o
     assert "projects" in owners
     assert set(owners.values()) == {tenant.database.admin_username}
     assert engine.vault_users() == []
+
+
+def test_a_revocation_vault_fails_is_retried_then_reported(
+    registered_tenant, vault_secret, engine, caplog
+):
+    tenant = dynamic_tenant(registered_tenant, vault_secret, engine)
+    engine.pg_role(tenant.role, owner=tenant.database.admin_username, revocation="SELECT 1/0;")
+    caplog.set_level(logging.WARNING, logger="migrator.secrets")
+    run = migrate_once(tenant.target)
+    assert run.status == "succeeded", run.error
+    assert run.credentials_revoked is False
+    assert "NOT revoked" in run.log and "division by zero" in run.log
+    tries = [r for r in caplog.records if "failed (attempt" in r.getMessage()]
+    assert [r.getMessage().split("(attempt ")[1][:6] for r in tries] == [
+        "1 of 3",
+        "2 of 3",
+        "3 of 3",
+    ]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("Revoking the lease" in message for message in errors)  # the worker's log
+    assert run.credentials_user in engine.vault_users()  # left to the engine's cleanup
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_dry_run_reads_a_dynamic_target_live_and_leaves_no_user(
+    registered_tenant, vault_secret, engine
+):
+    from tests.workers import manage, process_env
+
+    tenant = dynamic_tenant(registered_tenant, vault_secret, engine)
+    env = process_env(VAULT_DATABASE_MOUNT_POINT=engine.mount)
+    assert manage("migrate_tenants", "--all", "--sync", env=env).returncode == 0
+    shown = manage("migrate_tenants", "--all", "--dry-run", env=env)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    line = next(line for line in shown.stdout.splitlines() if line.startswith(tenant.id + " "))
+    assert HEAD in line and "live" in line
+    assert engine.vault_users() == []
