@@ -167,6 +167,7 @@ def plan(targets, intent, *, live=False, sql=False):
     rows = [planner.where_it_stands(target) for target in targets]
     if intent.action == UNDO:
         planner.last_runs = _last_successful_runs(targets)
+        planner.last_failures = _last_failed_runs(targets)
     if intent.action == PHASE:
         planner.gate(rows)
     for row in rows:
@@ -209,6 +210,7 @@ class _Planner:
         self.vault_down = ""  # after a Vault-wide failure: its message
         self.heads = None
         self.last_runs = {}  # target id -> its last successful upgrade or downgrade (undo)
+        self.last_failures = {}  # target id -> (pk, status) of its last failed one (undo)
         self._steps = {}  # (kind, stands, destination) -> (steps, error)
         self._irreversible = {}
 
@@ -331,8 +333,20 @@ class _Planner:
         if last is None:
             row.left_out = "no successful upgrade or downgrade to undo"
             return
-        row.undoes = last
         before, after = last.revision_before or "", last.revision_after or ""
+        failure = self.last_failures.get(target.pk)
+        if failure is not None and failure[0] > last.pk:
+            # The deploy to undo failed here: its run is the last one, not run #last.pk, and
+            # undoing #last.pk instead would take the target further back than anyone asked
+            # (to base, after a first migration).
+            row.left_out = (
+                f"its last run #{failure[0]} {failure[1]}: undo takes back a successful run "
+                f"only, and taking back the one before it (#{last.pk}) would go to "
+                f"{before or 'base'}. Retry it, or choose a revision to go to (Downgrade to a "
+                "revision…, `migrate_tenants --to REVISION`)"
+            )
+            return
+        row.undoes = last
         if _canonical(row.stands) != _canonical(after):
             row.refusal = (
                 f"{target.name} no longer stands where run #{last.pk} left it ({after or 'base'}): "
@@ -455,6 +469,31 @@ def _last_successful_runs(targets):
         by_run = {run_id: target_id for target_id, run_id in pairs if run_id}
         for run_id, run in MigrationRun.objects.in_bulk(list(by_run)).items():
             found[by_run[run_id]] = run
+    return found
+
+
+def _last_failed_runs(targets):
+    """{target id: (pk, status)} of each target's last failed or interrupted upgrade or
+    downgrade: one query per 500 targets."""
+    from django.db.models import Max
+
+    ids = [target.pk for target in targets]
+    found = {}
+    for start in range(0, len(ids), 500):
+        rows = (
+            MigrationRun.objects.filter(
+                target_id__in=ids[start : start + 500],
+                kind__in=[RunKind.UPGRADE, RunKind.DOWNGRADE],
+                status__in=[RunStatus.FAILED, RunStatus.INTERRUPTED],
+            )
+            .values("target_id")
+            .annotate(last=Max("pk"))
+        )
+        latest = {row["last"]: row["target_id"] for row in rows}
+        for pk, status in MigrationRun.objects.filter(pk__in=list(latest)).values_list(
+            "pk", "status"
+        ):
+            found[latest[pk]] = (pk, status)
     return found
 
 
