@@ -9,7 +9,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.contrib.admin.views.decorators import staff_member_required
-from django.db.models import Count, Exists, Min, OuterRef, Q
+from django.db.models import Count, Exists, Min, OuterRef, Q, Subquery
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
@@ -184,9 +184,17 @@ def fleet_dashboard(request):
         batch["failed_percent"] = round(100 * batch["failed"] / size)
         batch["ok_percent"] = batch["percent"] - batch["failed_percent"]
 
+    # A failure that a later run of the same target put right says so: the list then does not
+    # read as more failing targets than the Failed count.
+    put_right = MigrationRun.objects.filter(
+        target=OuterRef("target"),
+        pk__gt=OuterRef("pk"),
+        status__in=[RunStatus.SUCCEEDED, RunStatus.SKIPPED],
+    ).order_by("pk")
     failures = list(
         MigrationRun.objects.filter(status__in=[RunStatus.FAILED, RunStatus.INTERRUPTED])
         .select_related("target")
+        .annotate(put_right_by=Subquery(put_right.values("pk")[:1]))
         .order_by("-finished_at", "-id")[:RECENT_FAILURES]
     )
 

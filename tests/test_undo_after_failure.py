@@ -4,6 +4,7 @@ taken back to where its previous successful run started (base, for a first migra
 table dropped)."""
 
 import io
+import re
 import shutil
 from pathlib import Path
 
@@ -93,3 +94,29 @@ def test_undo_leaves_alone_a_target_whose_last_run_failed(
     assert revision_of(failed) == "o003_gizmos"
     assert revision_of(fine) == "o003_gizmos"  # its downgrade undone
     assert not MigrationRun.objects.filter(target=failed.target, pk__gt=last_failed.pk).exists()
+
+
+@pytest.mark.django_db
+def test_the_dashboard_says_which_failures_were_since_put_right(
+    registered_tenant, settings, tmp_path, admin_client
+):
+    """A failure that a later run of the same target put right is marked so on the fleet
+    dashboard: 'Latest failures' no longer reads as several failing targets when one is."""
+    location = tmp_path / "team"
+    shutil.copytree(FIXTURES / "own_cookbook", location, ignore=shutil.ignore_patterns("__py*"))
+    settings.TENANT_MIGRATIONS_DIR = str(location)
+    fixed, still = registered_tenant("postgresql"), registered_tenant("postgresql")
+    (location / "versions" / "o004_broken.py").write_text(BROKEN)
+    assert migrate_tenants("--tenant", fixed.id, still.id, "--sync")[0] == 1
+    first = MigrationRun.objects.get(target=fixed.target)
+    (location / "versions" / "o004_broken.py").write_text(BROKEN.replace("UPDATE no_such", "--"))
+    assert migrate_tenants("--tenant", fixed.id, "--sync")[0] == 0
+    fix = MigrationRun.objects.filter(target=fixed.target).latest("pk")
+
+    text = admin_client.get(reverse("fleet-dashboard")).content.decode()
+    failures = text.split('id="fleet-failures"')[1].split("</table>")[0]
+    entry = failures.split(f"#{first.pk}</a>")[1].split("</tr>")[0]
+    assert f"put right by run #{fix.pk}" in re.sub("<[^>]+>", "", entry), entry
+    still_run = MigrationRun.objects.get(target=still.target)
+    entry = failures.split(f"#{still_run.pk}</a>")[1].split("</tr>")[0]
+    assert "put right" not in entry
