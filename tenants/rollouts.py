@@ -356,12 +356,15 @@ def _queue(rollout, pending, now):
     run now: inside their maintenance window, and under the per-server cap. Returns whether the
     planner refused or skipped any (noted on the rollout)."""
     targets = MigrationTarget.objects.in_bulk(pending)
+    gone = [t for t in pending if t not in targets]
+    for target_id in gone:
+        rollout.notes[str(target_id)] = {"state": SKIPPED, "reason": "the target was deleted"}
     chosen = [targets[t] for t in pending if t in targets and in_window(targets[t], now)]
     chosen = _under_server_cap(rollout, chosen)
     if not chosen:
-        return False
+        return bool(gone)
     rows = planning.plan(chosen, planning.Intent.upgrade(rollout.revision, allow_downgrade=False))
-    noted = False
+    noted = bool(gone)
     for row in rows:
         if not row.accepted:
             state = FAILED if row.blocks else SKIPPED

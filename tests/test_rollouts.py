@@ -552,3 +552,49 @@ def test_bad_rollout_settings_are_named_at_start(setting, value):
     result = run_manage("check", DEBUG="true", VAULT_TOKEN="x", **{setting: value})
     assert result.returncode != 0
     assert "controlplane.E061" in result.stderr and setting in result.stderr
+
+
+def test_json_output_of_a_started_rollout(target_factory):
+    targets = [target_factory(), target_factory()]
+    code, out, err = command("migrate_tenants", "--all", "--waves", "1,100%", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["status"] == "running" and data["wave_count"] == 2
+    assert f"Rollout #{data['id']} started" in err
+    assert [entry["state"] for entry in data["waves"][0]["targets"]] == ["active"]
+    assert data["untouched"] == [targets[1].name]
+    code, out, _ = command("rollout", "list", "--json")
+    assert json.loads(out)[0]["id"] == data["id"]
+    code, _, err = command("rollout", "show", "999999")
+    assert code == 2 and "No rollout #999999" in err
+
+
+def test_the_target_api_sets_canary_and_a_checked_window(client, django_user_model, target_factory):
+    from tests.test_registration_api import _token
+
+    target = target_factory()
+    auth = {"Authorization": f"Bearer {_token(django_user_model, 'ops', 'register_tenants')}"}
+    url = f"/api/targets/{target.name}"
+    bad = client.patch(
+        url, {"window_days": "caturday"}, content_type="application/json", headers=auth
+    )
+    assert bad.status_code == 400 and "caturday" in bad.json()["window_days"][0]
+    good = client.patch(
+        url,
+        {
+            "canary": True,
+            "window_days": "mon-fri",
+            "window_start": "22:00",
+            "window_end": "02:00",
+            "window_timezone": "America/New_York",
+        },
+        content_type="application/json",
+        headers=auth,
+    )
+    assert good.status_code == 200, good.content
+    assert good.json()["canary"] is True and good.json()["window_days"] == "mon-fri"
+    target.refresh_from_db()
+    assert target.canary
+    # Across midnight: Saturday 01:00 in New York is still Friday night's window.
+    assert rollouts.in_window(target, datetime(2026, 12, 5, 6, 0, tzinfo=UTC))
+    assert not rollouts.in_window(target, datetime(2026, 12, 5, 12, 0, tzinfo=UTC))

@@ -13,6 +13,7 @@ import time
 
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, OutputWrapper
+from django.core.serializers.json import DjangoJSONEncoder
 
 from migrator.phases import PHASES
 from tenants import actions, planning
@@ -350,13 +351,20 @@ class Command(BaseCommand):
             bake_seconds=options["bake"],
             per_server_concurrency=options["per_server"],
         )
-        self.stdout.write(
+        started = (
             f"Rollout #{rollout.pk} started: {staged.size} target(s) in {len(staged.waves)} "
             f"wave(s) to {rollout.revision}. Follow it with `manage.py rollout show {rollout.pk}`."
         )
+        (self.stderr if options["json"] else self.stdout).write(started)
         if options["wait"]:
             rollout = wait_for(rollout, self.stderr, timeout=options["timeout"])
+        if options["json"]:
+            self.stdout.write(
+                json.dumps(rollouts.describe(rollout), indent=2, cls=DjangoJSONEncoder)
+            )
+        elif options["wait"]:
             self.stdout.write(rollouts.show_text(rollout))
+        if options["wait"]:
             code = exit_code(rollout)
             if code:
                 sys.exit(code)
