@@ -432,6 +432,32 @@ class Command(BaseCommand):
         for line in lines:
             self.stderr.write(line)
         self.stderr.write(f"Recovered {len(lines)} abandoned run(s).")
+        self._say_still_queued()
+
+    def _say_still_queued(self):
+        """After --recover: the queued runs it left (not yet RUN_QUEUED_TIMEOUT_SECONDS in a
+        queue that stands still), and what to do now if the broker lost them."""
+        from django.conf import settings
+        from django.utils import timezone
+
+        queued = list(
+            MigrationRun.objects.filter(status=RunStatus.QUEUED)
+            .select_related("target")
+            .order_by("created_at")[:21]
+        )
+        if not queued:
+            return
+        waited = int((timezone.now() - queued[0].created_at).total_seconds())
+        shown = ", ".join(f"#{run.pk} {run.target.name}" for run in queued[:20])
+        more = " …" if len(queued) > 20 else ""
+        self.stderr.write(
+            f"{len(queued) if len(queued) <= 20 else 'More than 20'} run(s) still queued "
+            f"({shown}{more}; the oldest for {waited}s): a queued run is closed as abandoned "
+            f"only after RUN_QUEUED_TIMEOUT_SECONDS ({settings.RUN_QUEUED_TIMEOUT_SECONDS} s) "
+            "in a queue that does not move. If the broker lost them (Redis restarted without "
+            "persistence), cancel them now and trigger again: `migrate_tenants --cancel "
+            "--all`, then the command you ran."
+        )
 
     # --- modes ----------------------------------------------------------------------------
 
