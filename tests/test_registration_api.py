@@ -3,6 +3,8 @@ with a real API token, registers the tenant and queues its first migration; the 
 is a 200 that creates nothing, a conflicting one a 409 saying what differs; lists, reads, updates
 and decommissioning of tenants and targets; the OpenAPI schema and its docs page."""
 
+import re
+
 import pytest
 from django.test import Client
 
@@ -300,3 +302,8 @@ def test_the_schema_and_its_docs_page_are_served_without_a_cdn():
     assert "swagger-ui" in html
     assert "drf_spectacular_sidecar" in html
     assert "cdn" not in html.lower() and "https://" not in html
+    # Its scripts and styles come from the control plane itself.
+    assets = re.findall(r'(?:src|href)="(/static/drf_spectacular_sidecar/[^"]+)"', html)
+    assert any(a.endswith(".js") for a in assets), assets
+    for asset in assets:
+        assert client.get(asset).status_code == 200, asset

@@ -65,8 +65,15 @@ def test_create_api_token_refuses_an_unknown_user_and_warns_about_the_permission
         create_api_token("ghost")
     django_user_model.objects.create_user("reader")
     token, note = create_api_token("reader", "--days", "0")
-    assert token and "lacks the 'Can run tenant migrations' permission" in note
+    assert token and "neither the 'Can run tenant migrations' nor the 'Can register" in note
     assert "expires: never" in note
+
+    from django.contrib.auth.models import Permission
+
+    registrar = django_user_model.objects.create_user("registrar")
+    registrar.user_permissions.add(Permission.objects.get(codename="register_tenants"))
+    token, note = create_api_token("registrar")
+    assert token and "neither" not in note
 
 
 @pytest.mark.django_db

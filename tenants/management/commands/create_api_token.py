@@ -14,7 +14,8 @@ class Command(BaseCommand):
         "cannot be shown again (make another one if it is lost, and delete the old one in the "
         "admin under API tokens). It expires after API_TOKEN_TTL_DAYS unless --days says "
         "otherwise. The API also needs the user to have the 'Can run tenant migrations' "
-        "permission."
+        "permission (to migrate) or 'Can register tenants' (to register, change and "
+        "decommission tenants and targets)."
     )
 
     def add_arguments(self, parser):
@@ -50,8 +51,10 @@ class Command(BaseCommand):
             f"API token for {username} (expires: {expires}). It is shown only now; "
             "send it as 'Authorization: Bearer <token>'."
         )
-        if not user.has_perm("tenants.run_migrations"):
+        if not (
+            user.has_perm("tenants.run_migrations") or user.has_perm("tenants.register_tenants")
+        ):
             self.stderr.write(
-                f"Note: {username} lacks the 'Can run tenant migrations' permission; the API "
-                "answers 403 until it is given."
+                f"Note: {username} has neither the 'Can run tenant migrations' nor the 'Can "
+                "register tenants' permission; the API answers 403 until one is given."
             )
