@@ -517,6 +517,21 @@ class TenantDetailView(RegistryView):
     @extend_schema(request=TenantUpdate, responses=TenantSerializer)
     def patch(self, request, tenant_id):
         tenant = tenant_or_404(tenant_id)
+        if not isinstance(request.data, dict):
+            raise ValidationError({"non_field_errors": "Expected a JSON object."})
+        fixed = sorted(set(request.data) - set(TenantUpdate().fields))
+        if fixed:
+            raise ValidationError(
+                {
+                    name: [
+                        f"{name} cannot be changed here: PATCH takes "
+                        + ", ".join(TenantUpdate().fields)
+                        + " (a new strategy or region is a database move: decommission the "
+                        "tenant and register a new one)."
+                    ]
+                    for name in fixed
+                }
+            )
         form = TenantUpdate(data=request.data)
         form.is_valid(raise_exception=True)
         event = {**event_of(tenant), **form.validated_data, "database_created": False}

@@ -212,7 +212,8 @@ def test_update_read_and_decommission_a_tenant(registrar):
     assert patched.json()["name"] == "Acme Inc"
     assert patched.json()["vault_path"] == "v2/acme"
     moved = registrar.patch("/api/tenants/acme", {"region": "us"}, "application/json")
-    assert moved.status_code == 200  # not a field PATCH takes: ignored
+    assert moved.status_code == 400
+    assert "region cannot be changed here: PATCH takes name" in moved.json()["region"][0]
     assert registrar.get("/api/tenants/acme").json()["region"] == "eu"
 
     retired = registrar.post("/api/tenants/acme/decommission")
