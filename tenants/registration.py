@@ -49,6 +49,7 @@ COLUMNS = [
     "vault_path",
     "database_created",
     "status",
+    "canary",
 ]
 ACTIVE, DECOMMISSIONED = "active", "decommissioned"
 
@@ -129,6 +130,13 @@ class EventSerializer(serializers.Serializer):
         required=False,
         default=ACTIVE,
         help_text="decommissioned: retired, no more runs (import and export files).",
+    )
+    canary = serializers.BooleanField(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="A dedicated or external tenant's database goes first in rollouts "
+        "(docs/rollouts.md). Left out: as it is.",
     )
 
     def validate_region(self, value):
@@ -278,6 +286,7 @@ def event_of(tenant):
         "vault_path": target.effective_vault_path if target else "",
         "database_created": bool(target and target.revision),
         "status": DECOMMISSIONED if tenant.decommissioned else ACTIVE,
+        "canary": bool(target and target.canary and tenant.strategy != Strategy.SHARED),
     }
 
 
@@ -360,7 +369,7 @@ def do_register_tenants(
         if changed_targets:
             MigrationTarget.objects.bulk_update(
                 list(changed_targets.values()),
-                ["provider", "vault_path", "decommissioned_at", "updated_at"],
+                ["provider", "vault_path", "decommissioned_at", "canary", "updated_at"],
                 batch_size=_CHUNK,
             )
             actions.do_cancel_queued_runs(
@@ -426,6 +435,7 @@ def _new_target(name, kind, event):
         name=name, kind=kind, provider=event["database_provider"], region=event["region"]
     )
     target.vault_path = event["vault_path"] or target.default_vault_path()
+    target.canary = kind != Strategy.SHARED and bool(event.get("canary"))
     return target
 
 
@@ -481,6 +491,8 @@ def _compare(registration, tenant, update, now, changed_tenants, changed_targets
         fields.append("vault_path")
     if update:
         fields.append("status")
+    if event.get("canary") is not None and tenant.strategy != Strategy.SHARED:
+        fields.append("canary")
     differences = {
         name: (registered[name], event[name]) for name in fields if registered[name] != event[name]
     }
@@ -518,6 +530,10 @@ def _compare(registration, tenant, update, now, changed_tenants, changed_targets
             target.decommissioned_at = now if retire else None
             target.updated_at = now
             changed_targets[target.pk] = target
+    if "canary" in differences:
+        target.canary = event["canary"]
+        target.updated_at = now
+        changed_targets[target.pk] = target
     if "database_provider" in differences or "vault_path" in differences:
         target.provider = event["database_provider"]
         if event["vault_path"]:
@@ -629,7 +645,7 @@ def _read_csv(path, text):
     if missing or "database_provider" not in header:
         raise FileError(
             f"{path}: the first line must name the columns ({', '.join(COLUMNS)}; region, "
-            "vault_path, database_created and status may be left out); it has "
+            "vault_path, database_created, status and canary may be left out); it has "
             f"{', '.join(header) or 'nothing'}."
         )
     reader.fieldnames = header
@@ -662,4 +678,10 @@ def write_events(tenants, handle, fmt):
     writer = csv.DictWriter(handle, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     for event in events:
-        writer.writerow({**event, "database_created": str(event["database_created"]).lower()})
+        writer.writerow(
+            {
+                **event,
+                "database_created": str(event["database_created"]).lower(),
+                "canary": str(event["canary"]).lower(),
+            }
+        )

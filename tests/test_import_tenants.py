@@ -169,6 +169,7 @@ def test_export_round_trips_through_import(tmp_path, fmt):
             "vault_path": "acme",
             "database_created": False,
             "status": "active",
+            "canary": False,
         }
     code, out, err = run(str(exported))
     assert code == 0, err

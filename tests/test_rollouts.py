@@ -598,3 +598,29 @@ def test_the_target_api_sets_canary_and_a_checked_window(client, django_user_mod
     # Across midnight: Saturday 01:00 in New York is still Friday night's window.
     assert rollouts.in_window(target, datetime(2026, 12, 5, 6, 0, tzinfo=UTC))
     assert not rollouts.in_window(target, datetime(2026, 12, 5, 12, 0, tzinfo=UTC))
+
+
+def test_the_import_sets_canary_on_a_tenant_database(tmp_path):
+    from tenants.models import MigrationTarget
+
+    path = tmp_path / "tenants.csv"
+    path.write_text(
+        "tenant_id,name,database_strategy,database_provider,canary\n"
+        "acme,Acme,dedicated,postgresql,true\n"
+        "globex,Globex,dedicated,mysql,\n"
+    )
+    code, out, err = command("import_tenants", str(path))
+    assert code == 0, err
+    assert MigrationTarget.objects.get(name="acme").canary
+    assert not MigrationTarget.objects.get(name="globex").canary
+    path.write_text(
+        "tenant_id,name,database_strategy,database_provider,canary\n"
+        "acme,Acme,dedicated,postgresql,false\n"
+    )
+    code, out, err = command("import_tenants", str(path))
+    assert code == 0, err
+    assert "1 updated" in out
+    assert not MigrationTarget.objects.get(name="acme").canary
+    exported = io.StringIO()
+    call_command("export_tenants", "--format", "csv", stdout=exported)
+    assert exported.getvalue().splitlines()[0].endswith(",canary")
