@@ -624,3 +624,31 @@ def test_the_import_sets_canary_on_a_tenant_database(tmp_path):
     exported = io.StringIO()
     call_command("export_tenants", "--format", "csv", stdout=exported)
     assert exported.getvalue().splitlines()[0].endswith(",canary")
+
+
+@pytest.mark.vault
+def test_the_next_wave_waits_for_the_bake_time(registered_tenant):
+    from django.utils import timezone
+
+    from migrator.tasks import read_revision, run_migration
+    from tests.dispatch_fixtures import HEAD
+
+    first = canary(registered_tenant("postgresql"))
+    second = registered_tenant("mysql")
+    code, out, err = command("migrate_tenants", "--all", "--waves", "1,100%", "--bake", "600")
+    assert code == 0, err
+    rollout = Rollout.objects.get(pk=started_id(out))
+    run_migration(MigrationRun.objects.get(rollout=rollout).pk)
+    rollout.refresh_from_db()
+    assert rollout.status == "baking"
+    code, out, _ = command("rollout", "show", str(rollout.pk))
+    assert "Baking until" in out
+    # The recovery loop's steps: before the bake ends nothing more is queued; after, wave 2 is.
+    rollouts.advance(rollout, now=timezone.now() + timedelta(seconds=300))
+    assert not second.target.runs.exists()
+    rollout = rollouts.advance(rollout, now=timezone.now() + timedelta(seconds=601))
+    assert rollout.status == "running" and rollout.current_wave == 1
+    run_migration(second.target.runs.get().pk)
+    rollout.refresh_from_db()
+    assert rollout.status == "completed"
+    assert read_revision(first.target) == read_revision(second.target) == HEAD
