@@ -370,9 +370,14 @@ def _queue(rollout, pending, now):
             state = FAILED if row.blocks else SKIPPED
             rollout.notes[str(row.target.pk)] = {"state": state, "reason": row.reason}
             noted = True
-    actions.do_enqueue_plan(
+    dispatches = actions.do_enqueue_plan(
         rows, trigger=rollout.trigger, acting_user=rollout.created_by, rollout=rollout
     )
+    for dispatch in dispatches:
+        if dispatch.run is None:
+            # Refused by the queue (a region no cluster serves): a failure, said.
+            rollout.notes[str(dispatch.target.pk)] = {"state": FAILED, "reason": dispatch.reason}
+            noted = True
     return noted
 
 

@@ -652,3 +652,16 @@ def test_the_next_wave_waits_for_the_bake_time(registered_tenant):
     rollout.refresh_from_db()
     assert rollout.status == "completed"
     assert read_revision(first.target) == read_revision(second.target) == HEAD
+
+
+def test_a_target_no_queue_serves_fails_the_rollout_instead_of_stalling_it(
+    target_factory, settings
+):
+    settings.REGION_CLUSTERS = {"eu": "controlplane-eu"}
+    target_factory(name="lost", region="us")
+    code, out, err = command("migrate_tenants", "--all", "--waves", "100%")
+    assert code == 0, err
+    rollout = Rollout.objects.get(pk=started_id(out))
+    assert rollout.status == "halted"
+    code, out, _ = command("rollout", "show", str(rollout.pk))
+    assert "lost" in out and "REGION_CLUSTERS" in out
