@@ -67,11 +67,11 @@ def _phase_labels():
 def fleet_dashboard(request):
     heads, script_error = _head()
     labels = _phase_labels() if len(heads) > 1 else {}
-    total = MigrationTarget.objects.count()
+    total = MigrationTarget.objects.active().count()
 
     by_status = {
         row["status"]: row["n"]
-        for row in MigrationTarget.objects.values("status").annotate(n=Count("id"))
+        for row in MigrationTarget.objects.active().values("status").annotate(n=Count("id"))
     }
     statuses = [
         {
@@ -86,7 +86,8 @@ def fleet_dashboard(request):
     revisions = []
     top = 1
     for row in (
-        MigrationTarget.objects.values("revision")
+        MigrationTarget.objects.active()
+        .values("revision")
         .annotate(n=Count("id"))
         .order_by("-n", "revision")
     ):
@@ -104,7 +105,8 @@ def fleet_dashboard(request):
     phase_counts = _phase_counts(revisions)
 
     by_provider_region = list(
-        MigrationTarget.objects.values("provider", "region")
+        MigrationTarget.objects.active()
+        .values("provider", "region")
         .annotate(
             n=Count("id"),
             failed=Count("id", filter=Q(status=TargetStatus.FAILED)),
@@ -120,7 +122,8 @@ def fleet_dashboard(request):
     # Targets at one revision share one schema fingerprint per provider: another fingerprint,
     # or a drifted target, stands out. Groups with drift first.
     fingerprints = list(
-        MigrationTarget.objects.values("revision", "provider", "schema_fingerprint")
+        MigrationTarget.objects.active()
+        .values("revision", "provider", "schema_fingerprint")
         .annotate(n=Count("id"), drifted_n=Count("id", filter=Q(drifted=True)))
         .order_by("-drifted_n", "revision", "provider", "-n")[:FINGERPRINT_GROUPS_SHOWN]
     )

@@ -61,7 +61,7 @@ def may_see_names(request):
 
 def fleet_counts():
     counts = dict.fromkeys(TargetStatus.values, 0)
-    for row in MigrationTarget.objects.values("status").annotate(n=Count("id")):
+    for row in MigrationTarget.objects.active().values("status").annotate(n=Count("id")):
         counts[row["status"]] = row["n"]
     return counts
 

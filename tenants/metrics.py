@@ -138,7 +138,8 @@ class ControlPlaneCollector:
             at_head = {*heads, ",".join(heads), ",".join(sorted(heads))}
             aggregates["behind"] = Count("id", filter=~Q(revision__in=sorted(at_head)))
         rows = (
-            MigrationTarget.objects.values("status", "provider", "region")
+            MigrationTarget.objects.active()
+            .values("status", "provider", "region")
             .annotate(**aggregates)
             .order_by()
         )

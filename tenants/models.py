@@ -57,6 +57,12 @@ class BackupPolicy(models.TextChoices):
     OFF = "off", "Never"
 
 
+class TargetQuerySet(models.QuerySet):
+    def active(self):
+        """The targets not decommissioned: what the fleet's counts, checks and bulk scopes see."""
+        return self.filter(decommissioned_at=None)
+
+
 class MigrationTarget(models.Model):
     """A database that Alembic runs against, and where it stands."""
 
@@ -152,6 +158,8 @@ class MigrationTarget(models.Model):
     )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+
+    objects = TargetQuerySet.as_manager()
 
     class Meta:
         ordering = ["name"]

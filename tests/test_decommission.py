@@ -124,3 +124,33 @@ def test_migrate_tenants_all_leaves_retired_targets_out_and_names_them_when_aske
     assert f"{retired.target.name}: the target is decommissioned" in out + err, out + err
     assert other.target.name in out
     assert code == 0
+
+
+@pytest.mark.django_db
+def test_the_fleets_counts_and_checks_leave_retired_targets_out(
+    admin_client, client, tenant_factory, vault
+):
+    """The dashboard, /readyz's counts, /metrics and vault_check count the fleet that gets runs:
+    a retired target would stay "behind" or "unknown" for ever."""
+    from django.core.management.base import CommandError
+
+    from tenants import actions
+
+    kept = tenant_factory(auto_migrate=False)
+    retired = tenant_factory(auto_migrate=False)
+    assert actions.do_decommission_tenant(retired).done
+
+    dashboard = admin_client.get("/admin/fleet/").content.decode()
+    assert "1 target;" in dashboard, dashboard
+    ready = client.get("/readyz?format=json").json()
+    assert sum(ready["targets"].values()) == 1, ready
+    metrics = client.get("/metrics").content.decode()
+    assert (
+        'tenant_migrations_targets{provider="postgresql",region="default",status="unknown"} 1.0'
+        in (metrics)
+    )
+    out = io.StringIO()
+    with pytest.raises(CommandError, match="1 of 1 targets not OK"):
+        call_command("vault_check", stdout=out)  # kept's secret was never written
+    assert kept.target.name in out.getvalue()
+    assert retired.target.name not in out.getvalue()

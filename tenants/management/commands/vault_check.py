@@ -51,6 +51,8 @@ class Command(BaseCommand):
             unknown = sorted(set(names) - {target.name for target in targets})
             if unknown:
                 raise CommandError(f"No target named {', '.join(unknown)}.", returncode=1)
+        else:
+            targets = targets.active()  # a decommissioned target's secret may be gone
         if not targets:
             self.stdout.write("No migration targets to check.")
             return
