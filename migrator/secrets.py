@@ -7,7 +7,14 @@ Each database has one KV v2 secret,
     vault kv put secret/database/shared admin_username=... admin_password=... \\
         app_username=... app_password=... host=... port=5432 database=...
 
-``migration_credentials`` hands out the admin pair and ``application_credentials`` the app pair,
+The secret's ``admin_credentials`` key may instead send the admin user to Vault's database
+secrets engine (``VAULT_DATABASE_MOUNT_POINT``): ``dynamic``, a user made for each run
+(``{mount}/creds/{admin_role}``) whose lease is revoked when the run ends, or ``static-role``,
+a user whose password Vault rotates (``{mount}/static-creds/{admin_role}``); host, port and
+database still come from the KV secret (README: "Dynamic credentials").
+
+``admin_credentials`` hands out the admin user for a ``with`` block in any of these modes,
+``migration_credentials`` the static ones, and ``application_credentials`` the app pair,
 each as a ``ConnectionInfo`` whose password is a ``Secret``: it prints as asterisks, so it cannot
 end up in a log line or an error message by accident. The raw secret never leaves this module.
 
@@ -526,7 +533,8 @@ class SecretsManager:
                     f"(`bao secrets enable -path={mount} database`) or set "
                     "VAULT_DATABASE_MOUNT_POINT to where it is mounted."
                 ) from None
-            if "unknown role" in reason or "role" in reason and "not" in reason:
+            # OpenBao and Vault say "unknown role: R" (400) for a role that is not there.
+            if "unknown role" in reason or "role not found" in reason:
                 roles = "roles" if kind == "dynamic" else "static-roles"
                 make = (
                     f"bao write {mount}/roles/{role_name} db_name=... "
@@ -579,7 +587,9 @@ class SecretsManager:
         )
         username, password = _issued_pair(path, response)
         lease_id = response.get("lease_id") or ""
-        register_secret(lease_id.rsplit("/", 1)[-1]) if lease_id else None
+        if lease_id:
+            # The lease id's own part renews or revokes the lease: never shown, like a password.
+            register_secret(lease_id.rsplit("/", 1)[-1])
         lease = _Lease(
             path=path,
             lease_id=lease_id,
@@ -645,7 +655,8 @@ class SecretsManager:
         use.revoked = False
         use.problem = (
             f"Revoking the lease {lease.safe_id} of user {use.username} failed: {problem}. "
-            f"Vault drops the user when the lease ends (TTL {lease.seconds}s); to drop it now: "
+            f"Vault revokes it again itself when the lease ends (TTL {lease.seconds}s); to drop "
+            "it now, once the cause is fixed: "
             f"`bao list sys/leases/lookup/{lease.path}` and "
             f"`bao lease revoke {lease.path}/<the id ending in {lease.lease_id[-4:]}>`."
         )
