@@ -96,7 +96,7 @@ def wait_until(condition, *, timeout, what):
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
 def test_a_fleet_migrates_with_dynamic_credentials_and_leaves_no_user(
-    registered_tenant, vault_secret, engine, postgres_server
+    registered_tenant, vault_secret, engine, postgres_server, admin_client
 ):
     from tests.workers import manage, process_env
 
@@ -125,7 +125,10 @@ def test_a_fleet_migrates_with_dynamic_credentials_and_leaves_no_user(
         # The grant check after the upgrade ran with the app user's own grants.
         assert "App user grants not checked" not in run.log
         assert "Grants" in run.log
-    shown = MigrationRun.objects.get(target=tenants[2].target).outcome()  # the API, --json
+    run = MigrationRun.objects.get(target=tenants[2].target)
+    page = admin_client.get(f"/admin/tenants/migrationrun/{run.pk}/change/").content.decode()
+    assert "Admin credentials" in page and run.credentials_lease in page
+    shown = run.outcome()  # the API, --json
     assert (shown["admin_credentials"], shown["credentials_revoked"]) == ("dynamic", True)
     # No user Vault made is left on either server.
     assert engine.vault_users() == []
