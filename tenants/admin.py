@@ -99,6 +99,9 @@ class WideChangelist:
     of six models (the breadcrumbs and the index lead to them)."""
 
     def changelist_view(self, request, extra_context=None):
+        from tenants.actions import reconcile_with_current_heads
+
+        reconcile_with_current_heads()  # statuses shown agree with the revisions now on disk
         extra_context = {"is_nav_sidebar_enabled": False, **(extra_context or {})}
         return super().changelist_view(request, extra_context)
 

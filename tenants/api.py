@@ -383,6 +383,9 @@ STATUS_FILTER = [ACTIVE, DECOMMISSIONED, *TargetStatus.values]
 
 
 def _by_status(queryset, request, *, prefix=""):
+    from tenants.actions import reconcile_with_current_heads
+
+    reconcile_with_current_heads()
     values = [v.strip() for p in request.query_params.getlist("status") for v in p.split(",")]
     values = [v for v in values if v]
     if not values:

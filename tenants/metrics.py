@@ -92,9 +92,9 @@ def vault_error_codes() -> list[str]:
 def _heads() -> tuple[str, ...] | None:
     """The head revision(s) of the script directory, or None when it cannot be read."""
     try:
-        from migrator import runner
+        from tenants.actions import current_heads
 
-        return tuple(runner.heads())
+        return tuple(current_heads())
     except Exception:  # noqa: BLE001 - the other metrics are still worth a scrape
         logger.warning("Cannot read the head revision(s) for /metrics", exc_info=True)
         return None

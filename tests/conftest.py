@@ -200,3 +200,11 @@ def target_for():
         return Target(name, ConnectionInfo(**info))
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _statuses_reconciled_afresh():
+    """Each test's first page or scrape makes the stored statuses agree with its own heads."""
+    from tenants.actions import forget_reconciled_heads
+
+    forget_reconciled_heads()

@@ -152,6 +152,65 @@ def test_a_web_process_shows_the_heads_on_disk_now(admin_client, client, script_
     assert "head: <strong>0005_deploy_notes</strong>" in page
 
 
+@pytest.mark.django_db(transaction=True)  # /readyz runs its checks on threads of their own
+def test_targets_at_the_old_head_show_behind_as_soon_as_a_revision_is_deployed(
+    admin_client, client, script_copy, settings, target_factory, django_user_model
+):
+    """No run needed: the dashboard, /readyz, the API's status filter, the admin's list and
+    /metrics all say behind once a revision is on disk; taking it off makes them up to date."""
+    from django.contrib.auth.models import Permission
+    from django.urls import reverse
+    from knox.models import AuthToken
+
+    settings.METRICS_TOKEN = ""
+    shared = target_factory(kind="shared", revision=LINEAR_HEAD, status="up_to_date")
+    dedicated = [target_factory(revision=LINEAR_HEAD, status="up_to_date") for _ in range(3)]
+    held = target_factory(revision=LINEAR_HEAD, status="held", held=True)
+    user = django_user_model.objects.create_user("provisioning")
+    user.user_permissions.add(Permission.objects.get(codename="register_tenants"))
+    api = {"HTTP_AUTHORIZATION": f"Bearer {AuthToken.objects.create(user=user)[1]}"}
+
+    def behind_in_api():
+        response = client.get(reverse("api-targets") + "?status=behind", **api)
+        assert response.status_code == 200, response.content
+        return sorted(row["name"] for row in response.json()["results"])
+
+    def up_to_date_in_admin():
+        page = admin_client.get(
+            reverse("admin:tenants_migrationtarget_changelist") + "?status__exact=up_to_date"
+        ).content.decode()
+        return [t.name for t in [shared, *dedicated] if f">{t.name}<" in page]
+
+    def metric(name, status):
+        text = client.get(reverse("metrics")).content.decode()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name + "{") and f'status="{status}"' in line
+        )
+
+    assert client.get(reverse("readyz")).status_code == 200
+    assert behind_in_api() == []
+    assert len(up_to_date_in_admin()) == 4
+
+    write_revision(script_copy / "versions", "0005_deploy_notes", LINEAR_HEAD, "deploy_notes")
+
+    assert client.get(reverse("readyz")).status_code == 500  # the shared database is behind
+    assert behind_in_api() == sorted([shared.name, *(t.name for t in dedicated)])
+    assert up_to_date_in_admin() == []
+    assert metric("tenant_migrations_targets", "behind") == 4
+    page = admin_client.get(reverse("fleet-dashboard")).content.decode()
+    assert "head: <strong>0005_deploy_notes</strong>" in page
+    held.refresh_from_db()
+    assert held.status == "held"  # a held target stays held
+
+    # The revision taken back off the disk: they are at head again.
+    (script_copy / "versions" / "0005_deploy_notes.py").unlink()
+    assert behind_in_api() == []
+    assert client.get(reverse("readyz")).status_code == 200
+    assert len(up_to_date_in_admin()) == 4
+
+
 @pytest.mark.django_db
 def test_the_admins_downgrade_page_reads_the_revision_now_on_disk(
     admin_client, registered_tenant, script_copy

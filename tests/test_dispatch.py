@@ -405,7 +405,7 @@ def test_startup_migrates_shared_database_and_fails_the_start_when_it_fails(
 @pytest.mark.django_db(transaction=True)  # the checks run in a thread of their own
 def test_health_endpoints(client, target_factory):
     assert client.get("/healthz").json() == {"status": "ok"}
-    shared = target_factory(name="shared", kind="shared", status="up_to_date")
+    shared = target_factory(name="shared", kind="shared", status="up_to_date", revision=HEAD)
     target_factory(status="failed")
     ready = client.get("/readyz?format=json")
     assert ready.status_code == 200

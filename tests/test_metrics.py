@@ -323,7 +323,9 @@ def test_bounded_queries_with_ten_thousand_runs(client, django_assert_max_num_qu
         MigrationRun(target=targets[i], trigger="admin", status="queued") for i in range(100)
     )
 
-    with django_assert_max_num_queries(5):
+    # 5, and 1 the first time a process reads these heads: the stored statuses checked against
+    # them (tenants.actions.current_heads).
+    with django_assert_max_num_queries(6):
         samples = scrape(client)
 
     assert sum(samples["tenant_migrations_runs_total"].values()) == 10_000

@@ -207,6 +207,10 @@ def recover_here():
             logger.warning("%s", line)
     except Exception:  # noqa: BLE001 - the next pass tries again
         logger.exception("Recovery failed")
+    from tenants.actions import reconcile_with_current_heads
+
+    # A revision deployed while the cluster runs: its targets show behind within a pass.
+    reconcile_with_current_heads()
     try:
         # Rollouts move on here too: bake times end and windows open without a run finishing.
         rollouts.advance_active()
