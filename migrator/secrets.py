@@ -324,7 +324,7 @@ class SecretsManager:
         runtime. Reads (or takes from the cache)
         ``GET /v1/{mount}/data/{database_secrets_path}/{path}``.
         """
-        return self._connection_info(path, provider, "app")
+        return self._application(path, provider)
 
     def invalidate(self, path: str | None = None) -> None:
         """Forget the cached secret at ``path`` (every cached secret when ``path`` is None), so
@@ -370,10 +370,9 @@ class SecretsManager:
 
     # --- Credentials --------------------------------------------------------------------------
 
-    def _connection_info(self, path: str, provider: str | None, role: str) -> ConnectionInfo:
-        """The app pair of the secret at ``path`` (``role`` "app")."""
-        if role == "admin":
-            return self.migration_credentials(path, provider)
+    def _application(self, path: str, provider: str | None) -> ConnectionInfo:
+        """The app pair of the secret at ``path``."""
+        role = "app"
         relative = self._relative_path(path)
         full = self.full_path(path)
         data = self._secret_data(relative)
