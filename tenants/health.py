@@ -63,6 +63,9 @@ def may_see_names(request):
 
 
 def fleet_counts():
+    from tenants.actions import reconcile_with_current_heads
+
+    reconcile_with_current_heads()  # counted as the revisions on disk now make them
     counts = dict.fromkeys(TargetStatus.values, 0)
     for row in MigrationTarget.objects.active().values("status").annotate(n=Count("id")):
         counts[row["status"]] = row["n"]
