@@ -493,6 +493,19 @@ class MigrationRun(models.Model):
         return "?" if self.error_code in NOT_READ_ERROR_CODES else "base"
 
     @property
+    def ended_at_revision(self):
+        """Where the database stood after the run: its revision, ``base`` when a run that
+        finished knowing it left it empty (an undo or downgrade to base, a failure on the first
+        revision), ``?`` when the run ended before it could read it or was stopped."""
+        if self.revision_after:
+            return self.revision_after
+        if self.status in (RunStatus.SUCCEEDED, RunStatus.SKIPPED):
+            return "base"
+        if self.status == RunStatus.FAILED and self.error_code not in NOT_READ_ERROR_CODES:
+            return "base"
+        return "?"
+
+    @property
     def error_summary(self):
         """The error's first line, for lists; ``error`` keeps the whole message (PostgreSQL's
         DETAIL, the rows a revision's own message lists)."""

@@ -81,3 +81,16 @@ def test_a_downgrade_goes_through_a_merge_revision(registered_tenant, settings, 
     code, said = migrate_tenants("--tenant", tenant.id, "--undo-last", "--yes", "--sync")
     assert code == 0, said
     assert database(tenant) == ("h003_merge", {"base_things", "left_things", "right_things"})
+
+
+@pytest.mark.django_db
+def test_a_run_that_ends_at_base_says_base_not_unknown(registered_tenant, settings):
+    """`--undo-last` after a first migration takes the target to base; the table says where it
+    ended ("-> base"), not "-> ?", which reads as "not known"."""
+    settings.TENANT_MIGRATIONS_DIR = str(FIXTURES / "linear")
+    tenant = registered_tenant("postgresql")
+    assert migrate_tenants("--tenant", tenant.id, "--sync")[0] == 0
+    code, said = migrate_tenants("--tenant", tenant.id, "--undo-last", "--yes", "--sync")
+    assert code == 0, said
+    line = next(line for line in said.splitlines() if line.startswith(tenant.id + " "))
+    assert "0004_accounts_display_name -> base" in line, said

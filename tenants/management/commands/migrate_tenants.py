@@ -798,7 +798,7 @@ def summary_table(runs):
             run.target.name,
             run.target.provider,
             run.status,
-            f"{run.stood_at} -> {run.revision_after or '?'}"
+            f"{run.stood_at} -> {run.ended_at_revision}"
             if run.finished_at
             else run.requested_revision,
             str(len(run.applied)),
