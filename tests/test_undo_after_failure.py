@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from django.core.management import call_command
+from django.core.management.base import CommandError
 from django.urls import reverse
 
 from tenants.models import MigrationRun
@@ -120,3 +121,20 @@ def test_the_dashboard_says_which_failures_were_since_put_right(
     still_run = MigrationRun.objects.get(target=still.target)
     entry = failures.split(f"#{still_run.pk}</a>")[1].split("</tr>")[0]
     assert "put right" not in entry
+
+
+@pytest.mark.django_db
+def test_a_refused_undo_is_called_an_undo(registered_tenant, settings):
+    """An undo refused before anything ran says "Undo refused", not "Downgrade refused"."""
+    settings.TENANT_MIGRATIONS_DIR = str(FIXTURES / "linear")
+    tenant = registered_tenant("postgresql")
+    assert migrate_tenants("--tenant", tenant.id, "--sync")[0] == 0
+    # Moved behind the control plane's back: the undo no longer applies.
+    engine = sa.create_engine(tenant.database.sqlalchemy_url(), poolclass=sa.pool.NullPool)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("UPDATE alembic_version SET version_num = '0002_projects'")
+    engine.dispose()
+    with pytest.raises(CommandError) as refused:
+        migrate_tenants("--tenant", tenant.id, "--undo-last", "--yes", "--sync")
+    assert refused.value.returncode == 2
+    assert str(refused.value).startswith("Undo refused before anything ran"), refused.value

@@ -387,7 +387,8 @@ class Command(BaseCommand):
         refused = [row for row in rows if row.blocks]
         if downgrading and refused:
             raise CommandError(
-                "Downgrade refused before anything ran:\n  "
+                f"{'Undo' if intent.action == planning.UNDO else 'Downgrade'} refused before "
+                "anything ran:\n  "
                 + "\n  ".join(f"{row.target.name}: {row.refusal}" for row in refused),
                 returncode=EXIT_USAGE,
             )
