@@ -130,3 +130,21 @@ def test_the_lists_show_what_matters_in_1400_pixels(
     assert row.locator("td.field-took").inner_text() == "12.3 s"
     assert row.locator("td.field-why").inner_text().startswith("Vault at http://127.0.0.1:8200")
     screenshot(page, "runs-list-1400px")
+
+
+def test_the_api_docs_page_renders_from_the_control_planes_own_files(page, live_server):  # noqa: F811
+    """Swagger UI at /api/docs/ draws every operation of /api/schema/; nothing comes from
+    another host."""
+    elsewhere = []
+    page.on(
+        "request",
+        lambda request: (
+            elsewhere.append(request.url) if not request.url.startswith(live_server.url) else None
+        ),
+    )
+    page.goto(f"{live_server.url}/api/docs/")
+    page.wait_for_selector(".opblock-summary-path")
+    paths = page.locator(".opblock-summary-path").all_inner_texts()
+    assert "/api/tenants/" in [p.replace("\u200b", "") for p in paths], paths
+    assert elsewhere == []
+    screenshot(page, "api-docs")
