@@ -245,9 +245,14 @@ ROLLOUTS_SHOWN = 10
 
 
 def _rollouts():
-    """The rollouts in progress and the halted ones, halted first, each with its runs counted
-    by outcome: two queries (one when there are none)."""
-    from django.db.models import Case, IntegerField, Value, When
+    """The rollouts in progress and the halted ones, halted first, each with its targets
+    counted by where they stand, as ``rollout show`` counts them: by each target's latest run of
+    the rollout (a target that failed, was resumed and failed again is one failure, not two; one
+    that failed, then succeeded, is done), a failure before the last resume or a run cancelled by
+    a halt counting as untouched. Two queries (one when there are none)."""
+    from django.db.models import Case, F, IntegerField, Max, Value, When
+
+    from tenants.rollouts import ABORTED_CODE, HALTED_CODE
 
     found = list(
         Rollout.objects.filter(
@@ -269,13 +274,24 @@ def _rollouts():
     )
     if not found:
         return []
+    latest = (
+        MigrationRun.objects.filter(rollout__in=found)
+        .values("rollout", "target")
+        .annotate(last=Max("id"))
+        .values("last")
+    )
     counts = {
         row["rollout"]: row
-        for row in MigrationRun.objects.filter(rollout__in=found)
+        for row in MigrationRun.objects.filter(pk__in=latest)
         .values("rollout")
         .annotate(
             done=Count("id", filter=Q(status__in=[RunStatus.SUCCEEDED, RunStatus.SKIPPED])),
-            failed=Count("id", filter=Q(status__in=[RunStatus.FAILED, RunStatus.INTERRUPTED])),
+            failed=Count(
+                "id",
+                filter=Q(status__in=[RunStatus.FAILED, RunStatus.INTERRUPTED])
+                & Q(id__gt=F("rollout__resumed_after_run"))
+                & ~Q(error_code__in=[HALTED_CODE, ABORTED_CODE]),
+            ),
             active=Count("id", filter=Q(status__in=ACTIVE_RUN_STATUSES)),
         )
         .order_by()

@@ -538,6 +538,41 @@ def test_admin_page_buttons_and_the_dashboard(admin_client, target_factory):
     assert targets[2].canary and targets[2].window_days == "sat-sun"
 
 
+def test_the_dashboard_counts_a_rollouts_targets_as_rollout_show_does(admin_client, target_factory):
+    """A target that failed, was resumed and failed again is one failed target on the dashboard,
+    not two; one that failed and succeeded after the resume is done (it counted failed runs:
+    '3 failed, of 6 targets' next to a note saying 1 of 1 failed)."""
+    from django.urls import reverse
+
+    again, fixed, halted_by = (target_factory() for _ in range(3))
+    rollout = Rollout.objects.create(
+        revision="head",
+        waves_spec="1,100%",
+        waves=[[again.pk, fixed.pk], [halted_by.pk]],
+        status="halted",
+        note="Halted: 1 target(s) failed, more than --max-failures 0",
+    )
+
+    def run(target, status, **fields):
+        return MigrationRun.objects.create(
+            target=target, trigger="command", rollout=rollout, status=status, **fields
+        )
+
+    run(again, "failed", error="f003 failed")
+    run(fixed, "failed", error="f003 failed")
+    run(halted_by, "cancelled", error_code=rollouts.HALTED_CODE)
+    rollout.resumed_after_run = MigrationRun.objects.latest("pk").pk
+    rollout.save(update_fields=["resumed_after_run"])
+    run(again, "failed", error="f003 failed again")
+    run(fixed, "succeeded")
+
+    shown = rollouts.describe(rollout)["counts"]
+    assert (shown["done"], shown["failed"], shown["pending"]) == (1, 1, 1)
+    fleet = admin_client.get(reverse("fleet-dashboard")).content.decode()
+    section = fleet.split('id="fleet-rollouts"', 1)[1].split("</table>", 1)[0]
+    assert "1 done, 0 under way, 1 failed, of 3 targets" in section, section
+
+
 @pytest.mark.parametrize(
     "setting, value",
     [
