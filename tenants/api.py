@@ -697,6 +697,12 @@ class RolloutRequest(serializers.Serializer):
                     "providers or regions."
                 }
             )
+        from tenants.selection import missing_tenants
+
+        unknown = missing_tenants(attrs.get("tenants", []))
+        if unknown:
+            # As migrate_tenants --tenant says it: a typo is not "nothing to roll out".
+            raise ValidationError({"tenants": f"Unknown tenant id(s): {', '.join(unknown)}."})
         return attrs
 
 

@@ -443,6 +443,14 @@ def test_api_starts_shows_resumes_and_aborts_rollouts(client, api_tokens, regist
         "/api/rollouts/", {**body, "waves": "5,2"}, content_type="application/json", headers=auth
     )
     assert bad.status_code == 400 and "waves" in bad.json()
+    typo = client.post(
+        "/api/rollouts/",
+        {"tenants": [good.id, "no-such-tenant"], "waves": "100%", "dry_run": True},
+        content_type="application/json",
+        headers=auth,
+    )
+    assert typo.status_code == 400, typo.content  # it was a 200 with no wave (a 409 to start)
+    assert typo.json() == {"tenants": ["Unknown tenant id(s): no-such-tenant."]}
     preview = client.post(
         "/api/rollouts/", {**body, "dry_run": True}, content_type="application/json", headers=auth
     )
