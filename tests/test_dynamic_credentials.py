@@ -317,7 +317,7 @@ def test_vault_check_checks_each_mode(registered_tenant, vault_secret, engine):
     owner = dynamic.database.admin_username
     assert f"OK    {dynamic.target.name}: " in output
     assert f"dynamic {engine.mount}/creds/{dynamic.role}: made user v-" in output
-    assert f"and revoked it (lease TTL {TTL}s); runs SET ROLE {owner}" in output
+    assert f"and revoked it (lease TTL {TTL}s); logged in and ran SET ROLE {owner}" in output
     assert f"OK    {static.target.name}: secret/data/database/" in output
     assert (
         f"static role {engine.mount}/static-creds/{role}: user {pinned.database.admin_username}"
@@ -325,6 +325,31 @@ def test_vault_check_checks_each_mode(registered_tenant, vault_secret, engine):
     )
     assert f"FAIL  {missing.target.name}: DatabaseRoleNotFound: Vault has no role gone" in output
     assert engine.vault_users() == []
+
+
+def test_vault_check_fails_a_role_whose_users_cannot_take_the_owner_role(
+    registered_tenant, vault_secret, engine
+):
+    """A Vault role without the README's GRANT of the owner role: vault_check said OK ("runs
+    SET ROLE ...") and every run then failed with owner_role_failed. It logs in as the user it
+    made and runs SET ROLE before revoking it, and fails the target with the run's message."""
+    from io import StringIO
+
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    tenant = dynamic_tenant(registered_tenant, vault_secret, engine)
+    owner = tenant.database.admin_username
+    engine.pg_role(tenant.role, owner=owner, grant_owner=False)
+
+    out = StringIO()
+    with pytest.raises(CommandError, match="1 of 1 targets not OK"):
+        call_command("vault_check", "--target", tenant.target.name, stdout=out)
+    output = out.getvalue()
+    assert f"FAIL  {tenant.target.name}: OwnerRoleFailed: " in output, output
+    assert f"could not switch to the owner role '{owner}'" in output
+    assert f'GRANT "{owner}" TO "{{{{name}}}}"' in output
+    assert engine.vault_users() == []  # the user it made was revoked all the same
 
 
 def test_a_run_longer_than_its_lease_keeps_its_user_under_the_readme_policy(

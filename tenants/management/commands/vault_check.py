@@ -3,8 +3,17 @@
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from migrator.exceptions import MigratorError, VaultAuthError, VaultUnavailable
+from migrator import engines
+from migrator.exceptions import (
+    DatabaseAuthFailed,
+    DatabaseNotFound,
+    DatabaseUnreachable,
+    MigratorError,
+    VaultAuthError,
+    VaultUnavailable,
+)
 from migrator.secrets import get_secrets_manager
+from migrator.targets import Target
 from tenants.models import MigrationTarget
 
 
@@ -14,7 +23,8 @@ class Command(BaseCommand):
         "policies and TTL, then check for every migration target that its secret under "
         "VAULT_DATABASE_SECRETS_PATH is readable and complete for migrations (admin user; "
         "for dynamic credentials a user is made and revoked at once, for a static role its "
-        "password is read). "
+        "password is read; with an owner_role on PostgreSQL, the admin user logs in and runs "
+        "SET ROLE). "
         "Secret values are never printed. Exits with status 1 when Vault cannot be used or "
         "any target is not OK."
     )
@@ -81,6 +91,7 @@ class Command(BaseCommand):
                 target.effective_vault_path, provider=target.provider
             ) as admin:
                 connection, use = admin.connection, admin.use
+                owner = _owner_role_check(target, connection)  # before the user is revoked
         except MigratorError as exc:
             return f"{type(exc).__name__}: {exc}", ""
         line = f"{connection.vault_path} ({connection.provider})"
@@ -93,6 +104,22 @@ class Command(BaseCommand):
                 f", dynamic {use.source}: made user {use.username} and revoked it "
                 f"(lease TTL {use.lease_seconds}s)"
             )
-        if connection.owner_role:
-            line += f"; runs SET ROLE {connection.owner_role}"
+        if owner:
+            line += f"; {owner}"
         return "", line
+
+
+def _owner_role_check(target, connection):
+    """On PostgreSQL with an ``owner_role``: log in as the admin user (a dynamic one before it
+    is revoked) and ``SET ROLE``, as a run does first (``migrator.engines.connect``): a Vault
+    role whose creation statements forgot the GRANT fails every run with owner_role_failed,
+    and only a login shows it. Raises ``OwnerRoleFailed``; a database the control plane cannot
+    reach is said, not failed (this checks Vault)."""
+    if not connection.owner_role or connection.provider != "postgresql":
+        return ""
+    try:
+        with engines.connect(Target(target.name, connection)):
+            pass
+    except (DatabaseUnreachable, DatabaseNotFound, DatabaseAuthFailed) as exc:
+        return f"SET ROLE {connection.owner_role} not checked: {type(exc).__name__}: {exc}"
+    return f"logged in and ran SET ROLE {connection.owner_role}"
