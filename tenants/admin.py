@@ -823,6 +823,7 @@ class RolloutAdmin(admin.ModelAdmin):
         "waves_spec",
         "budget",
         "bake_seconds",
+        "bake_until",
         "per_server_concurrency",
         "note",
         "created_by",
@@ -836,6 +837,9 @@ class RolloutAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False
+
+    def has_change_permission(self, request, obj=None):
+        return False  # a page to read, with Resume and Abort: no Save buttons that save nothing
 
     def has_delete_permission(self, request, obj=None):
         return False

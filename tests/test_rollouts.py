@@ -546,6 +546,32 @@ def test_admin_page_buttons_and_the_dashboard(admin_client, target_factory):
     assert targets[2].canary and targets[2].window_days == "sat-sun"
 
 
+def test_a_baking_rollout_says_until_when_and_its_page_has_no_save(admin_client, target_factory):
+    """The admin page and the dashboard say when a bake ends (only `rollout show` did); the
+    rollout's page is read-only (it had Save buttons that saved nothing); Abort is a button."""
+    from django.urls import reverse
+
+    target = target_factory()
+    rollout = Rollout.objects.create(
+        revision="head",
+        waves_spec="1,100%",
+        waves=[[target.pk], []],
+        status="baking",
+        bake_seconds=600,
+        bake_until=datetime(2026, 12, 2, 11, 5, 5, tzinfo=UTC),
+    )
+    page = admin_client.get(reverse("admin:tenants_rollout_change", args=[rollout.pk]))
+    html = page.content.decode()
+    assert page.status_code == 200
+    assert "Bake until" in html and "11:05" in html
+    assert 'name="_save"' not in html and 'name="_continue"' not in html
+    assert '<button type="submit" class="rollout-steer">Abort</button>' in html
+
+    fleet = admin_client.get(reverse("fleet-dashboard")).content.decode()
+    section = fleet.split('id="fleet-rollouts"', 1)[1].split("</table>", 1)[0]
+    assert "Baking until 11:05:05 UTC" in section, section
+
+
 def test_the_dashboard_counts_a_rollouts_targets_as_rollout_show_does(admin_client, target_factory):
     """A target that failed, was resumed and failed again is one failed target on the dashboard,
     not two; one that failed and succeeded after the resume is done (it counted failed runs:
