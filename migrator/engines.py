@@ -251,12 +251,17 @@ def _set_owner_role(target: Target, connection: Connection) -> None:
     except sa_exc.DBAPIError as exc:
         reason = error_reason(exc, info)
         source = info.credentials_path or info.vault_path
+        if "/creds/" in info.credentials_path:  # a user Vault made: its grant is in the role
+            grant = (
+                f'in the Vault role\'s creation_statements add GRANT "{role}" TO "{{{{name}}}}";'
+            )
+        else:  # a standing user (the KV pair, a static role's): grant it once
+            grant = f'GRANT "{role}" TO "{info.username}";'
         raise OwnerRoleFailed(
             f"Nothing ran on {target.name}: user {info.username!r} (from {source}) could not "
             f"switch to the owner role {role!r} named by owner_role in the secret at "
-            f"{info.vault_path} (SET ROLE: {reason}). Grant it: in the Vault role's "
-            f'creation_statements add GRANT "{role}" TO "{{{{name}}}}"; (for a static user: '
-            f'GRANT "{role}" TO "{info.username}";), or correct owner_role in the secret.'
+            f"{info.vault_path} (SET ROLE: {reason}). Grant it: {grant} Or correct owner_role "
+            "in the secret."
         ) from None
 
 

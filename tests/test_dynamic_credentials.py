@@ -184,10 +184,33 @@ def test_a_user_that_cannot_take_the_owner_role_fails_before_any_ddl(
     assert run.error.startswith(f"Nothing ran on {tenant.target.name}")
     assert f"could not switch to the owner role '{owner}'" in run.error
     assert f'GRANT "{owner}" TO "{{{{name}}}}"' in run.error
+    # Not a grant to the user Vault made for this run, which is gone by now.
+    assert f'TO "{run.credentials_user}"' not in run.error
     assert table_owners(postgres_server, tenant.database.database) == {}
     # Its user was revoked all the same.
     assert run.credentials_revoked is True
     assert engine.vault_users() == []
+
+
+def test_a_static_user_that_cannot_take_the_owner_role_is_told_the_grant(
+    registered_tenant, vault_secret, postgres_server
+):
+    """A KV admin user with an owner_role it is not a member of: the fix is one GRANT to that
+    user, not a Vault role's creation statements."""
+    tenant = registered_tenant("postgresql")
+    owner = f"own_{random.token_hex(4)}"
+    with postgres_server.connect() as conn:
+        conn.execute(f'CREATE ROLE "{owner}" NOLOGIN')
+    try:
+        vault_secret(tenant.target.vault_path, tenant.database.secret(owner_role=owner))
+        run = migrate_once(tenant.target)
+    finally:
+        with postgres_server.connect() as conn:
+            conn.execute(f'DROP ROLE "{owner}"')
+    assert (run.status, run.error_code) == ("failed", "owner_role_failed"), run.error
+    admin = tenant.database.admin_username
+    assert f'Grant it: GRANT "{owner}" TO "{admin}"; Or correct owner_role' in run.error
+    assert "{{name}}" not in run.error
 
 
 def test_postgresql_dynamic_credentials_need_an_owner_role(registered_tenant, vault_secret, engine):
