@@ -575,6 +575,12 @@ class Rollout(models.Model):
     halting when its failure budget is spent (docs/rollouts.md). ``tenants.rollouts`` moves it."""
 
     revision = models.CharField(max_length=64, default="head")
+    heads = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="The script directory's head(s) when a rollout to head started: a wave is "
+        "never sent to heads no canary ran (the rollout halts instead).",
+    )
     selection = models.JSONField(
         default=dict, blank=True, help_text="What was selected, as it was asked."
     )

@@ -198,8 +198,12 @@ def do_start_rollout(
     (``max_failures`` 0)."""
     if max_failures is None and max_failure_rate is None:
         max_failures = 0
+    revision = rollout_plan.intent.revision
     rollout = Rollout.objects.create(
-        revision=rollout_plan.intent.revision,
+        revision=revision,
+        # "head" is the head(s) of now: a revision deployed while the rollout goes on is not
+        # sent to the later waves (no canary ran it); the rollout halts instead (``_step``).
+        heads=list(actions.current_heads()) if revision in ("head", "heads") else [],
         selection=selection or {},
         waves_spec=rollout_plan.spec,
         waves=[[row.target.pk for row in wave] for wave in rollout_plan.waves],
@@ -335,6 +339,10 @@ def _step(rollout, now):
             return
         wave = rollout.waves[rollout.current_wave]
         pending = [t for t in wave if states[t][0] == PENDING]
+        moved = pending and _heads_moved(rollout)
+        if moved:
+            _halt(rollout, states, moved, now)
+            return
         if pending and _queue(rollout, pending, now):
             continue  # the planner refused some: count them before going on
         if any(states[t][0] in (PENDING, ACTIVE) for t in wave):
@@ -349,6 +357,22 @@ def _step(rollout, now):
             rollout.bake_until = now + timedelta(seconds=rollout.bake_seconds)
             continue
         rollout.current_wave += 1
+
+
+def _heads_moved(rollout):
+    """Why the rollout must not queue more ("" when it may): a rollout to head whose heads on
+    disk are no longer those it started with would send the next wave revisions that no canary
+    and no earlier wave ran."""
+    if not rollout.heads:
+        return ""
+    now_heads = list(actions.current_heads())
+    if now_heads == rollout.heads:
+        return ""
+    return (
+        f"the head(s) changed since the rollout started ({', '.join(rollout.heads)} -> "
+        f"{', '.join(now_heads) or 'base'}): its later waves would get revisions no earlier wave "
+        "ran. Abort it and start a new rollout, which begins with the canaries again"
+    )
 
 
 def _queue(rollout, pending, now):
@@ -424,8 +448,9 @@ def _halt(rollout, states, why, now):
     failed = [t for t in failures_of(states)]
     names = _names(failed)
     rollout.status = RolloutStatus.HALTED
+    which = f" ({', '.join(names[:20])}{' …' if len(names) > 20 else ''})" if names else ""
     rollout.note = (
-        f"Halted: {why} ({', '.join(names[:20])}{' …' if len(names) > 20 else ''}). "
+        f"Halted: {why}{which}. "
         f"Nothing more is queued{f'; {cancelled} queued run(s) cancelled' if cancelled else ''}; "
         "runs already running finish and are recorded. Fix the revision (or the failing "
         f"targets) and deploy it, then `manage.py rollout resume {rollout.pk}`: the failed and "

@@ -723,6 +723,54 @@ def test_the_next_wave_waits_for_the_bake_time(registered_tenant):
     assert read_revision(first.target) == read_revision(second.target) == HEAD
 
 
+@pytest.mark.vault
+def test_a_revision_deployed_during_a_rollout_never_reaches_its_later_waves(
+    registered_tenant, settings, tmp_path
+):
+    """A rollout to head goes to the head(s) of when it started: a revision copied in while
+    the canary bakes halts it before wave 2, which no canary ran; taken back, resume goes on."""
+    import shutil
+
+    from django.utils import timezone
+
+    from migrator.tasks import read_revision, run_migration
+    from tests.test_deploy import LINEAR_HEAD, write_revision
+
+    location = tmp_path / "migrations"
+    location.mkdir()
+    for name in ("env.py", "script.py.mako"):
+        shutil.copy(ROOT / "tenant_migrations" / name, location)
+    shutil.copytree(
+        FIXTURES / "linear" / "versions",
+        location / "versions",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    settings.TENANT_MIGRATIONS_DIR = str(location)
+    first = canary(registered_tenant("postgresql"))
+    second = registered_tenant("mysql")
+    code, out, err = command("migrate_tenants", "--all", "--waves", "1,100%", "--bake", "600")
+    assert code == 0, err
+    rollout = Rollout.objects.get(pk=started_id(out))
+    run_migration(MigrationRun.objects.get(rollout=rollout).pk)
+    assert read_revision(first.target) == LINEAR_HEAD
+
+    write_revision(location / "versions", "0005_deploy_notes", LINEAR_HEAD, "deploy_notes")
+    rollout = rollouts.advance(rollout, now=timezone.now() + timedelta(seconds=601))
+    assert rollout.status == "halted"
+    assert "head(s) changed since the rollout started" in rollout.note
+    assert "0005_deploy_notes" in rollout.note
+    assert not second.target.runs.exists()
+    assert read_revision(second.target) is None  # never touched
+
+    (location / "versions" / "0005_deploy_notes.py").unlink()
+    code, out, err = command("rollout", "resume", str(rollout.pk))
+    assert code == 0, out + err
+    run_migration(second.target.runs.get().pk)
+    rollout.refresh_from_db()
+    assert rollout.status == "completed"
+    assert read_revision(second.target) == LINEAR_HEAD
+
+
 def test_a_target_no_queue_serves_fails_the_rollout_instead_of_stalling_it(
     target_factory, settings
 ):
