@@ -186,7 +186,8 @@ class CancelRunView(ApiView):
         if actions.do_cancel_run(run, acting_user=request.user):
             return Response(run_as_json(run, request))
         body = run_as_json(run, request)
-        body["detail"] = f"Run #{run.pk} is {run.status}: only a queued run can be cancelled" + (
+        state = "is running" if run.is_active else f"has already ended ({run.status})"
+        body["detail"] = f"Run #{run.pk} {state}: only a queued run can be cancelled" + (
             " (a running run holds its target's lock and ends by itself)." if run.is_active else "."
         )
         return Response(body, status=status.HTTP_409_CONFLICT)

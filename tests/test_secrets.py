@@ -384,7 +384,7 @@ def test_vault_check_ok(vault, vault_secret, target_factory):
     out = io.StringIO()
     call_command("vault_check", stdout=out)
     output = out.getvalue()
-    assert "policies: root" in output
+    assert "logged in (VAULT_AUTH_METHOD=token); policies: root;" in output
     assert f"OK    acme: secret/data/database/{path} (postgresql)" in output
     assert "All 1 targets OK." in output
     for value in data.values():

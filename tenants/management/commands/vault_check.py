@@ -48,9 +48,13 @@ class Command(BaseCommand):
             raise CommandError(f"Vault token check failed: {exc}", returncode=1) from None
 
         ttl = f"{token['ttl']}s" if token["ttl"] else "no expiry"
+        # Vault names a token after its auth method ("token", "approle") unless it was given a
+        # name of its own (Kubernetes: the service account): say it only when it tells more.
+        name = token["display_name"]
+        named = f", token {name!r}" if name and name != token["auth_method"] else ""
         self.stdout.write(
-            f"Vault {settings.VAULT_ADDR}: logged in with {token['auth_method']} "
-            f"as {token['display_name'] or '-'}; policies: {', '.join(token['policies']) or '-'}; "
+            f"Vault {settings.VAULT_ADDR}: logged in (VAULT_AUTH_METHOD={token['auth_method']}"
+            f"{named}); policies: {', '.join(token['policies']) or '-'}; "
             f"TTL {ttl}{', renewable' if token['renewable'] else ''}."
         )
 
