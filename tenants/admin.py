@@ -940,14 +940,7 @@ class RolloutAdmin(admin.ModelAdmin):
         if not request.user.has_perm("tenants.run_migrations"):
             raise PermissionDenied
         rollout = get_object_or_404(Rollout, pk=object_id)
-        if verb == "resume":
-            done = rollouts.do_resume_rollout(rollout, acting_user=request.user)
-            refusal = (
-                f"Rollout #{rollout.pk} is {rollout.status}: only a halted one can be resumed."
-            )
-        else:
-            done = rollouts.do_abort_rollout(rollout, acting_user=request.user)
-            refusal = f"Rollout #{rollout.pk} is already {rollout.status}."
+        done, refusal = rollouts.do_steer_rollout(rollout, verb, acting_user=request.user)
         if done is None:
             self.message_user(request, refusal, messages.ERROR)
         else:

@@ -93,14 +93,18 @@ class MigrateRequest(serializers.Serializer):
     allow_downgrade = serializers.BooleanField(required=False, default=False)
 
 
+def _check_slug(value, field, what):
+    """400 naming ``field`` when ``value`` cannot be a ``what`` (before any query: PostgreSQL
+    refuses NUL bytes)."""
+    try:
+        slug_validator(value)
+    except DjangoValidationError as exc:
+        raise ValidationError({field: f"{value!r} is not {what}: {exc.messages[0]}"}) from None
+
+
 def tenant_or_404(tenant_id):
     """The tenant, 404 when there is none, 400 when ``tenant_id`` cannot be a tenant id."""
-    try:
-        slug_validator(tenant_id)
-    except DjangoValidationError as exc:
-        raise ValidationError(
-            {"tenant": f"{tenant_id!r} is not a tenant id: {exc.messages[0]}"}
-        ) from None
+    _check_slug(tenant_id, "tenant", "a tenant id")
     return get_object_or_404(Tenant.objects.select_related("target"), pk=tenant_id)
 
 
@@ -575,12 +579,7 @@ def _targets():
 
 
 def target_or_404(name):
-    try:
-        slug_validator(name)
-    except DjangoValidationError as exc:
-        raise ValidationError(
-            {"target": f"{name!r} is not a target name: {exc.messages[0]}"}
-        ) from None
+    _check_slug(name, "target", "a target name")
     return get_object_or_404(_targets(), name=name)
 
 
@@ -798,14 +797,7 @@ class RolloutSteerView(ApiView):
         from tenants.models import Rollout
 
         rollout = get_object_or_404(Rollout, pk=rollout_id)
-        if self.verb == "resume":
-            done = rollouts.do_resume_rollout(rollout, acting_user=request.user)
-            refusal = (
-                f"Rollout #{rollout.pk} is {rollout.status}: only a halted one can be resumed."
-            )
-        else:
-            done = rollouts.do_abort_rollout(rollout, acting_user=request.user)
-            refusal = f"Rollout #{rollout.pk} is already {rollout.status}."
+        done, refusal = rollouts.do_steer_rollout(rollout, self.verb, acting_user=request.user)
         if done is None:
             return Response(
                 {**rollout_as_json(rollout, request), "detail": refusal},

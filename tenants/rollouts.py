@@ -512,6 +512,18 @@ def do_resume_rollout(rollout, *, acting_user=None):
     return advance(rollout)
 
 
+def do_steer_rollout(rollout, verb, *, acting_user=None):
+    """``resume`` or ``abort`` ``rollout`` (the admin's buttons, the API, ``manage.py
+    rollout``): (the rollout after it, None) or (None, why it was refused)."""
+    if verb == "resume":
+        done = do_resume_rollout(rollout, acting_user=acting_user)
+        refusal = f"Rollout #{rollout.pk} is {rollout.status}: only a halted one can be resumed."
+    else:
+        done = do_abort_rollout(rollout, acting_user=acting_user)
+        refusal = f"Rollout #{rollout.pk} is already {rollout.status}."
+    return (done, None) if done is not None else (None, refusal)
+
+
 def do_abort_rollout(rollout, *, acting_user=None):
     """Abort a rollout that is not finished: nothing more is queued, its queued runs are
     cancelled (nothing ran on them), the running ones finish. Untouched targets stay as they
