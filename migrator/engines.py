@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -33,12 +33,12 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.pool import NullPool
 
+from migrator import providers
 from migrator.exceptions import (
     DatabaseAuthFailed,
     DatabaseNotFound,
     DatabaseUnreachable,
     OwnerRoleFailed,
-    UnknownProvider,
 )
 from migrator.redaction import redact
 
@@ -46,10 +46,6 @@ if TYPE_CHECKING:
     from migrator.secrets import ConnectionInfo
     from migrator.targets import Target
 
-DEFAULT_ODBC_DRIVER = "ODBC Driver 18 for SQL Server"
-# Providers whose driver takes the database, user and password as separate connect arguments,
-# so one engine per server can open a connection to any database on it.
-SERVER_ENGINE_PROVIDERS = ("postgresql", "mysql")
 # Engines kept per thread; more servers than this (one per dedicated tenant) just cost a new
 # engine for the least recently used one.
 SERVER_ENGINES_KEPT = 8
@@ -57,125 +53,27 @@ SERVER_ENGINES_KEPT = 8
 # statements, the version table's INSERT and UPDATE, the inspector's queries) is a few dozen
 # entries; a larger cache (500 by default: 10 MB) would only keep what never repeats.
 SERVER_ENGINE_STATEMENT_CACHE = 64
-# FreeTDS speaks TDS 7.4 to every SQL Server since 2012; without it FreeTDS may pick an old one.
-FREETDS_TDS_VERSION = "7.4"
-
-
-@dataclass(frozen=True)
-class Provider:
-    """How the engine reaches one kind of database."""
-
-    name: str  # as recorded on targets and in secrets
-    drivername: str  # SQLAlchemy dialect+driver
-    dialect: str  # SQLAlchemy/Alembic dialect name, for offline SQL
-    connect_args: Callable[[int], dict]  # DBAPI connect() arguments for a connect timeout
-    auth_failed: Callable[[BaseException], bool]  # does this DBAPI error mean "credentials"?
-
-
-def _postgresql_auth_failed(error: BaseException) -> bool:
-    # libpq reports a rejected login only in the message text, not as an SQLSTATE.
-    message = str(error)
-    return getattr(error, "sqlstate", None) in ("28P01", "28000") or any(
-        phrase in message
-        for phrase in ("password authentication failed", "no pg_hba.conf entry", 'role "')
-    )
-
-
-def _mysql_auth_failed(error: BaseException) -> bool:
-    # 1044: access denied to the database, 1045: access denied (password), 1698: plugin auth.
-    return bool(error.args) and error.args[0] in (1044, 1045, 1698)
-
-
-def _mssql_auth_failed(error: BaseException) -> bool:
-    # pyodbc puts the SQLSTATE first; 28000 is "login failed" (error 18456).
-    return (bool(error.args) and error.args[0] == "28000") or "18456" in str(error)
-
-
-PROVIDERS: dict[str, Provider] = {
-    provider.name: provider
-    for provider in (
-        Provider(
-            "postgresql",
-            "postgresql+psycopg",
-            "postgresql",
-            # application_name shows in pg_stat_activity who holds a migration lock.
-            lambda timeout: {"connect_timeout": timeout, "application_name": "tenant-migrations"},
-            _postgresql_auth_failed,
-        ),
-        Provider(
-            "mysql",
-            "mysql+pymysql",
-            "mysql",
-            lambda timeout: {"connect_timeout": timeout},
-            _mysql_auth_failed,
-        ),
-        Provider(
-            "sqlserver",
-            "mssql+pyodbc",
-            "mssql",
-            # pyodbc's ``timeout`` keyword sets the ODBC login timeout (SQL_ATTR_LOGIN_TIMEOUT).
-            lambda timeout: {"timeout": timeout},
-            _mssql_auth_failed,
-        ),
-        Provider(
-            "sqlite",
-            "sqlite+pysqlite",
-            "sqlite",
-            # For SQLite the only wait is for another writer's lock on the file.
-            lambda timeout: {"timeout": timeout},
-            lambda error: False,
-        ),
-    )
-}
-
-
-def get_provider(name: str) -> Provider:
-    """The provider registered as ``name`` (or whose SQLAlchemy dialect is ``name``, such as
-    ``mssql``); raises ``UnknownProvider`` naming the known ones."""
-    if name in PROVIDERS:
-        return PROVIDERS[name]
-    for provider in PROVIDERS.values():
-        if provider.dialect == name:
-            return provider
-    raise UnknownProvider(f"Unknown database provider {name!r}: use one of {', '.join(PROVIDERS)}.")
 
 
 def build_url(info: ConnectionInfo) -> URL:
-    """The SQLAlchemy URL for ``info``; ``info.options`` become query parameters (``sslmode``).
+    """The SQLAlchemy URL for ``info`` in its provider's form (``providers``); ``info.options``
+    become query parameters (``sslmode``). Raises ``UnknownProvider`` naming the known ones.
 
     Render it only with ``url.render_as_string(hide_password=True)``.
     """
-    provider = get_provider(info.provider)
-    query = {str(key): str(value) for key, value in info.options.items()}
-    if provider.name == "sqlite":
-        return URL.create(provider.drivername, database=info.database, query=query)
-    if provider.name == "sqlserver":
-        driver = info.driver or settings.MSSQL_ODBC_DRIVER or DEFAULT_ODBC_DRIVER
-        query.setdefault("driver", driver)
-        if "freetds" in query["driver"].lower():
-            query.setdefault("TDS_Version", FREETDS_TDS_VERSION)
-    return URL.create(
-        provider.drivername,
-        username=info.username,
-        password=info.password.reveal() if info.password is not None else None,
-        host=info.host,
-        port=info.port,
-        database=info.database,
-        query=query,
-    )
+    return providers.get(info.provider).build_url(info)
 
 
 def build_engine(info: ConnectionInfo) -> Engine:
     """An engine for ``info`` without a pool (each run opens one connection and closes it),
     with the driver's connect timeout set to ``DATABASE_CONNECT_TIMEOUT`` seconds."""
-    provider = get_provider(info.provider)
+    provider = providers.get(info.provider)
     engine = create_engine(
         build_url(info),
         poolclass=NullPool,
         connect_args=provider.connect_args(settings.DATABASE_CONNECT_TIMEOUT),
     )
-    if provider.name == "sqlite":
-        make_sqlite_ddl_transactional(engine)
+    provider.prepare_engine(engine)
     return engine
 
 
@@ -192,35 +90,8 @@ def session_settings(connection: Connection) -> dict[str, str]:
     DDL, so MySQL gets no statement bound). Session-level, not per transaction: they must
     outlive each revision's own transaction. Nothing for the other servers.
     """
-    dialect = connection.dialect
-    if dialect.name == "postgresql":
-        return {
-            "lock_timeout": str(settings.MIGRATION_PG_LOCK_TIMEOUT),
-            "statement_timeout": str(settings.MIGRATION_PG_STATEMENT_TIMEOUT),
-        }
-    if dialect.name == "mysql":
-        values = {"lock_wait_timeout": str(settings.MIGRATION_MYSQL_LOCK_WAIT_TIMEOUT)}
-        if getattr(dialect, "is_mariadb", False) and settings.MIGRATION_MYSQL_STATEMENT_TIMEOUT:
-            values["max_statement_time"] = str(settings.MIGRATION_MYSQL_STATEMENT_TIMEOUT)
-        return values
-    return {}
-
-
-def make_sqlite_ddl_transactional(engine: Engine) -> None:
-    """Let SQLite DDL take part in transactions, so that a failing revision rolls back whole.
-
-    Python's sqlite3 module (before 3.12's ``autocommit``) opens transactions only before
-    INSERT/UPDATE/DELETE and so commits a CREATE TABLE at once. This is SQLAlchemy's documented
-    recipe: turn the module's own handling off and emit BEGIN ourselves.
-    """
-
-    @event.listens_for(engine, "connect")
-    def _no_implicit_transactions(dbapi_connection, connection_record):
-        dbapi_connection.isolation_level = None
-
-    @event.listens_for(engine, "begin")
-    def _begin(connection):
-        connection.exec_driver_sql("BEGIN")
+    provider = providers.for_dialect(connection.dialect.name)
+    return provider.session_settings(connection.dialect) if provider is not None else {}
 
 
 @contextmanager
@@ -237,7 +108,7 @@ def connect(target: Target) -> Iterator[Connection]:
     ``OwnerRoleFailed`` when the user may not.
     """
     with _open(target.connection, lambda exc: connect_error(target, exc)) as connection:
-        if target.connection.owner_role and connection.dialect.name == "postgresql":
+        if target.connection.owner_role and providers.get(target.connection.provider).owner_role:
             _set_owner_role(target, connection)
         yield connection
 
@@ -278,7 +149,8 @@ def _open(info: ConnectionInfo, map_error) -> Iterator[Connection]:
     def failed(exc):
         return map_error(exc) if map_error is not None else exc
 
-    if info.provider not in SERVER_ENGINE_PROVIDERS:
+    provider = providers.get(info.provider)
+    if not provider.server_engine:
         engine = build_engine(info)
         try:
             try:
@@ -300,7 +172,7 @@ def _open(info: ConnectionInfo, map_error) -> Iterator[Connection]:
     finally:
         _login.reset(token)
     with connection:
-        if engine.dialect.name == "mysql":
+        if provider.schema_is_database:
             # The dialect's default schema is the database (its has_table, which Alembic asks
             # about alembic_version, looks there): this connection's, known without a query.
             engine.dialect.default_schema_name = info.database
@@ -314,10 +186,9 @@ def refresh_default_schema(connection: Connection) -> None:
     follows the user's ``search_path``, so it is read (one query) where reflection needs it,
     not on every connect.
     """
-    dialect = connection.dialect
-    if dialect.name == "postgresql":
-        dialect.default_schema_name = dialect._get_default_schema_name(connection)
-        connection.rollback()
+    provider = providers.for_dialect(connection.dialect.name)
+    if provider is not None:
+        provider.refresh_default_schema(connection)
 
 
 # The connect arguments (database, user, password) of the connection being opened.
@@ -328,7 +199,7 @@ _server_engines = threading.local()
 def server_engine(info: ConnectionInfo) -> Engine:
     """The engine of this thread for the database server of ``info`` (PostgreSQL or MySQL),
     made on first use; it opens connections only inside ``connect``, as the target's user."""
-    provider = get_provider(info.provider)
+    provider = providers.get(info.provider)
     timeout = settings.DATABASE_CONNECT_TIMEOUT
     key = (
         provider.name,
@@ -345,17 +216,12 @@ def server_engine(info: ConnectionInfo) -> Engine:
         engines.move_to_end(key)
         return engine
     query = {str(k): str(v) for k, v in info.options.items()}
-    options = {}
-    if provider.name == "postgresql":
-        # psycopg's hstore adapter would be registered with the OIDs of the first database the
-        # engine saw; SQLAlchemy's own HSTORE conversion works the same on every database.
-        options["use_native_hstore"] = False
     engine = create_engine(
         URL.create(provider.drivername, host=info.host, port=info.port, query=query),
         poolclass=NullPool,
         connect_args=provider.connect_args(timeout),
         query_cache_size=SERVER_ENGINE_STATEMENT_CACHE,
-        **options,
+        **provider.server_engine_options,
     )
     event.listen(engine, "do_connect", _connect_as_target)
     engines[key] = engine
@@ -381,9 +247,9 @@ def connect_error(
 ) -> DatabaseAuthFailed | DatabaseNotFound | DatabaseUnreachable:
     """The engine's exception for a failed connect to ``target``, with what to check."""
     info = target.connection
-    provider = get_provider(info.provider)
+    provider = providers.get(info.provider)
     reason = error_reason(error, info)
-    if provider.name == "sqlite":
+    if provider.file_based:
         return DatabaseUnreachable(
             f"Cannot open the SQLite database of {target.name} at {info.database} ({reason}): "
             f"check the 'database' path in the Vault secret at {info.vault_path} and that the "
@@ -421,10 +287,6 @@ class LockWait:
     table: str | None  # the table the statement was about, when it can be told
 
 
-# PostgreSQL's lock_not_available (lock_timeout); MySQL's ER_LOCK_WAIT_TIMEOUT (lock_wait_timeout,
-# also for metadata locks).
-_PG_LOCK_NOT_AVAILABLE = "55P03"
-_MYSQL_LOCK_WAIT_TIMEOUT = 1205
 # The table a DDL or DML statement is about: what it waited to lock.
 _STATEMENT_TABLE = re.compile(
     r"^\s*(?:ALTER\s+TABLE(?:\s+ONLY)?(?:\s+IF\s+EXISTS)?|DROP\s+TABLE(?:\s+IF\s+EXISTS)?"
@@ -440,17 +302,15 @@ def lock_wait(error: BaseException) -> LockWait | None:
     (PostgreSQL's ``lock_timeout``, MySQL's ``lock_wait_timeout``); None for any other error."""
     if not isinstance(error, sa_exc.DBAPIError):
         return None
-    original = error.orig
-    if getattr(original, "sqlstate", None) == _PG_LOCK_NOT_AVAILABLE:
-        setting, waited = "MIGRATION_PG_LOCK_TIMEOUT", str(settings.MIGRATION_PG_LOCK_TIMEOUT)
-    elif getattr(original, "args", None) and original.args[0] == _MYSQL_LOCK_WAIT_TIMEOUT:
-        setting = "MIGRATION_MYSQL_LOCK_WAIT_TIMEOUT"
-        waited = f"{settings.MIGRATION_MYSQL_LOCK_WAIT_TIMEOUT} s"
+    for provider in providers.registered():
+        waited = provider.lock_wait(error.orig)
+        if waited is not None:
+            break
     else:
         return None
     match = _STATEMENT_TABLE.match(error.statement or "")
     table = match.group(1).replace("`", "").replace('"', "") if match else None
-    return LockWait(setting, waited, table)
+    return LockWait(*waited, table)
 
 
 def _database_missing(error: BaseException) -> bool:

@@ -49,7 +49,7 @@ from django.conf import settings
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 
-from migrator import engines, locks
+from migrator import engines, locks, providers
 from migrator.exceptions import (
     EnvPyContract,
     LockTimeout,
@@ -218,15 +218,14 @@ def sql_preview(
 ) -> SqlPreview:
     """The SQL of an upgrade (or, with ``kind="downgrade"``, a downgrade) from ``from_rev``
     (None: an empty database) to ``to_rev``, rendered by Alembic's offline mode for the dialect
-    of a target or of a provider name ("postgresql", "mysql", "sqlserver" or "mssql",
-    "sqlite"). Needs no connection."""
-    provider = (
+    of a target or of a provider name or alias (``migrator.providers``: "postgresql",
+    "mysql" or "mariadb", "sqlserver" or "mssql", "sqlite"). Needs no connection."""
+    provider = providers.get(
         target_or_provider.provider
         if isinstance(target_or_provider, Target)
         else target_or_provider
     )
-    provider = engines.get_provider(provider)
-    dialect = provider.dialect
+    dialect = provider.dialects[0]
     with _alembic_lock:
         script = script_directory(script_location)
         to_rev = resolve_destination(script, kind, to_rev)
@@ -853,9 +852,10 @@ def _failure(run: _Run, stands_now: tuple[str, ...] | None, error: Exception) ->
             f" ({', '.join(run.taken_back)} ran before it in the same transaction, as env.py "
             "asks with transaction_per_migration=False, and were rolled back with it)"
         )
-    if run.target.provider == "mysql":
+    provider = providers.get(run.target.provider)
+    if not provider.transactional_ddl:
         message += (
-            f". MySQL and MariaDB commit each DDL statement at once, so {run.running} may be "
+            f". {provider.partial_ddl}, so {run.running} may be "
             f"partly applied: compare the schema with what {run.running} does, undo the steps "
             "that went through, then run the migration again."
         )
@@ -875,23 +875,23 @@ def _with_details(summary: str, details: str) -> str:
 def _lock_timeout(run: _Run, stands_now, verb: str, waited) -> LockTimeout:
     """The retryable error of a revision that gave up waiting for another session's lock."""
     table = f"table `{waited.table}`" if waited.table else "a table of its statement"
-    kind = "a metadata lock" if run.target.provider == "mysql" else "a lock"
+    provider = providers.get(run.target.provider)
     message = (
-        f"{verb} revision {run.running} on {run.target.name} waited {waited.waited} for {kind} "
+        f"{verb} revision {run.running} on {run.target.name} waited {waited.waited} for "
+        f"{provider.waited_lock} "
         f"on {table} held by another session (an open application transaction?) and gave up "
         f"({waited.setting}), so that the application's queries on it were not queued behind "
         f"the migration. The database stands at {_describe(stands_now)}"
     )
-    if run.target.provider == "mysql":
+    if not provider.transactional_ddl:
         message += (
-            f". MySQL and MariaDB commit each DDL statement at once: if {run.running} does more "
-            "before this statement, that part is applied. Find the session with SHOW "
-            "PROCESSLIST; the run is tried again"
+            f". {provider.partial_ddl}: if {run.running} does more before this statement, that "
+            f"part is applied. Find the session {provider.find_session}; the run is tried again"
         )
     else:
         message += (
-            f"; nothing of {run.running} was kept. Find the session in pg_stat_activity; the run "
-            "is tried again"
+            f"; nothing of {run.running} was kept. Find the session {provider.find_session}; "
+            "the run is tried again"
         )
     message += (
         f" after a back-off (or run it again at a quieter time); raise {waited.setting} only if "

@@ -41,7 +41,7 @@ import hvac.exceptions
 import requests
 from django.conf import settings
 
-from migrator import deadlines
+from migrator import deadlines, providers
 from migrator.exceptions import (
     DatabaseRoleNotFound,
     MountNotKV2,
@@ -57,10 +57,6 @@ from migrator.redaction import redact, register_secret
 
 logger = logging.getLogger("migrator.secrets")
 
-PROVIDERS = ("postgresql", "mysql", "sqlserver", "sqlite")
-# Names people write in a secret's ``provider`` key for the same thing.
-PROVIDER_ALIASES = {"postgres": "postgresql", "mariadb": "mysql", "mssql": "sqlserver"}
-DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "sqlserver": 1433}
 SERVER_KEYS = (
     "admin_username",
     "admin_password",
@@ -283,10 +279,10 @@ class SecretsManager:
         full = self.full_path(path)
         data = self._secret_data(self._relative_path(path))
         provider = _resolve_provider(full, provider, data.get("provider"))
-        if provider == "sqlite":
+        if provider.file_based:
             return None, None
         _require(full, data, ("host",))
-        return data["host"], _port(full, data.get("port"), DEFAULT_PORTS[provider])
+        return data["host"], _port(full, data.get("port"), provider.default_port)
 
     @contextmanager
     def admin_credentials(
@@ -377,8 +373,8 @@ class SecretsManager:
         full = self.full_path(path)
         data = self._secret_data(relative)
         provider = _resolve_provider(full, provider, data.get("provider"))
-        if provider == "sqlite":
-            return self._sqlite_info(full, data, role)
+        if provider.file_based:
+            return self._file_info(full, data, provider, role)
         # A secret whose admin user comes from the database secrets engine holds no admin pair.
         static = _credentials_mode(full, data) == "static"
         _require(
@@ -400,13 +396,14 @@ class SecretsManager:
         data = self._secret_data(relative, fresh=fresh)
         provider = _resolve_provider(full, provider, data.get("provider"))
         mode = _credentials_mode(full, data)
-        if provider == "sqlite":
+        if provider.file_based:
             if mode != "static":
                 raise SecretIncomplete(
                     f"The secret at {full} says admin_credentials={mode}, but a SQLite database "
                     "has no users: remove admin_credentials."
                 )
-            return self._sqlite_info(full, data, "admin"), CredentialsUse("static", full), None
+            info = self._file_info(full, data, provider, "admin")
+            return info, CredentialsUse("static", full), None
         owner_role = _optional_text(full, data, "owner_role")
         if mode == "static":
             _require(full, data, SERVER_KEYS)
@@ -422,7 +419,7 @@ class SecretsManager:
             return info, CredentialsUse("static", full, username=info.username or ""), None
         _require(full, data, ("host", "database", "admin_role"))
         role_name = data["admin_role"].strip()
-        if mode == "dynamic" and provider == "postgresql" and not owner_role:
+        if mode == "dynamic" and provider.owner_role and not owner_role:
             raise SecretIncomplete(
                 f"The secret at {full} says admin_credentials=dynamic but names no owner_role: "
                 "what a user Vault made for one run creates must belong to a role that outlives "
@@ -461,10 +458,12 @@ class SecretsManager:
         )
         return info, use, lease
 
-    def _sqlite_info(self, full: str, data: dict, role: str) -> ConnectionInfo:
+    def _file_info(
+        self, full: str, data: dict, provider: providers.Provider, role: str
+    ) -> ConnectionInfo:
         _require(full, data, ("database",))
         return ConnectionInfo(
-            provider="sqlite",
+            provider=provider.name,
             database=data["database"],
             options=_options(full, data.get("options")),
             vault_path=full,
@@ -475,7 +474,7 @@ class SecretsManager:
         self,
         full: str,
         data: dict,
-        provider: str,
+        provider: providers.Provider,
         role: str,
         username: str,
         password: Secret,
@@ -487,9 +486,9 @@ class SecretsManager:
         if driver is not None and not isinstance(driver, str):
             raise SecretIncomplete(f"The secret at {full} has a 'driver' key that is not text.")
         return ConnectionInfo(
-            provider=provider,
+            provider=provider.name,
             host=data["host"],
-            port=_port(full, data.get("port"), DEFAULT_PORTS[provider]),
+            port=_port(full, data.get("port"), provider.default_port),
             database=data["database"],
             username=username,
             password=password,
@@ -497,7 +496,7 @@ class SecretsManager:
             driver=driver,
             vault_path=full,
             role=role,
-            owner_role=owner_role if provider == "postgresql" else None,
+            owner_role=owner_role if provider.owner_role else None,
             credentials_path=credentials_path,
         )
 
@@ -1079,41 +1078,36 @@ def _read_file(path: str, setting: str, what: str) -> str:
         ) from None
 
 
-def _normalize_provider(value: str) -> str:
-    value = value.strip().lower()
-    return PROVIDER_ALIASES.get(value, value)
-
-
-def _resolve_provider(full: str, target_provider: str | None, secret_provider: Any) -> str:
-    """The provider, from the target and the secret's ``provider`` key, which must agree."""
+def _resolve_provider(
+    full: str, target_provider: str | None, secret_provider: Any
+) -> providers.Provider:
+    """The provider, from the target and the secret's ``provider`` key (a name or an alias,
+    such as ``mariadb``), which must agree."""
+    known = ", ".join(providers.names())
+    target = secret = None
     if target_provider:
-        target_provider = _normalize_provider(target_provider)
-        if target_provider not in PROVIDERS:
+        target = providers.find(target_provider)
+        if target is None:
             raise UnknownProvider(
-                f"Unknown provider {target_provider!r} for {full}: use one of "
-                f"{', '.join(PROVIDERS)}."
+                f"Unknown provider {target_provider.strip().lower()!r} for {full}: use one of "
+                f"{known}."
             )
     if secret_provider not in (None, ""):
-        if not isinstance(secret_provider, str) or (
-            _normalize_provider(secret_provider) not in PROVIDERS
-        ):
+        secret = providers.find(secret_provider)
+        if secret is None:
             raise SecretIncomplete(
-                f"The secret at {full} has a 'provider' key that is not one of "
-                f"{', '.join(PROVIDERS)}."
+                f"The secret at {full} has a 'provider' key that is not one of {known}."
             )
-        secret_provider = _normalize_provider(secret_provider)
-    else:
-        secret_provider = None
-    if target_provider and secret_provider and target_provider != secret_provider:
+    if target and secret and target is not secret:
         raise SecretIncomplete(
-            f"The target's provider is {target_provider} but the secret at {full} says "
-            f"provider={secret_provider}: correct one of them."
+            f"The target's provider is {target} but the secret at {full} says "
+            f"provider={secret}: correct one of them."
         )
-    provider = target_provider or secret_provider
+    provider = target or secret
     if not provider:
         raise SecretIncomplete(
             f"No provider for {full}: record it on the target or add a 'provider' key "
-            f"({', '.join(PROVIDERS)}) to the secret."
+            f"({known}) to the secret."
         )
     return provider
 

@@ -16,7 +16,7 @@ from django import db
 from django.conf import settings
 from django.db import connections
 
-from migrator import runner
+from migrator import providers, runner
 from migrator.exceptions import DatabaseAuthFailed, MigratorError
 from migrator.redaction import redact
 from migrator.secrets import get_secrets_manager
@@ -163,10 +163,10 @@ def _record_abort(run, exc, started):
         )
     except Exception as read_error:  # noqa: BLE001 - the record matters more than the read
         where = f" Its revision could not be read back: {read_error}"
+    provider = providers.get(run.target.provider)
     rolled_back = (
-        " MySQL and MariaDB commit each DDL statement at once: the revision that was running "
-        "may be partly applied."
-        if run.target.provider == "mysql"
+        f" {provider.partial_ddl}: the revision that was running may be partly applied."
+        if not provider.transactional_ddl
         else " The revision that was running was rolled back."
     )
     try:

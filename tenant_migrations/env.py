@@ -78,13 +78,14 @@ def run_migrations_online():
             "head`, or set sqlalchemy.url in alembic.ini."
         )
     # Imported here: the control plane's own path above needs none of it.
-    from migrator.engines import make_sqlite_ddl_transactional
+    from migrator import providers
     from migrator.exceptions import TargetLocked
     from migrator.locks import target_lock
 
     engine = create_engine(url, poolclass=pool.NullPool)
-    if engine.dialect.name == "sqlite":
-        make_sqlite_ddl_transactional(engine)
+    provider = providers.for_dialect(engine.dialect.name)
+    if provider is not None:
+        provider.prepare_engine(engine)
     timeout = float(os.environ.get("MIGRATION_LOCK_TIMEOUT", "60"))
     with engine.connect() as conn:
         name = engine.url.render_as_string(hide_password=True)

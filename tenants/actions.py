@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from django.db import IntegrityError, connection, models, transaction
 from django.utils import timezone
 
+from migrator import providers
 from migrator.redaction import redact
 from tenants import routing
 from tenants.models import (
@@ -806,10 +807,11 @@ def do_mark_run_interrupted(run, *, revision, revision_error="", revision_before
         where = f"The target now stands at {revision or 'base (empty)'}."
         if applied:
             where += f" Before it stopped, the run had applied (committed) {', '.join(applied)}."
-    if run.target.provider == "mysql":
+    provider = providers.get(run.target.provider)
+    if not provider.transactional_ddl:
         undone = (
-            " MySQL and MariaDB commit each DDL statement at once, so a revision that was "
-            "running may be partly applied: compare the schema with it before running again."
+            f" {provider.partial_ddl}, so a revision that was running may be partly applied: "
+            "compare the schema with it before running again."
         )
     else:
         undone = " A revision that had not committed was rolled back with its transaction."

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from migrator import engines
+from migrator import engines, providers
 from migrator.exceptions import DatabaseAuthFailed, DatabaseUnreachable, UnknownProvider
 from migrator.secrets import ConnectionInfo
 from migrator.targets import Target
@@ -91,8 +91,10 @@ def test_unknown_provider_lists_the_known_ones():
         assert known in message
 
 
-def test_dialect_names_find_their_provider():
-    assert engines.get_provider("mssql").name == "sqlserver"
+def test_dialect_names_and_aliases_find_their_provider():
+    assert providers.get("mssql").name == "sqlserver"
+    assert providers.get(" MariaDB ").name == "mysql"
+    assert providers.for_dialect("mariadb").name == "mysql"
 
 
 @pytest.mark.postgres

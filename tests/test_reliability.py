@@ -148,12 +148,12 @@ def test_database_refusing_the_admin_user(provider, registered_tenant, vault_sec
 def test_lock_held_by_someone_else_is_not_a_schema_failure(pg_tenant, settings):
     import psycopg
 
-    from migrator.locks import PG_LOCK_KEY
+    from migrator.providers.postgresql import LOCK_KEY
 
     settings.MIGRATION_LOCK_TIMEOUT = 1
     db = pg_tenant.database
     holder = psycopg.connect(host=db.host, port=db.port, user="postgres", dbname=db.database)
-    holder.execute("SELECT pg_advisory_lock(%s)", (PG_LOCK_KEY,))
+    holder.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
     try:
         run = migrate_once(pg_tenant.target)
     finally:

@@ -19,6 +19,7 @@ from migrator.exceptions import (
     TargetLocked,
     UnknownProvider,
 )
+from migrator.providers import postgresql
 from migrator.secrets import ConnectionInfo
 from migrator.targets import Target
 
@@ -175,7 +176,7 @@ def test_a_short_statement_timeout_does_not_cut_the_wait_for_the_lock(
     holder = psycopg.connect(
         host=db.host, port=db.port, user="postgres", dbname=db.database, autocommit=True
     )
-    holder.execute("SELECT pg_advisory_lock(%s)", (locks.PG_LOCK_KEY,))
+    holder.execute("SELECT pg_advisory_lock(%s)", (postgresql.LOCK_KEY,))
     releaser = threading.Timer(1.5, holder.close)  # closing the session releases its lock
     seen = []
     original = runner._read_version_table

@@ -1,0 +1,134 @@
+"""What the engine asks of a database provider: the ``Provider`` value each provider module
+fills in (``migrator.providers.postgresql`` and its siblings).
+
+Kept apart from the registry (``migrator.providers``) so that the provider modules can import
+it without importing each other. Needs no Django settings to import: the ``alembic`` CLI's
+``env.py`` takes the migration lock through it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sqlalchemy.engine import URL, Connection, Engine
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Dialect
+
+    from migrator.secrets import ConnectionInfo
+
+# The name every provider's migration lock is derived from (an advisory lock key, a GET_LOCK
+# name, an application lock resource, a lock file's suffix).
+LOCK_NAMESPACE = "tenant_migrations"
+
+# Lets go of a lock taken by ``Provider.take_lock``.
+Release = Callable[[], None]
+
+
+@dataclass(frozen=True, eq=False)
+class Provider:
+    """How the engine reaches, locks, backs up and reads one kind of database.
+
+    One value per provider, registered in ``migrator.providers``; the engine asks it instead of
+    comparing provider names. Compared by identity: there is one of each.
+    """
+
+    # --- Names
+    name: str  # as recorded on targets and in secrets
+    label: str  # for people (the admin's choices)
+    aliases: tuple[str, ...]  # other names a secret's ``provider`` key may use
+    dialects: tuple[str, ...]  # SQLAlchemy dialect names (``connection.dialect.name``)
+
+    # --- Reaching it
+    drivername: str  # SQLAlchemy dialect+driver
+    # A file on this machine (SQLite): no server, no port, no users, nothing to log in as.
+    file_based: bool
+    default_port: int | None  # of its server
+    build_url: Callable[[ConnectionInfo], URL]  # see ``engines.build_url``
+    connect_args: Callable[[int], dict]  # DBAPI connect() arguments for a connect timeout
+    auth_failed: Callable[[BaseException], bool]  # does this DBAPI error mean "credentials"?
+    # One engine per server: the driver takes database, user and password per connection.
+    server_engine: bool
+    # What a new engine needs before its first connection (SQLite's transactional DDL).
+    prepare_engine: Callable[[Engine], None]
+    # SQLAlchemy ``create_engine`` keywords for a server engine.
+    server_engine_options: Mapping[str, object]
+    # The dialect's default schema is the connection's database (MySQL), known without a query.
+    schema_is_database: bool
+    # Reads the connection's default schema into its dialect before reflection (PostgreSQL).
+    refresh_default_schema: Callable[[Connection], None]
+    # The session may switch to an ``owner_role`` named by the secret (SET ROLE).
+    owner_role: bool
+
+    # --- The migration lock (``migrator.locks``)
+    # Takes the lock within ``timeout`` seconds, setting ``settings`` for the session; returns
+    # how to release it, or None when another session holds it.
+    take_lock: Callable[[Connection, float, Mapping[str, str]], Release | None]
+    lock_held: Callable[[Connection], bool]  # asked without taking it
+    session_lock: bool  # the server releases it with the session
+    # Session settings that bound a migration's waits (PostgreSQL's lock_timeout); {} for none.
+    session_settings: Callable[[Dialect], dict[str, str]]
+    # What lock wait a DBAPI error ended (the session setting's timeout), else None.
+    lock_wait: Callable[[BaseException], tuple[str, str] | None]
+    waited_lock: str  # what a statement waits for: "a metadata lock"
+    find_session: str  # where to find the session that held it: "in pg_stat_activity"
+
+    # --- DDL semantics
+    transactional_ddl: bool  # a failed revision rolls back whole
+    # Why a failed revision may be partly applied (empty with transactional DDL); the one text
+    # every message about it starts from.
+    partial_ddl: str
+
+    # --- Backups (``migrator.backups``)
+    backup_extension: str  # of a backup file
+
+    # --- SQL
+    quote: Callable[[str], str]  # an identifier (a database name) for a statement
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def no_schema_refresh(connection: Connection) -> None:
+    """For providers whose default schema needs no reading."""
+
+
+def no_engine_preparation(engine: Engine) -> None:
+    """For providers whose engines need nothing before their first connection."""
+
+
+def no_session_settings(dialect: Dialect) -> dict[str, str]:
+    """For providers whose sessions get no settings."""
+    return {}
+
+
+def refuse_session_settings(name: str, session_settings: Mapping[str, str]) -> None:
+    """Raises ``ValueError`` for a lock asked to set session settings a provider has none of."""
+    if session_settings:
+        raise ValueError(f"session settings are only set on PostgreSQL and MySQL, not {name}")
+
+
+def no_lock_wait(error: BaseException) -> tuple[str, str] | None:
+    """For providers whose migration session sets no lock timeout."""
+    return None
+
+
+def server_url(drivername: str, info: ConnectionInfo, query: Mapping[str, str]) -> URL:
+    """The URL of a database on a server: ``URL.create`` takes the user and password as they
+    are, so ``@``, ``:``, ``/`` or ``%`` in them need no quoting."""
+    return URL.create(
+        drivername,
+        username=info.username,
+        password=info.password.reveal() if info.password is not None else None,
+        host=info.host,
+        port=info.port,
+        database=info.database,
+        query=dict(query),
+    )
+
+
+def url_query(info: ConnectionInfo) -> dict[str, str]:
+    """``info.options`` as URL query parameters (``sslmode``)."""
+    return {str(key): str(value) for key, value in info.options.items()}
