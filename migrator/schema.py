@@ -31,6 +31,7 @@ from collections import OrderedDict
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 
+from migrator import providers
 from migrator.engines import refresh_default_schema
 
 VERSION_TABLE = "alembic_version"
@@ -46,8 +47,8 @@ def reflect(connection: Connection, *, shared=None) -> dict:
     (columns, keys, indexes, ...) for all tables at once, not one per table; the other dialects
     loop over the tables themselves.
 
-    On PostgreSQL one query first reads a digest of every catalog entry the
-    normalised form is made from (see ``_PG_CATALOG``); a database whose digest this process has
+    On PostgreSQL one query first reads a digest of every catalog entry the normalised form is
+    made from (the provider's ``catalog_digest``); a database whose digest this process has
     already reflected gets that result without the inspector's queries. A fleet migrated by the
     same revisions has a handful of distinct schemas, so after the first of each, verifying a
     target costs one catalog query. That one leaves its transaction open, so that the caller's
@@ -58,8 +59,9 @@ def reflect(connection: Connection, *, shared=None) -> dict:
     there instead of running the inspector's queries itself.
     """
     digest = None
-    if connection.dialect.name == "postgresql":
-        digest = _catalog_digest(connection)
+    provider = providers.for_dialect(connection.dialect.name)
+    if provider is not None and provider.catalog_digest is not None:
+        digest = provider.catalog_digest(connection)
         known = _reflected.get(digest)
         if known is None and shared is not None:
             known = shared.get(digest)
@@ -87,6 +89,10 @@ def _remember(digest: str, text: str) -> None:
 
 
 def _reflect(connection: Connection) -> dict:
+    provider = providers.for_dialect(connection.dialect.name)
+    unique_constraints_are_indexes = (
+        provider is not None and provider.unique_constraints_are_indexes
+    )
     inspector = inspect(connection)
     names = [name for name in sorted(inspector.get_table_names()) if name != VERSION_TABLE]
     if not names:
@@ -101,7 +107,7 @@ def _reflect(connection: Connection) -> dict:
             ("foreign_keys", inspector.get_multi_foreign_keys),
         )
         # In MySQL a unique constraint is a unique index: it is already in the indexes.
-        if not (kind == "unique_constraints" and connection.dialect.name == "mysql")
+        if not (kind == "unique_constraints" and unique_constraints_are_indexes)
     }
     return {
         "tables": {
@@ -114,80 +120,6 @@ def _reflect(connection: Connection) -> dict:
 # Normalised schemas this process reflected, by catalog digest (canonical JSON; LRU).
 _reflected: OrderedDict[str, str] = OrderedDict()
 REFLECTED_KEPT = 64
-
-# Every catalog entry PostgreSQL reflection reads for the tables SQLAlchemy lists without a
-# schema (visible in the search_path, not pg_catalog, not temporary), one line each, as raw
-# catalog values rather than deparsed text (``pg_get_indexdef`` and ``pg_get_constraintdef`` cost
-# the server more than the rest of the query): each column with its number, type, not-null,
-# default, identity and generation, and for a user-defined type (OIDs from 16384 up) an enum's
-# labels or a domain's base type, default and checks, looked up for that column alone (a second
-# pass over pg_attribute doubled the query's cost on a new backend); each index (its columns as
-# column numbers, unique, primary, operator classes, options, collations, expressions,
-# predicate); each constraint (kind, columns, backing index, referenced table and columns,
-# actions). Names are in the lines, OIDs only where PostgreSQL fixes them (built-in types,
-# operator classes, collations), so databases migrated alike have the same lines, and a digest
-# seen before always means the same schema; a database with another history (a dropped column
-# shifts the numbers) just gets a full read. A line is a row literal, so a NULL and an empty text
-# differ. The server version is a line too: another major version may reflect the same catalog
-# otherwise.
-_PG_CATALOG = """
-WITH tables AS (
-    SELECT c.oid, c.relnamespace::pg_catalog.regnamespace::text || '.' || c.relname AS name
-    FROM pg_catalog.pg_class c
-    WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't'
-      AND c.relnamespace <> 'pg_catalog'::pg_catalog.regnamespace
-      AND pg_catalog.pg_table_is_visible(c.oid)
-)
-SELECT 'schema ' || coalesce(pg_catalog.current_schema(), '')
-UNION ALL
-SELECT 'server ' || pg_catalog.current_setting('server_version_num')
-UNION ALL
-SELECT ROW('column', t.name, a.attnum, a.attname,
-    pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnotnull, a.attidentity, a.attgenerated,
-    pg_catalog.pg_get_expr(d.adbin, d.adrelid),
-    CASE WHEN a.atttypid >= 16384 THEN (
-        SELECT ROW(ty.typtype, pg_catalog.format_type(ty.typbasetype, ty.typtypmod), ty.typnotnull,
-            ty.typdefault,
-            (SELECT string_agg(e.enumlabel, ',' ORDER BY e.enumsortorder)
-             FROM pg_catalog.pg_enum e WHERE e.enumtypid = ty.oid),
-            (SELECT string_agg(pg_catalog.pg_get_constraintdef(k.oid), ',' ORDER BY k.conname)
-             FROM pg_catalog.pg_constraint k WHERE k.contypid = ty.oid))::text
-        FROM pg_catalog.pg_type ty WHERE ty.oid = a.atttypid) END)::text
-FROM tables t
-JOIN pg_catalog.pg_attribute a ON a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped
-LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-UNION ALL
-SELECT ROW('index', t.name, i.indexrelid::pg_catalog.regclass::text, i.indisunique,
-    i.indisprimary, i.indnkeyatts, i.indkey::text, i.indclass::text, i.indoption::text,
-    i.indcollation::text, pg_catalog.pg_get_expr(i.indexprs, i.indrelid),
-    pg_catalog.pg_get_expr(i.indpred, i.indrelid))::text
-FROM tables t JOIN pg_catalog.pg_index i ON i.indrelid = t.oid
-UNION ALL
-SELECT ROW('constraint', t.name, k.conname, k.contype, k.conkey::text,
-    k.conindid::pg_catalog.regclass::text, k.confrelid::pg_catalog.regclass::text,
-    k.confkey::text, k.confupdtype, k.confdeltype, k.confmatchtype, k.condeferrable,
-    k.condeferred)::text
-FROM tables t JOIN pg_catalog.pg_constraint k ON k.conrelid = t.oid
-"""
-
-
-_PG_NESTED_LOOPS = (
-    "SELECT pg_catalog.set_config('enable_hashjoin', 'off', true), "
-    "pg_catalog.set_config('enable_mergejoin', 'off', true)"
-)
-
-
-def _catalog_digest(connection: Connection) -> str:
-    """sha256 of the catalog lines of ``_PG_CATALOG``; sets the dialect's default schema.
-    Leaves the connection in the transaction the query ran in (with nested loops set)."""
-    # Nested loops over the catalog indexes: a new backend plans and runs the query in half the
-    # time it takes with hash joins, which need statistics read for every catalog it touches.
-    connection.exec_driver_sql(_PG_NESTED_LOOPS)
-    lines = sorted(connection.exec_driver_sql(_PG_CATALOG).scalars())
-    connection.dialect.default_schema_name = next(
-        line.removeprefix("schema ") for line in lines if line.startswith("schema ")
-    )
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def forget_reflected() -> None:

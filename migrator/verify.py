@@ -49,11 +49,10 @@ from pathlib import Path
 
 from django.conf import settings
 from django.utils import timezone
-from sqlalchemy import bindparam, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
-from migrator import engines, runner, schema
+from migrator import engines, providers, runner, schema
 from migrator.exceptions import MigratorError, NoScratchDatabase, VerificationError
 from migrator.redaction import redact
 from migrator.secrets import ConnectionInfo, get_secrets_manager
@@ -61,12 +60,6 @@ from migrator.targets import Target
 
 logger = logging.getLogger("migrator.verify")
 
-SCRATCH_SETTINGS = {
-    "postgresql": "VERIFY_SCRATCH_POSTGRES_URL",
-    "mysql": "VERIFY_SCRATCH_MYSQL_URL",
-}
-APP_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE")
-MYSQL_DDL_PRIVILEGES = ("CREATE", "ALTER", "DROP", "INDEX")
 FINGERPRINT_SHOWN = 12
 
 
@@ -240,7 +233,8 @@ def verify_after_upgrade(
 
 def _app_credentials(record) -> ConnectionInfo | str:
     """The app user's connection for ``record``, or why there is none to check."""
-    if record.provider not in ("postgresql", "mysql"):
+    provider = providers.find(record.provider)
+    if provider is None or provider.app_grants is None:
         return ""
     try:
         return get_secrets_manager().application_credentials(
@@ -306,7 +300,9 @@ def _grants_asked_as_admin(app, connection) -> bool:
     in? ``check_app_grants`` decides with it, and ``verify_target`` leaves its transaction open
     for it."""
     return (
-        isinstance(app, ConnectionInfo) and connection is not None and app.provider == "postgresql"
+        isinstance(app, ConnectionInfo)
+        and connection is not None
+        and providers.get(app.provider).grants_asked_as_admin
     )
 
 
@@ -528,9 +524,9 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 def _scratch_setting(provider: str) -> str:
     """The scratch server URL for ``provider`` ("" for SQLite, which needs none)."""
-    if provider == "sqlite":
+    if providers.get(provider).file_based:
         return ""
-    name = SCRATCH_SETTINGS.get(provider)
+    name = providers.get(provider).scratch_setting
     if name is None:
         raise NoScratchDatabase(
             f"no scratch database for {provider} (references are built on PostgreSQL, MySQL "
@@ -547,12 +543,13 @@ def scratch_target(provider: str) -> Iterator[Target]:
     """A new, empty database of ``provider`` as a ``Target``, dropped on exit: on the scratch
     server (``CREATE DATABASE verify_ref_...``) or, for SQLite, in a temporary directory."""
     url = _scratch_setting(provider)
-    if provider == "sqlite":
+    kind = providers.get(provider)
+    if kind.file_based:
         with tempfile.TemporaryDirectory(prefix="schema-reference-") as directory:
-            info = ConnectionInfo(provider="sqlite", database=str(Path(directory) / "ref.db"))
+            info = ConnectionInfo(provider=kind.name, database=str(Path(directory) / "ref.db"))
             yield Target(f"reference-{provider}", info)
         return
-    setting = SCRATCH_SETTINGS[provider]
+    setting = kind.scratch_setting
     parsed = make_url(url)
     name = f"verify_ref_{random.token_hex(6)}"
 
@@ -569,14 +566,12 @@ def scratch_target(provider: str) -> Iterator[Target]:
         )
 
     server = Target(f"scratch server of {provider} ({setting})", info(parsed.database or ""))
-    quoted = f'"{name}"' if provider == "postgresql" else f"`{name}`"
-    _server_statement(server, f"CREATE DATABASE {quoted}")
+    _server_statement(server, f"CREATE DATABASE {kind.quote(name)}")
     try:
         yield Target(f"reference-{provider}", info(name))
     finally:
-        drop = f"DROP DATABASE IF EXISTS {quoted}"
         try:
-            _server_statement(server, drop + (" WITH (FORCE)" if provider == "postgresql" else ""))
+            _server_statement(server, kind.drop_database(name))
         except MigratorError:
             logger.warning("Could not drop the scratch database %s on %s", name, setting)
 
@@ -606,10 +601,11 @@ def check_app_grants(
     verification log in. MySQL only tells a user its own grants, so there it always logs in.
     """
     check = GrantCheck(username=app.username or "?")
+    provider = providers.get(app.provider)
     if _grants_asked_as_admin(app, admin):
         try:
-            exists = _postgresql_grants(
-                admin, check, tables, namespace or "public", role=app.username
+            exists = provider.app_grants(
+                admin, check, tables, namespace=namespace, database=app.database, role=app.username
             )
             admin.rollback()
         except sa_exc.DBAPIError as exc:
@@ -622,17 +618,15 @@ def check_app_grants(
                 )
         return check
     login = app
-    if app.provider == "mysql":
-        # Every user may open information_schema, even one with no grant on its database.
-        login = dataclasses.replace(app, database="information_schema")
+    if provider.grants_login_database:
+        login = dataclasses.replace(app, database=provider.grants_login_database)
     logged_in = False
     try:
         with engines.connect_as(login) as connection:
             logged_in = True
-            if app.provider == "postgresql":
-                _postgresql_grants(connection, check, tables, namespace or "public")
-            else:
-                _mysql_grants(connection, check, tables, app.database)
+            provider.app_grants(
+                connection, check, tables, namespace=namespace, database=app.database
+            )
             connection.rollback()
     except sa_exc.DBAPIError as exc:
         if logged_in:
@@ -646,149 +640,6 @@ def check_app_grants(
                 f"the Vault secret at {app.vault_path}"
             )
     return check
-
-
-# What the role may do, in one statement: its own attributes and its privileges on the database
-# and the schema (``role``, evaluated once), then one row per table and sequence of the schema,
-# in one scan of pg_class: SELECT, INSERT, UPDATE, DELETE and ownership for tables; for a
-# sequence, whether INSERT may draw from it (USAGE or UPDATE; an identity column's sequence
-# needs neither). The role is the app role named by :role, or the user logged in; when it does
-# not exist, the one row has no relation and NULL privileges (the functions are strict).
-_PG_GRANTS = """
-WITH role AS MATERIALIZED (
-    SELECT r.rolname AS who, r.rolcanlogin, r.rolsuper,
-        has_database_privilege(r.rolname, current_database(), 'CONNECT') AS can_connect,
-        has_schema_privilege(r.rolname, :schema, 'USAGE') AS schema_usage,
-        has_schema_privilege(r.rolname, :schema, 'CREATE') AS schema_create,
-        has_database_privilege(r.rolname, current_database(), 'CREATE') AS database_create,
-        current_database() AS database
-    FROM (SELECT coalesce(CAST(:role AS name), current_user) AS name) asked
-    LEFT JOIN pg_roles r ON r.rolname = asked.name
-)
-SELECT role.who IS NOT NULL, role.rolcanlogin, role.rolsuper, role.can_connect,
-    role.schema_usage, role.schema_create, role.database_create, role.database,
-    c.relname, c.relkind,
-    c.relkind <> 'S' AND has_table_privilege(role.who, c.oid, 'SELECT'),
-    c.relkind <> 'S' AND has_table_privilege(role.who, c.oid, 'INSERT'),
-    c.relkind <> 'S' AND has_table_privilege(role.who, c.oid, 'UPDATE'),
-    c.relkind <> 'S' AND has_table_privilege(role.who, c.oid, 'DELETE'),
-    c.relkind <> 'S' AND pg_has_role(role.who, c.relowner, 'USAGE'),
-    -- CASE: the server may test conditions in any order, and has_sequence_privilege raises on
-    -- a relation that is not a sequence.
-    CASE WHEN c.relkind = 'S' THEN has_sequence_privilege(role.who, c.oid, 'USAGE')
-        OR has_sequence_privilege(role.who, c.oid, 'UPDATE')
-        OR EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'i') END
-FROM role
-LEFT JOIN pg_class c ON role.who IS NOT NULL AND c.relnamespace = to_regnamespace(:schema)
-    AND c.relkind IN ('r', 'p', 'S')
-ORDER BY c.relname
-"""
-
-
-def _postgresql_grants(
-    connection, check: GrantCheck, tables: list[str], namespace: str, *, role: str | None = None
-) -> bool:
-    """has_table_privilege / has_sequence_privilege / has_schema_privilege /
-    has_database_privilege for ``role``, or for the current (app) user when None, in one
-    statement. False when there is no such role (nothing checked)."""
-    rows = connection.execute(text(_PG_GRANTS), {"schema": namespace, "role": role}).all()
-    exists, can_login, superuser, connect, usage, create_in_schema, create_in_database, database = (
-        rows[0][:8]
-    )
-    if not exists:
-        return False
-    if not can_login:
-        check.missing[f"role {role or check.username}"] = ["LOGIN"]
-    if not connect:
-        check.missing[f"database {database}"] = ["CONNECT"]
-    if not usage:
-        check.missing[f"schema {namespace}"] = ["USAGE"]
-    if superuser:
-        check.excess.append("superuser")
-    if create_in_database:
-        check.excess.append(f"CREATE on database {database}")
-    if create_in_schema:
-        check.excess.append(f"CREATE on schema {namespace}")
-
-    privileges = {}
-    owned = []
-    for name, kind, *flags, owner, sequence_ok in (row[8:] for row in rows):
-        if name is None:  # a schema with no table or sequence
-            continue
-        if kind == "S":
-            if not sequence_ok:
-                check.missing[f"sequence {name}"] = ["USAGE"]
-            continue
-        privileges[name] = flags
-        if owner and not superuser:
-            owned.append(name)
-    for table in tables:
-        flags = privileges.get(table, [False] * len(APP_PRIVILEGES))
-        lacking = [p for p, granted in zip(APP_PRIVILEGES, flags, strict=True) if not granted]
-        if lacking:
-            check.missing[table] = lacking
-    if owned:
-        check.excess.append(f"owns table {', '.join(sorted(owned))} (may ALTER or DROP)")
-    return True
-
-
-def _mysql_grants(connection, check: GrantCheck, tables: list[str], database: str) -> None:
-    """The current (app) user's rows of information_schema.USER_PRIVILEGES (global),
-    SCHEMA_PRIVILEGES (the database; grants may use wildcards) and TABLE_PRIVILEGES, with those
-    of its enabled roles. SHOW GRANTS would say the same, but as text to parse."""
-    user = connection.execute(text("SELECT CURRENT_USER()")).scalar()
-    name, _, host = user.rpartition("@")
-    grantees = [f"'{name}'@'{host}'"]
-    try:
-        roles = connection.execute(
-            text("SELECT ROLE_NAME FROM information_schema.ENABLED_ROLES")
-        ).scalars()
-        grantees += [f"'{role}'" for role in roles]
-    except sa_exc.DBAPIError:
-        connection.rollback()  # a server without roles
-    grantee_filter = bindparam("grantees", expanding=True)
-
-    def privileges(query, **params):
-        statement = text(query).bindparams(grantee_filter)
-        rows = connection.execute(statement, {"grantees": grantees, **params}).all()
-        return [row[0] if len(row) == 1 else tuple(row) for row in rows]
-
-    global_ = set(
-        privileges(
-            "SELECT PRIVILEGE_TYPE FROM information_schema.USER_PRIVILEGES "
-            "WHERE GRANTEE IN :grantees"
-        )
-    )
-    # A database-level grant may name its database with wildcards (`t\_my\_%`.*).
-    on_database = set(
-        privileges(
-            "SELECT PRIVILEGE_TYPE FROM information_schema.SCHEMA_PRIVILEGES "
-            "WHERE GRANTEE IN :grantees AND :database LIKE TABLE_SCHEMA",
-            database=database,
-        )
-    )
-    on_table: dict[str, set] = {}
-    for table, privilege in privileges(
-        "SELECT TABLE_NAME, PRIVILEGE_TYPE FROM information_schema.TABLE_PRIVILEGES "
-        "WHERE GRANTEE IN :grantees AND TABLE_SCHEMA = :database",
-        database=database,
-    ):
-        on_table.setdefault(table, set()).add(privilege)
-
-    for table in tables:
-        granted = global_ | on_database | on_table.get(table, set())
-        lacking = [p for p in APP_PRIVILEGES if p not in granted]
-        if lacking:
-            check.missing[table] = lacking
-    scopes = (("*.* (every database)", global_), (f"database {database}", on_database))
-    for scope, granted in scopes:
-        ddl = [p for p in MYSQL_DDL_PRIVILEGES if p in granted]
-        if ddl:
-            check.excess.append(f"{', '.join(ddl)} on {scope}")
-    for table in sorted(on_table):
-        ddl = [p for p in MYSQL_DDL_PRIVILEGES if p in on_table[table]]
-        if ddl:
-            check.excess.append(f"{', '.join(ddl)} on table {table}")
 
 
 # --- The fleet --------------------------------------------------------------------------------

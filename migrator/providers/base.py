@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 # name, an application lock resource, a lock file's suffix).
 LOCK_NAMESPACE = "tenant_migrations"
 
+# What the application's user needs on every table (``migrator.verify``'s grant check).
+APP_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE")
+
 # Lets go of a lock taken by ``Provider.take_lock``.
 Release = Callable[[], None]
 
@@ -74,6 +77,25 @@ class Provider:
     lock_wait: Callable[[BaseException], tuple[str, str] | None]
     waited_lock: str  # what a statement waits for: "a metadata lock"
     find_session: str  # where to find the session that held it: "in pg_stat_activity"
+
+    # --- The catalog (``migrator.schema``)
+    # A digest of every catalog entry reflection reads, in one query, so that a schema seen
+    # before needs no reflection (PostgreSQL); None: reflect every time. Sets the dialect's
+    # default schema, leaves the query's transaction open.
+    catalog_digest: Callable[[Connection], str] | None
+    unique_constraints_are_indexes: bool  # the inspector lists them with the indexes (MySQL)
+
+    # --- Verification (``migrator.verify``)
+    # The setting naming a server to build reference schemas on; None: none can be (a file
+    # based provider builds it in a temporary directory).
+    scratch_setting: str | None
+    # The statement dropping a scratch database; None where none is made.
+    drop_database: Callable[[str], str] | None
+    # Asks the server what the app user may do on the tables; fills the ``GrantCheck``; False
+    # when the role does not exist. None: the provider's grants are not checked.
+    app_grants: Callable[..., bool] | None
+    grants_asked_as_admin: bool  # asked about the app role on the admin connection
+    grants_login_database: str | None  # the database the app user logs in to, to ask
 
     # --- DDL semantics
     transactional_ddl: bool  # a failed revision rolls back whole

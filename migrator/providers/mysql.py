@@ -9,10 +9,12 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from django.conf import settings
-from sqlalchemy import text
+from sqlalchemy import bindparam, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 
 from migrator.providers.base import (
+    APP_PRIVILEGES,
     LOCK_NAMESPACE,
     Provider,
     Release,
@@ -25,11 +27,15 @@ from migrator.providers.base import (
 if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect
 
+    from migrator.verify import GrantCheck
+
 _MAX_LOCK_NAME = 64
 # ER_LOCK_WAIT_TIMEOUT: lock_wait_timeout ended a wait (also for metadata locks).
 LOCK_WAIT_TIMEOUT = 1205
 # The session variables a migration sets (their names go into the SQL).
 SESSION_SETTINGS = ("lock_wait_timeout", "max_statement_time")
+# Rights that let the app user change the schema: reported as excess.
+DDL_PRIVILEGES = ("CREATE", "ALTER", "DROP", "INDEX")
 # Why a failed revision may be partly applied: every message that says so starts from this.
 PARTIAL_DDL = "MySQL and MariaDB commit each DDL statement at once"
 
@@ -101,6 +107,75 @@ def _quote(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"
 
 
+def _app_grants(
+    connection: Connection,
+    check: GrantCheck,
+    tables: list[str],
+    *,
+    namespace: str | None,
+    database: str | None,
+    role: str | None = None,
+) -> bool:
+    """The current (app) user's rows of information_schema.USER_PRIVILEGES (global),
+    SCHEMA_PRIVILEGES (the database; grants may use wildcards) and TABLE_PRIVILEGES, with those
+    of its enabled roles. SHOW GRANTS would say the same, but as text to parse. MySQL tells a
+    user only its own grants: ``role`` must be None (logged in as the app user). True."""
+    user = connection.execute(text("SELECT CURRENT_USER()")).scalar()
+    name, _, host = user.rpartition("@")
+    grantees = [f"'{name}'@'{host}'"]
+    try:
+        roles = connection.execute(
+            text("SELECT ROLE_NAME FROM information_schema.ENABLED_ROLES")
+        ).scalars()
+        grantees += [f"'{role}'" for role in roles]
+    except sa_exc.DBAPIError:
+        connection.rollback()  # a server without roles
+    grantee_filter = bindparam("grantees", expanding=True)
+
+    def privileges(query, **params):
+        statement = text(query).bindparams(grantee_filter)
+        rows = connection.execute(statement, {"grantees": grantees, **params}).all()
+        return [row[0] if len(row) == 1 else tuple(row) for row in rows]
+
+    global_ = set(
+        privileges(
+            "SELECT PRIVILEGE_TYPE FROM information_schema.USER_PRIVILEGES "
+            "WHERE GRANTEE IN :grantees"
+        )
+    )
+    # A database-level grant may name its database with wildcards (`t\_my\_%`.*).
+    on_database = set(
+        privileges(
+            "SELECT PRIVILEGE_TYPE FROM information_schema.SCHEMA_PRIVILEGES "
+            "WHERE GRANTEE IN :grantees AND :database LIKE TABLE_SCHEMA",
+            database=database,
+        )
+    )
+    on_table: dict[str, set] = {}
+    for table, privilege in privileges(
+        "SELECT TABLE_NAME, PRIVILEGE_TYPE FROM information_schema.TABLE_PRIVILEGES "
+        "WHERE GRANTEE IN :grantees AND TABLE_SCHEMA = :database",
+        database=database,
+    ):
+        on_table.setdefault(table, set()).add(privilege)
+
+    for table in tables:
+        granted = global_ | on_database | on_table.get(table, set())
+        lacking = [p for p in APP_PRIVILEGES if p not in granted]
+        if lacking:
+            check.missing[table] = lacking
+    scopes = (("*.* (every database)", global_), (f"database {database}", on_database))
+    for scope, granted in scopes:
+        ddl = [p for p in DDL_PRIVILEGES if p in granted]
+        if ddl:
+            check.excess.append(f"{', '.join(ddl)} on {scope}")
+    for table in sorted(on_table):
+        ddl = [p for p in DDL_PRIVILEGES if p in on_table[table]]
+        if ddl:
+            check.excess.append(f"{', '.join(ddl)} on table {table}")
+    return True
+
+
 PROVIDER = Provider(
     name="mysql",
     label="MySQL / MariaDB",
@@ -124,6 +199,15 @@ PROVIDER = Provider(
     session_lock=True,
     session_settings=_session_settings,
     lock_wait=_lock_wait,
+    catalog_digest=None,
+    # A unique constraint is a unique index: the inspector lists it with the indexes.
+    unique_constraints_are_indexes=True,
+    scratch_setting="VERIFY_SCRATCH_MYSQL_URL",
+    drop_database=lambda name: f"DROP DATABASE IF EXISTS {_quote(name)}",
+    app_grants=_app_grants,
+    grants_asked_as_admin=False,
+    # Every user may open information_schema, even one with no grant on its database.
+    grants_login_database="information_schema",
     waited_lock="a metadata lock",
     find_session="with SHOW PROCESSLIST",
     transactional_ddl=False,

@@ -14,6 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from migrator.providers.base import (
+    APP_PRIVILEGES,
     LOCK_NAMESPACE,
     Provider,
     Release,
@@ -24,6 +25,8 @@ from migrator.providers.base import (
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect
+
+    from migrator.verify import GrantCheck
 
 # pg_advisory_lock takes one bigint; derive it from the namespace so that it does not collide
 # with advisory locks an application takes for its own purposes.
@@ -128,6 +131,178 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+# Every catalog entry PostgreSQL reflection reads for the tables SQLAlchemy lists without a
+# schema (visible in the search_path, not pg_catalog, not temporary), one line each, as raw
+# catalog values rather than deparsed text (``pg_get_indexdef`` and ``pg_get_constraintdef`` cost
+# the server more than the rest of the query): each column with its number, type, not-null,
+# default, identity and generation, and for a user-defined type (OIDs from 16384 up) an enum's
+# labels or a domain's base type, default and checks, looked up for that column alone (a second
+# pass over pg_attribute doubled the query's cost on a new backend); each index (its columns as
+# column numbers, unique, primary, operator classes, options, collations, expressions,
+# predicate); each constraint (kind, columns, backing index, referenced table and columns,
+# actions). Names are in the lines, OIDs only where PostgreSQL fixes them (built-in types,
+# operator classes, collations), so databases migrated alike have the same lines, and a digest
+# seen before always means the same schema; a database with another history (a dropped column
+# shifts the numbers) just gets a full read. A line is a row literal, so a NULL and an empty text
+# differ. The server version is a line too: another major version may reflect the same catalog
+# otherwise.
+_CATALOG = """
+WITH tables AS (
+    SELECT c.oid, c.relnamespace::pg_catalog.regnamespace::text || '.' || c.relname AS name
+    FROM pg_catalog.pg_class c
+    WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't'
+      AND c.relnamespace <> 'pg_catalog'::pg_catalog.regnamespace
+      AND pg_catalog.pg_table_is_visible(c.oid)
+)
+SELECT 'schema ' || coalesce(pg_catalog.current_schema(), '')
+UNION ALL
+SELECT 'server ' || pg_catalog.current_setting('server_version_num')
+UNION ALL
+SELECT ROW('column', t.name, a.attnum, a.attname,
+    pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnotnull, a.attidentity, a.attgenerated,
+    pg_catalog.pg_get_expr(d.adbin, d.adrelid),
+    CASE WHEN a.atttypid >= 16384 THEN (
+        SELECT ROW(ty.typtype, pg_catalog.format_type(ty.typbasetype, ty.typtypmod), ty.typnotnull,
+            ty.typdefault,
+            (SELECT string_agg(e.enumlabel, ',' ORDER BY e.enumsortorder)
+             FROM pg_catalog.pg_enum e WHERE e.enumtypid = ty.oid),
+            (SELECT string_agg(pg_catalog.pg_get_constraintdef(k.oid), ',' ORDER BY k.conname)
+             FROM pg_catalog.pg_constraint k WHERE k.contypid = ty.oid))::text
+        FROM pg_catalog.pg_type ty WHERE ty.oid = a.atttypid) END)::text
+FROM tables t
+JOIN pg_catalog.pg_attribute a ON a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped
+LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+UNION ALL
+SELECT ROW('index', t.name, i.indexrelid::pg_catalog.regclass::text, i.indisunique,
+    i.indisprimary, i.indnkeyatts, i.indkey::text, i.indclass::text, i.indoption::text,
+    i.indcollation::text, pg_catalog.pg_get_expr(i.indexprs, i.indrelid),
+    pg_catalog.pg_get_expr(i.indpred, i.indrelid))::text
+FROM tables t JOIN pg_catalog.pg_index i ON i.indrelid = t.oid
+UNION ALL
+SELECT ROW('constraint', t.name, k.conname, k.contype, k.conkey::text,
+    k.conindid::pg_catalog.regclass::text, k.confrelid::pg_catalog.regclass::text,
+    k.confkey::text, k.confupdtype, k.confdeltype, k.confmatchtype, k.condeferrable,
+    k.condeferred)::text
+FROM tables t JOIN pg_catalog.pg_constraint k ON k.conrelid = t.oid
+"""
+
+
+_NESTED_LOOPS = (
+    "SELECT pg_catalog.set_config('enable_hashjoin', 'off', true), "
+    "pg_catalog.set_config('enable_mergejoin', 'off', true)"
+)
+
+
+def _catalog_digest(connection: Connection) -> str:
+    """sha256 of the catalog lines of ``_CATALOG``; sets the dialect's default schema.
+    Leaves the connection in the transaction the query ran in (with nested loops set)."""
+    # Nested loops over the catalog indexes: a new backend plans and runs the query in half the
+    # time it takes with hash joins, which need statistics read for every catalog it touches.
+    connection.exec_driver_sql(_NESTED_LOOPS)
+    lines = sorted(connection.exec_driver_sql(_CATALOG).scalars())
+    connection.dialect.default_schema_name = next(
+        line.removeprefix("schema ") for line in lines if line.startswith("schema ")
+    )
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+# What the role may do, in one statement: its own attributes and its privileges on the database
+# and the schema (``role``, evaluated once), then one row per table and sequence of the schema,
+# in one scan of pg_class: SELECT, INSERT, UPDATE, DELETE and ownership for tables; for a
+# sequence, whether INSERT may draw from it (USAGE or UPDATE; an identity column's sequence
+# needs neither). The role is the app role named by :role, or the user logged in; when it does
+# not exist, the one row has no relation and NULL privileges (the functions are strict).
+_GRANTS = """
+WITH role AS MATERIALIZED (
+    SELECT r.rolname AS who, r.rolcanlogin, r.rolsuper,
+        has_database_privilege(r.rolname, current_database(), 'CONNECT') AS can_connect,
+        has_schema_privilege(r.rolname, :schema, 'USAGE') AS schema_usage,
+        has_schema_privilege(r.rolname, :schema, 'CREATE') AS schema_create,
+        has_database_privilege(r.rolname, current_database(), 'CREATE') AS database_create,
+        current_database() AS database
+    FROM (SELECT coalesce(CAST(:role AS name), current_user) AS name) asked
+    LEFT JOIN pg_roles r ON r.rolname = asked.name
+)
+SELECT role.who IS NOT NULL, role.rolcanlogin, role.rolsuper, role.can_connect,
+    role.schema_usage, role.schema_create, role.database_create, role.database,
+    c.relname, c.relkind,
+    c.relkind <> 'S' AND has_table_privilege(role.who, c.oid, 'SELECT'),
+    c.relkind <> 'S' AND has_table_privilege(role.who, c.oid, 'INSERT'),
+    c.relkind <> 'S' AND has_table_privilege(role.who, c.oid, 'UPDATE'),
+    c.relkind <> 'S' AND has_table_privilege(role.who, c.oid, 'DELETE'),
+    c.relkind <> 'S' AND pg_has_role(role.who, c.relowner, 'USAGE'),
+    -- CASE: the server may test conditions in any order, and has_sequence_privilege raises on
+    -- a relation that is not a sequence.
+    CASE WHEN c.relkind = 'S' THEN has_sequence_privilege(role.who, c.oid, 'USAGE')
+        OR has_sequence_privilege(role.who, c.oid, 'UPDATE')
+        OR EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'i') END
+FROM role
+LEFT JOIN pg_class c ON role.who IS NOT NULL AND c.relnamespace = to_regnamespace(:schema)
+    AND c.relkind IN ('r', 'p', 'S')
+ORDER BY c.relname
+"""
+
+
+def _app_grants(
+    connection: Connection,
+    check: GrantCheck,
+    tables: list[str],
+    *,
+    namespace: str | None,
+    database: str | None,
+    role: str | None = None,
+) -> bool:
+    """has_table_privilege / has_sequence_privilege / has_schema_privilege /
+    has_database_privilege for ``role``, or for the current (app) user when None, in one
+    statement, on the tables of schema ``namespace`` (``public`` when None). False when there
+    is no such role (nothing checked)."""
+    namespace = namespace or "public"
+    rows = connection.execute(text(_GRANTS), {"schema": namespace, "role": role}).all()
+    exists, can_login, superuser, connect, usage, create_in_schema, create_in_database, database = (
+        rows[0][:8]
+    )
+    if not exists:
+        return False
+    if not can_login:
+        check.missing[f"role {role or check.username}"] = ["LOGIN"]
+    if not connect:
+        check.missing[f"database {database}"] = ["CONNECT"]
+    if not usage:
+        check.missing[f"schema {namespace}"] = ["USAGE"]
+    if superuser:
+        check.excess.append("superuser")
+    if create_in_database:
+        check.excess.append(f"CREATE on database {database}")
+    if create_in_schema:
+        check.excess.append(f"CREATE on schema {namespace}")
+
+    privileges = {}
+    owned = []
+    for name, kind, *flags, owner, sequence_ok in (row[8:] for row in rows):
+        if name is None:  # a schema with no table or sequence
+            continue
+        if kind == "S":
+            if not sequence_ok:
+                check.missing[f"sequence {name}"] = ["USAGE"]
+            continue
+        privileges[name] = flags
+        if owner and not superuser:
+            owned.append(name)
+    for table in tables:
+        flags = privileges.get(table, [False] * len(APP_PRIVILEGES))
+        lacking = [p for p, granted in zip(APP_PRIVILEGES, flags, strict=True) if not granted]
+        if lacking:
+            check.missing[table] = lacking
+    if owned:
+        check.excess.append(f"owns table {', '.join(sorted(owned))} (may ALTER or DROP)")
+    return True
+
+
+def _drop_database(name: str) -> str:
+    # FORCE: a scratch database's last session may not have ended yet.
+    return f"DROP DATABASE IF EXISTS {_quote(name)} WITH (FORCE)"
+
+
 PROVIDER = Provider(
     name="postgresql",
     label="PostgreSQL",
@@ -152,6 +327,14 @@ PROVIDER = Provider(
     session_lock=True,
     session_settings=_session_settings,
     lock_wait=_lock_wait,
+    catalog_digest=_catalog_digest,
+    unique_constraints_are_indexes=False,
+    scratch_setting="VERIFY_SCRATCH_POSTGRES_URL",
+    drop_database=_drop_database,
+    app_grants=_app_grants,
+    # has_table_privilege(role, ...) answers for any role: asked on the admin connection.
+    grants_asked_as_admin=True,
+    grants_login_database=None,
     waited_lock="a lock",
     find_session="in pg_stat_activity",
     transactional_ddl=True,
