@@ -36,6 +36,8 @@ class Strategy(models.TextChoices):
 
 
 class Provider(models.TextChoices):
+    # The providers of ``migrator.providers``, as Django choices: their values and order are in
+    # the migrations. tests/test_providers.py checks they name the registered ones.
     POSTGRESQL = "postgresql", "PostgreSQL"
     SQLSERVER = "sqlserver", "SQL Server"
     MYSQL = "mysql", "MySQL / MariaDB"

@@ -21,6 +21,7 @@ from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.pool import NullPool
 
 from migrator import backups, runner
+from migrator.providers import mysql, postgresql, sqlserver
 from migrator.secrets import ConnectionInfo
 from tenants import actions
 from tenants.models import MigrationRun, Trigger
@@ -55,7 +56,7 @@ def commands(monkeypatch):
         seen.append((list(argv), dict(kwargs.get("env") or {})))
         return real(argv, *args, **kwargs)
 
-    monkeypatch.setattr(backups.subprocess, "run", spy)
+    monkeypatch.setattr(subprocess, "run", spy)
     return seen
 
 
@@ -350,23 +351,23 @@ def test_command_lines_never_hold_the_password():
     pg = canary_connection("postgresql")
     my = canary_connection("mysql")
     argvs = [
-        backups.pg_dump_command(pg),
-        backups.pg_restore_command(pg, "/backups/x.dump"),
-        backups.mysqldump_command(my, "/tmp/private/client.cnf"),
-        backups.mysql_restore_command(my, "/tmp/private/client.cnf"),
+        postgresql.pg_dump_command(pg),
+        postgresql.pg_restore_command(pg, "/backups/x.dump"),
+        mysql.mysqldump_command(my, "/tmp/private/client.cnf"),
+        mysql.mysql_restore_command(my, "/tmp/private/client.cnf"),
     ]
     for argv in argvs:
         assert CANARY not in " ".join(argv)
         assert not any(re.match(r"(--password|-p)(=|$)", part) for part in argv)
         assert not any("password=" in part for part in argv)
-    assert "sslmode='require'" in backups.pg_conninfo(pg)
-    assert backups.pg_environment(pg)["PGPASSWORD"] == CANARY
+    assert "sslmode='require'" in postgresql.pg_conninfo(pg)
+    assert postgresql.pg_environment(pg)["PGPASSWORD"] == CANARY
     assert argvs[2][1] == "--defaults-extra-file=/tmp/private/client.cnf"  # must come first
 
 
 def test_mysql_option_file_is_private_escaped_and_removed():
     info = canary_connection("mysql")
-    with backups.mysql_option_file(info) as path:
+    with mysql.mysql_option_file(info) as path:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
         assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
         content = Path(path).read_text()
@@ -570,7 +571,7 @@ def test_failed_restore_is_recorded_on_a_restore_run(sqlite_tenant, backup_dir, 
 
 
 def test_sql_server_backup_statement():
-    assert backups.mssql_backup_statement(
+    assert sqlserver.mssql_backup_statement(
         "tenant_db", "/var/opt/mssql/backup/acme-20250106T091500Z-run17.bak"
     ) == (
         "BACKUP DATABASE [tenant_db] TO DISK = "
@@ -580,17 +581,17 @@ def test_sql_server_backup_statement():
 
 def test_sql_server_statements_quote_what_they_name():
     evil = "x]; DROP DATABASE master; --"
-    statement = backups.mssql_backup_statement(evil, "/b/o'brien'; DROP TABLE t; --.bak")
+    statement = sqlserver.mssql_backup_statement(evil, "/b/o'brien'; DROP TABLE t; --.bak")
     assert statement == (
         "BACKUP DATABASE [x]]; DROP DATABASE master; --] TO DISK = "
         "N'/b/o''brien''; DROP TABLE t; --.bak' WITH COPY_ONLY, INIT, CHECKSUM"
     )
     with pytest.raises(ValueError):
-        backups.quote_mssql_identifier("a\x00b")
+        sqlserver.quote("a\x00b")
 
 
 def test_sql_server_restore_statements():
-    assert backups.mssql_restore_statements("tenant_db", "/backup/t.bak") == [
+    assert sqlserver.mssql_restore_statements("tenant_db", "/backup/t.bak") == [
         "RESTORE VERIFYONLY FROM DISK = N'/backup/t.bak' WITH CHECKSUM",
         "ALTER DATABASE [tenant_db] SET SINGLE_USER WITH ROLLBACK IMMEDIATE",
         "RESTORE DATABASE [tenant_db] FROM DISK = N'/backup/t.bak' WITH REPLACE, CHECKSUM",
@@ -602,17 +603,18 @@ def test_sql_server_backup_path_on_the_server(settings):
     now = datetime(2025, 1, 6, 9, 15, tzinfo=UTC)
     settings.MSSQL_BACKUP_DIR = "/var/opt/mssql/backup/"
     assert (
-        backups.mssql_backup_path("acme", 17, now=now)
+        sqlserver.mssql_backup_path("acme", 17, now=now)
         == "/var/opt/mssql/backup/acme-20250106T091500Z-run17.bak"
     )
     settings.MSSQL_BACKUP_DIR = "D:\\Backups"
     assert (
-        backups.mssql_backup_path("acme", 17, now=now)
+        sqlserver.mssql_backup_path("acme", 17, now=now)
         == "D:\\Backups\\acme-20250106T091500Z-run17.bak"
     )
 
 
 def test_pg_dump_version_parsing():
-    assert backups.parse_pg_version("pg_dump (PostgreSQL) 15.20 (Debian 15.20-0+deb12u1)") == (15,)
-    assert backups.parse_pg_version("pg_dump (PostgreSQL) 9.6.24") == (9, 6)
-    assert backups.parse_pg_version("no version here") is None
+    parse = postgresql.parse_pg_version
+    assert parse("pg_dump (PostgreSQL) 15.20 (Debian 15.20-0+deb12u1)") == (15,)
+    assert parse("pg_dump (PostgreSQL) 9.6.24") == (9, 6)
+    assert parse("no version here") is None

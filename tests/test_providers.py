@@ -58,7 +58,7 @@ def test_every_provider_previews_the_chain_offline(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_every_provider_names_its_backup_file(name):
     # The extension a restore looks for and an operator sees in BACKUP_DIR.
-    extension = providers.get(name).backup_extension
+    extension = providers.get(name).backup.extension
 
     assert extension and extension.isalnum()
 

@@ -2,8 +2,9 @@
 
 Everything the engine knows about one kind of database lives in its module: how to reach it
 (driver, URL, connect timeout, which errors mean "credentials"), its migration lock and the
-session settings that bound a run's waits, whether its DDL is transactional, its backup file,
-how it quotes a name. The engine asks the registry, never compares provider names::
+session settings that bound a run's waits, whether its DDL is transactional, the catalog and
+grant queries verification asks, its backup tool (dump, restore, file extension), how it quotes
+a name. The engine asks the registry, never compares provider names::
 
     provider = providers.get("mariadb")          # a name or an alias: the MySQL provider
     provider = providers.for_dialect("mssql")    # SQLAlchemy's dialect name: SQL Server
@@ -15,9 +16,18 @@ registry), and reading one provider's behaviour is reading one file.
 
 from migrator.exceptions import UnknownProvider
 from migrator.providers import mysql, postgresql, sqlite, sqlserver
-from migrator.providers.base import LOCK_NAMESPACE, Provider
+from migrator.providers.base import LOCK_NAMESPACE, BackupTool, Provider
 
-__all__ = ["LOCK_NAMESPACE", "Provider", "find", "for_dialect", "get", "names", "registered"]
+__all__ = [
+    "LOCK_NAMESPACE",
+    "BackupTool",
+    "Provider",
+    "find",
+    "for_dialect",
+    "get",
+    "names",
+    "registered",
+]
 
 # In the order people read them in messages ("use one of postgresql, mysql, sqlserver, sqlite").
 _REGISTERED: tuple[Provider, ...] = (

@@ -15,9 +15,12 @@ from typing import TYPE_CHECKING
 from sqlalchemy.engine import URL, Connection, Engine
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from sqlalchemy.engine import Dialect
 
     from migrator.secrets import ConnectionInfo
+    from migrator.targets import Target
 
 # The name every provider's migration lock is derived from (an advisory lock key, a GET_LOCK
 # name, an application lock resource, a lock file's suffix).
@@ -28,6 +31,30 @@ APP_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE")
 
 # Lets go of a lock taken by ``Provider.take_lock``.
 Release = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class BackupTool:
+    """How ``migrator.backups`` backs up a database of one provider and puts a backup back.
+
+    Either ``dump`` writes the backup into a new local file (BACKUP_DIR, checksummed, kept to
+    BACKUP_RETENTION, restored under the migration lock), or ``dump_on_server`` has the server
+    write it on its own host and returns that path (SQL Server: no local file, no checksum, the
+    restore takes the database single-user instead of the lock). Each raises ``BackupFailed``
+    or ``RestoreFailed`` naming the tool and what to check.
+    """
+
+    extension: str  # of a backup file
+    dump: Callable[[Target, Path], None] | None
+    dump_on_server: Callable[[Target, int], str] | None  # (target, run id) -> its path there
+    restore: Callable[[Target, str], None]
+    # The tables the backup at the path holds (what a restore puts back); None: not told (a
+    # copy of the whole file replaces everything).
+    tables_in: Callable[[Target, str], set[str] | None]
+
+    @property
+    def on_server(self) -> bool:
+        return self.dump_on_server is not None
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,7 +131,7 @@ class Provider:
     partial_ddl: str
 
     # --- Backups (``migrator.backups``)
-    backup_extension: str  # of a backup file
+    backup: BackupTool
 
     # --- SQL
     quote: Callable[[str], str]  # an identifier (a database name) for a statement

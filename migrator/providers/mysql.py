@@ -1,11 +1,18 @@
 """MySQL and MariaDB: PyMySQL, ``GET_LOCK``, lock_wait_timeout (and MariaDB's
-max_statement_time), DDL committed statement by statement, mysqldump's SQL."""
+max_statement_time), DDL committed statement by statement, grants read from
+information_schema, mysqldump's SQL (the password in an option file only this user can read)."""
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from django.conf import settings
@@ -13,9 +20,12 @@ from sqlalchemy import bindparam, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 
+from migrator.exceptions import BackupFailed, RestoreFailed
+from migrator.providers import toolchain
 from migrator.providers.base import (
     APP_PRIVILEGES,
     LOCK_NAMESPACE,
+    BackupTool,
     Provider,
     Release,
     no_engine_preparation,
@@ -27,6 +37,8 @@ from migrator.providers.base import (
 if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect
 
+    from migrator.secrets import ConnectionInfo
+    from migrator.targets import Target
     from migrator.verify import GrantCheck
 
 _MAX_LOCK_NAME = 64
@@ -176,6 +188,135 @@ def _app_grants(
     return True
 
 
+# --- Backups: mysqldump and mysql -------------------------------------------------------------
+
+
+def mysql_option_file_text(info: ConnectionInfo) -> str:
+    """The ``[client]`` option file holding the admin password for mysqldump and mysql."""
+    password = info.password.reveal() if info.password is not None else ""
+    escaped = (
+        password.replace("\\", "\\\\")
+        .replace('"', '\\"')
+        .replace("\n", "\\n")
+        .replace("\r", "\\r")
+        .replace("\t", "\\t")
+    )
+    return f'[client]\npassword="{escaped}"\n'
+
+
+def mysqldump_command(
+    info: ConnectionInfo, option_file: str, binary: str = "mysqldump"
+) -> list[str]:
+    """The argv of ``mysqldump`` for ``info``; the password is read from ``option_file``.
+
+    ``--single-transaction`` takes a consistent snapshot without locking InnoDB tables;
+    ``--no-tablespaces`` because dumping tablespaces needs the PROCESS privilege (MySQL 8).
+    """
+    return [
+        binary,
+        f"--defaults-extra-file={option_file}",  # must come first
+        "--protocol=TCP",
+        f"--host={info.host}",
+        f"--port={info.port}",
+        f"--user={info.username}",
+        "--single-transaction",
+        "--routines",
+        "--triggers",
+        "--hex-blob",
+        "--no-tablespaces",
+        "--default-character-set=utf8mb4",
+        info.database,
+    ]
+
+
+def mysql_restore_command(
+    info: ConnectionInfo, option_file: str, binary: str = "mysql"
+) -> list[str]:
+    """The argv of ``mysql`` reading a dump on stdin into ``info``'s database."""
+    return [
+        binary,
+        f"--defaults-extra-file={option_file}",
+        "--protocol=TCP",
+        f"--host={info.host}",
+        f"--port={info.port}",
+        f"--user={info.username}",
+        f"--connect-timeout={settings.DATABASE_CONNECT_TIMEOUT}",
+        "--default-character-set=utf8mb4",
+        "--batch",
+        "--binary-mode",
+        info.database,
+    ]
+
+
+@contextmanager
+def mysql_option_file(info: ConnectionInfo) -> Iterator[str]:
+    """An option file with the admin password in a fresh private directory (0700, file 0600),
+    deleted when the block ends."""
+    directory = tempfile.mkdtemp(prefix="tenant-migrations-")
+    try:
+        path = Path(directory) / "client.cnf"
+        with toolchain.new_file(path) as file:
+            file.write(mysql_option_file_text(info).encode())
+        yield str(path)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _tool_environment() -> dict[str, str]:
+    # The option file is the one source of the password: an inherited MYSQL_PWD must not win.
+    return {key: value for key, value in os.environ.items() if key != "MYSQL_PWD"}
+
+
+def _dump(target: Target, out: Path) -> None:
+    info = target.connection
+    binary = toolchain.find_tool(
+        target, BackupFailed, "mysqldump", "mariadb-dump", package="mariadb-client"
+    )
+    with mysql_option_file(info) as option_file, toolchain.new_file(out) as file:
+        toolchain.run_tool(
+            target,
+            "mysqldump",
+            mysqldump_command(info, option_file, binary),
+            env=_tool_environment(),
+            stdout=file,
+            error=BackupFailed,
+            doing="Backing up",
+            hint="Check that the admin user has SELECT, SHOW VIEW, TRIGGER, LOCK TABLES and "
+            "EXECUTE on the database, that the DEFINER of every view and routine exists, and "
+            "that BACKUP_DIR has free space.",
+        )
+    toolchain.not_empty(target, "mysqldump", out)
+
+
+def _restore(target: Target, path: str) -> None:
+    info = target.connection
+    binary = toolchain.find_tool(
+        target, RestoreFailed, "mysql", "mariadb", package="mariadb-client"
+    )
+    with mysql_option_file(info) as option_file, open(path, "rb") as dump:
+        toolchain.run_tool(
+            target,
+            "mysql",
+            mysql_restore_command(info, option_file, binary),
+            env=_tool_environment(),
+            stdin=dump,
+            error=RestoreFailed,
+            doing="Restoring",
+            hint="MySQL and MariaDB commit each statement at once: the tables before the one "
+            "that failed were restored. Fix the cause and restore again.",
+        )
+
+
+def _tables_in(target: Target, path: str) -> set[str]:
+    names = set()
+    with open(path, encoding="utf-8", errors="replace") as dump:
+        for line in dump:
+            match = re.match(r"CREATE TABLE `((?:[^`]|``)+)`", line)
+            if match:
+                names.add(match[1].replace("``", "`"))
+    return names
+
+
 PROVIDER = Provider(
     name="mysql",
     label="MySQL / MariaDB",
@@ -212,6 +353,12 @@ PROVIDER = Provider(
     find_session="with SHOW PROCESSLIST",
     transactional_ddl=False,
     partial_ddl=PARTIAL_DDL,
-    backup_extension="sql",
+    backup=BackupTool(
+        extension="sql",
+        dump=_dump,
+        dump_on_server=None,
+        restore=_restore,
+        tables_in=_tables_in,
+    ),
     quote=_quote,
 )

@@ -1,10 +1,13 @@
 """PostgreSQL: psycopg 3, a session-level advisory lock, lock_timeout and statement_timeout,
-transactional DDL, pg_dump's custom format."""
+transactional DDL, a catalog digest and a grants query in one statement each, pg_dump's custom
+format (the password in ``PGPASSWORD``, never on a command line)."""
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -13,9 +16,13 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
+from migrator import engines
+from migrator.exceptions import BackupFailed, RestoreFailed
+from migrator.providers import toolchain
 from migrator.providers.base import (
     APP_PRIVILEGES,
     LOCK_NAMESPACE,
+    BackupTool,
     Provider,
     Release,
     no_engine_preparation,
@@ -24,8 +31,12 @@ from migrator.providers.base import (
 )
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from sqlalchemy.engine import Dialect
 
+    from migrator.secrets import ConnectionInfo
+    from migrator.targets import Target
     from migrator.verify import GrantCheck
 
 # pg_advisory_lock takes one bigint; derive it from the namespace so that it does not collide
@@ -303,6 +314,184 @@ def _drop_database(name: str) -> str:
     return f"DROP DATABASE IF EXISTS {_quote(name)} WITH (FORCE)"
 
 
+# --- Backups: pg_dump and pg_restore ---------------------------------------------------------
+
+# libpq connection keywords that carry a secret: never written into a connection string.
+_CONNINFO_SECRETS = ("password", "passfile", "sslpassword")
+
+
+def pg_conninfo(info: ConnectionInfo) -> str:
+    """A libpq connection string for ``info`` without the password (that goes in
+    ``PGPASSWORD``): host, port, database, user, the secret's ``options`` (``sslmode``...)."""
+    values = {
+        "host": info.host,
+        "port": info.port,
+        "dbname": info.database,
+        "user": info.username,
+        "connect_timeout": settings.DATABASE_CONNECT_TIMEOUT,
+        "application_name": "tenant-migrations-backup",
+    }
+    for key, value in info.options.items():
+        if str(key).lower() not in _CONNINFO_SECRETS:
+            values[str(key)] = value
+    return " ".join(
+        f"{key}={_pg_quote(str(value))}" for key, value in values.items() if value is not None
+    )
+
+
+def _pg_quote(value: str) -> str:
+    # libpq's conninfo syntax: single quotes, with \ and ' escaped by a backslash.
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def pg_dump_command(info: ConnectionInfo, binary: str = "pg_dump") -> list[str]:
+    """The argv of ``pg_dump`` for ``info``: custom format to stdout, never prompting, giving up
+    on a table lock after MIGRATION_LOCK_TIMEOUT seconds, as the secret's ``owner_role`` when it
+    names one (``--role``: SET ROLE, as a migration does). No password in it."""
+    return [
+        binary,
+        "--format=custom",
+        "--no-password",
+        f"--lock-wait-timeout={settings.MIGRATION_LOCK_TIMEOUT * 1000}",
+        *_pg_role(info),
+        f"--dbname={pg_conninfo(info)}",
+    ]
+
+
+def _pg_role(info: ConnectionInfo) -> list[str]:
+    # What a restore creates must belong to the owner role, not to a user Vault made for it
+    # (which it could not drop afterwards).
+    return [f"--role={info.owner_role}"] if info.owner_role else []
+
+
+def pg_restore_command(info: ConnectionInfo, path: str, binary: str = "pg_restore") -> list[str]:
+    """The argv of ``pg_restore`` putting ``path`` back into ``info``'s database: dropping what
+    the backup holds first, in one transaction (all or nothing), as the secret's ``owner_role``
+    when it names one (``--role``). No password in it."""
+    return [
+        binary,
+        "--clean",
+        "--if-exists",
+        "--no-owner",
+        "--single-transaction",
+        "--exit-on-error",
+        "--no-password",
+        *_pg_role(info),
+        f"--dbname={pg_conninfo(info)}",
+        str(path),
+    ]
+
+
+def pg_environment(info: ConnectionInfo) -> dict[str, str]:
+    """The environment of ``pg_dump`` and ``pg_restore``: this process's, with the admin
+    password in ``PGPASSWORD`` (visible to this user and root only, unlike argv)."""
+    env = {key: value for key, value in os.environ.items() if key != "PGPASSWORD"}
+    if info.password is not None:
+        env["PGPASSWORD"] = info.password.reveal()
+    return env
+
+
+def parse_pg_version(text: str) -> tuple[int, ...] | None:
+    """(major,) or (major, minor) for a release before 10, from ``pg_dump --version``."""
+    match = re.search(r"\b(\d+)(?:\.(\d+))?", text)
+    if match is None:
+        return None
+    major = int(match[1])
+    if major < 10 and match[2] is not None:
+        return (major, int(match[2]))
+    return (major,)
+
+
+def _pg_major(version: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(version[:2]) if version[0] < 10 else tuple(version[:1])
+
+
+def _dump(target: Target, out: Path) -> None:
+    info = target.connection
+    binary = toolchain.find_tool(target, BackupFailed, "pg_dump", package="postgresql-client")
+    _check_pg_dump_version(target, binary)
+    with toolchain.new_file(out) as file:
+        toolchain.run_tool(
+            target,
+            "pg_dump",
+            pg_dump_command(info, binary),
+            env=pg_environment(info),
+            stdout=file,
+            error=BackupFailed,
+            doing="Backing up",
+            hint="Check that pg_dump is of the server's major version or newer, that the admin "
+            "user may read every table, sequence and schema of the database (a table owned by "
+            "another role stops the dump), and that BACKUP_DIR has free space.",
+        )
+    toolchain.not_empty(target, "pg_dump", out)
+
+
+def _check_pg_dump_version(target: Target, binary: str) -> None:
+    """pg_dump refuses a server newer than itself; say so clearly before it does."""
+    completed = toolchain.run_tool(
+        target,
+        "pg_dump",
+        [binary, "--version"],
+        env=dict(os.environ),
+        error=BackupFailed,
+        doing="Checking the version of",
+        hint="Check the PostgreSQL client installation.",
+    )
+    client = parse_pg_version(completed.stdout.decode(errors="replace"))
+    try:
+        with engines.connect(target) as connection:
+            server = tuple(connection.dialect.server_version_info or ())
+    except sa_exc.DBAPIError as exc:
+        raise BackupFailed(
+            f"Cannot read the server version of {target.name}: "
+            f"{engines.error_reason(exc, target.connection)}"
+        ) from None
+    if client and server and _pg_major(client) < _pg_major(server):
+        client_text = ".".join(map(str, client))
+        server_text = ".".join(map(str, server))
+        raise BackupFailed(
+            f"pg_dump at {binary} is version {client_text}, older than the PostgreSQL server of "
+            f"{target.name} ({server_text}): pg_dump must be of the server's major version or "
+            f"newer. Install postgresql-client-{_pg_major(server)[0]} (or newer) or put its bin "
+            "directory first on PATH."
+        )
+
+
+def _restore(target: Target, path: str) -> None:
+    info = target.connection
+    binary = toolchain.find_tool(target, RestoreFailed, "pg_restore", package="postgresql-client")
+    toolchain.run_tool(
+        target,
+        "pg_restore",
+        pg_restore_command(info, path, binary),
+        env=pg_environment(info),
+        error=RestoreFailed,
+        doing="Restoring",
+        hint="Nothing was changed (one transaction). Check that pg_restore is at least the "
+        "version of the pg_dump that wrote the file and that the admin user owns the objects "
+        "the backup holds.",
+    )
+
+
+def _tables_in(target: Target, path: str) -> set[str]:
+    binary = toolchain.find_tool(target, RestoreFailed, "pg_restore", package="postgresql-client")
+    listing = toolchain.run_tool(
+        target,
+        "pg_restore",
+        [binary, "--list", str(path)],
+        env=dict(os.environ),
+        error=RestoreFailed,
+        doing="Listing",
+        hint="",
+    ).stdout.decode(errors="replace")
+    # "215; 1259 16390 TABLE public accounts owner"
+    return {
+        match[2]
+        for match in re.finditer(r"^\d+; \d+ \d+ TABLE (\S+) (\S+) ", listing, re.MULTILINE)
+        if match[1] == "public"
+    }
+
+
 PROVIDER = Provider(
     name="postgresql",
     label="PostgreSQL",
@@ -339,6 +528,12 @@ PROVIDER = Provider(
     find_session="in pg_stat_activity",
     transactional_ddl=True,
     partial_ddl="",
-    backup_extension="dump",
+    backup=BackupTool(
+        extension="dump",
+        dump=_dump,
+        dump_on_server=None,
+        restore=_restore,
+        tables_in=_tables_in,
+    ),
     quote=_quote,
 )

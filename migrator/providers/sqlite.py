@@ -1,16 +1,24 @@
 """SQLite (local use): a file, no server and no users; a lock file next to it; DDL made
-transactional; a copy of the file as its backup."""
+transactional; a consistent copy of the file (SQLite's online backup API) as its backup."""
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from collections.abc import Mapping
+from contextlib import closing
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+from django.conf import settings
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine
 
+from migrator.exceptions import BackupFailed, MigratorError, RestoreFailed
+from migrator.providers import toolchain
 from migrator.providers.base import (
+    BackupTool,
     Provider,
     Release,
     no_lock_wait,
@@ -19,6 +27,9 @@ from migrator.providers.base import (
     refuse_session_settings,
     url_query,
 )
+
+if TYPE_CHECKING:
+    from migrator.targets import Target
 
 try:
     import fcntl
@@ -96,6 +107,61 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+# --- Backups: SQLite's online backup API -----------------------------------------------------
+
+
+def _uri(path: str, mode: str) -> str:
+    return f"{Path(path).resolve().as_uri()}?mode={mode}"
+
+
+def _database_file(target: Target, error: type[MigratorError]) -> str:
+    database = target.connection.database
+    if database == ":memory:" or "mode=memory" in database:
+        raise error(f"{target.name} is an in-memory SQLite database: there is no file to copy.")
+    return database
+
+
+def _dump(target: Target, out: Path) -> None:
+    source = _database_file(target, BackupFailed)
+    with toolchain.new_file(out):
+        pass  # created 0600; SQLite writes into it
+    if not Path(source).exists():
+        return  # nothing yet: the empty file is an empty database, which is what restores
+    try:
+        with (
+            closing(sqlite3.connect(_uri(source, "ro"), uri=True, timeout=_busy())) as src,
+            closing(sqlite3.connect(out)) as dest,
+        ):
+            src.backup(dest)
+    except sqlite3.Error as exc:
+        raise BackupFailed(
+            f"Backing up {target.name} failed: SQLite could not copy {source} ({exc}). Check "
+            "that the file is a SQLite database this process may read."
+        ) from None
+
+
+def _restore(target: Target, path: str) -> None:
+    database = _database_file(target, RestoreFailed)
+    try:
+        with (
+            closing(sqlite3.connect(_uri(path, "ro"), uri=True)) as src,
+            closing(sqlite3.connect(database, timeout=_busy())) as dest,
+        ):
+            src.backup(dest)
+    except sqlite3.Error as exc:
+        raise RestoreFailed(
+            f"Restoring {target.name} failed: SQLite could not copy {path} into {database} ({exc})."
+        ) from None
+
+
+def _busy() -> float:
+    return float(settings.DATABASE_CONNECT_TIMEOUT)
+
+
+def _tables_in(target: Target, path: str) -> None:
+    return None  # the copy replaced the whole file
+
+
 PROVIDER = Provider(
     name="sqlite",
     label="SQLite (local use)",
@@ -133,6 +199,12 @@ PROVIDER = Provider(
     find_session="with lsof on the database file",
     transactional_ddl=True,
     partial_ddl="",
-    backup_extension="sqlite3",
+    backup=BackupTool(
+        extension="sqlite3",
+        dump=_dump,
+        dump_on_server=None,
+        restore=_restore,
+        tables_in=_tables_in,
+    ),
     quote=_quote,
 )

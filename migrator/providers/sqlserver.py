@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from django.conf import settings
 from sqlalchemy import text
 from sqlalchemy.engine import URL, Connection
 
+from migrator import engines
+from migrator.exceptions import BackupFailed, RestoreFailed
+from migrator.providers import toolchain
 from migrator.providers.base import (
     LOCK_NAMESPACE,
+    BackupTool,
     Provider,
     Release,
     no_engine_preparation,
@@ -26,6 +32,7 @@ from migrator.providers.base import (
 
 if TYPE_CHECKING:
     from migrator.secrets import ConnectionInfo
+    from migrator.targets import Target
 
 DEFAULT_ODBC_DRIVER = "ODBC Driver 18 for SQL Server"
 # FreeTDS speaks TDS 7.4 to every SQL Server since 2012; without it FreeTDS may pick an old one.
@@ -83,6 +90,103 @@ def quote(name: str) -> str:
     return "[" + name.replace("]", "]]") + "]"
 
 
+# --- Backups: BACKUP DATABASE and RESTORE DATABASE, on the server ----------------------------
+
+
+def mssql_string(value: str) -> str:
+    """``value`` as a T-SQL Unicode string literal, ``'`` doubled."""
+    if "\x00" in value:
+        raise ValueError("A SQL Server string literal cannot hold NUL")
+    return "N'" + value.replace("'", "''") + "'"
+
+
+def mssql_backup_path(target_name: str, run_id: int, *, now: datetime | None = None) -> str:
+    """The backup file on the SQL Server host: ``MSSQL_BACKUP_DIR/<target>-<timestamp>-run<id>
+    .bak`` (flat: SQL Server does not create directories)."""
+    directory = settings.MSSQL_BACKUP_DIR.rstrip("/\\")
+    separator = "\\" if "\\" in directory else "/"
+    return (
+        f"{directory}{separator}{target_name}-{toolchain.backup_file_name(run_id, 'bak', now=now)}"
+    )
+
+
+def mssql_backup_statement(database: str, path: str) -> str:
+    """``BACKUP DATABASE`` of ``database`` to ``path`` on the server: a copy-only backup (it
+    leaves the server's own backup chain alone), overwriting the file, with page checksums."""
+    return (
+        f"BACKUP DATABASE {quote(database)} TO DISK = {mssql_string(path)} "
+        "WITH COPY_ONLY, INIT, CHECKSUM"
+    )
+
+
+def mssql_restore_statements(database: str, path: str) -> list[str]:
+    """The statements restoring ``database`` from ``path``, run from ``master`` in order: check
+    the file, take the database to single-user (rolling back other sessions), restore over it,
+    and open it again. Run the last one even when the restore fails."""
+    name = quote(database)
+    disk = mssql_string(path)
+    return [
+        f"RESTORE VERIFYONLY FROM DISK = {disk} WITH CHECKSUM",
+        f"ALTER DATABASE {name} SET SINGLE_USER WITH ROLLBACK IMMEDIATE",
+        f"RESTORE DATABASE {name} FROM DISK = {disk} WITH REPLACE, CHECKSUM",
+        f"ALTER DATABASE {name} SET MULTI_USER",
+    ]
+
+
+def _restore(target: Target, path: str) -> None:
+    # RESTORE cannot run from a session inside the database it replaces: connect to master.
+    master = replace(target, connection=replace(target.connection, database="master"))
+    verify, single_user, restore_statement, multi_user = mssql_restore_statements(
+        target.connection.database, path
+    )
+    hint = f"Check that {path} exists on the SQL Server host and the admin user may RESTORE."
+    _execute(master, [verify], error=RestoreFailed, doing="Restoring", hint=hint)
+    try:
+        _execute(
+            master,
+            [single_user, restore_statement],
+            error=RestoreFailed,
+            doing="Restoring",
+            hint=hint,
+        )
+    finally:
+        _execute(master, [multi_user], error=RestoreFailed, doing="Restoring", hint=hint)
+
+
+def _execute(target, statements, *, error, doing, hint) -> None:
+    """Run ``statements`` outside any transaction (BACKUP and RESTORE refuse one), reading every
+    result set: pyodbc returns before the server finished a BACKUP otherwise."""
+    with engines.connect(target) as connection:
+        raw = connection.connection.dbapi_connection
+        raw.autocommit = True
+        cursor = raw.cursor()
+        try:
+            for statement in statements:
+                cursor.execute(statement)
+                while cursor.nextset():
+                    pass
+        except Exception as exc:  # noqa: BLE001 - the driver's error, mapped with its words
+            raise error(
+                f"{doing} {target.name} failed: {engines.error_reason(exc, target.connection)}. "
+                f"{hint}"
+            ) from None
+        finally:
+            cursor.close()
+
+
+def _dump_on_server(target: Target, run_id: int) -> str:
+    path = mssql_backup_path(target.name, run_id)
+    _execute(
+        target,
+        [mssql_backup_statement(target.connection.database, path)],
+        error=BackupFailed,
+        doing="Backing up",
+        hint="Check that the admin user may BACKUP DATABASE (db_backupoperator) and that "
+        f"the SQL Server service account may write to MSSQL_BACKUP_DIR ({path}).",
+    )
+    return path
+
+
 PROVIDER = Provider(
     name="sqlserver",
     label="SQL Server",
@@ -119,6 +223,12 @@ PROVIDER = Provider(
     transactional_ddl=True,
     partial_ddl="",
     # BACKUP DATABASE writes it on the server, in MSSQL_BACKUP_DIR.
-    backup_extension="bak",
+    backup=BackupTool(
+        extension="bak",
+        dump=None,
+        dump_on_server=_dump_on_server,
+        restore=_restore,
+        tables_in=lambda target, path: None,
+    ),
     quote=quote,
 )

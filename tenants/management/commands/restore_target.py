@@ -44,7 +44,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options):
-        from migrator import backups
+        from migrator import backups, providers
         from migrator.exceptions import RestoreFailed
 
         self.stdin = options.get("stdin", sys.stdin)
@@ -59,7 +59,7 @@ class Command(BaseCommand):
                 "was pending. Choose a run whose Backup shows a file.",
                 returncode=EXIT_USAGE,
             )
-        if target.provider != "sqlserver":
+        if not providers.get(target.provider).backup.on_server:  # SQL Server's is on its host
             try:
                 backups.check_backup_file(backup_run.backup_path, backup_run.backup_checksum)
             except RestoreFailed as exc:

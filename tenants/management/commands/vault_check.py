@@ -3,7 +3,7 @@
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from migrator import engines
+from migrator import engines, providers
 from migrator.exceptions import (
     DatabaseAuthFailed,
     DatabaseNotFound,
@@ -119,7 +119,7 @@ def _owner_role_check(target, connection):
     role whose creation statements forgot the GRANT fails every run with owner_role_failed,
     and only a login shows it. Raises ``OwnerRoleFailed``; a database the control plane cannot
     reach is said, not failed (this checks Vault)."""
-    if not connection.owner_role or connection.provider != "postgresql":
+    if not connection.owner_role or not providers.get(connection.provider).owner_role:
         return ""
     try:
         with engines.connect(Target(target.name, connection)):
