@@ -18,6 +18,11 @@ and drops everything it made, also on Ctrl-C:
   ``--skip-at-head`` (the record trusted, no database read);
 * memory: VmHWM / VmRSS of each qcluster worker at start and end, and the RSS of one process
   running ``run_migration`` for ``--memory-runs`` consecutive real migrations.
+
+With ``--hosts H`` (root, Linux) the workers run as H ``qcluster`` processes, W/H workers each,
+on H worker hosts of their own: network namespaces with their own host names that reach the
+control plane's database, Redis, OpenBao and the tenant databases only over their veth links,
+through a forwarder in the root namespace (tests/netns.py). The floors still connect directly.
 """
 
 import argparse
@@ -35,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -518,6 +524,7 @@ class ControlPlane:
         self.workers = workers
         self.cluster = None
         self.cluster_log = self.workdir / "qcluster.log"
+        self.hosts = []  # tests.netns.WorkerHost: one qcluster on each, workers split among them
 
     def setup_django(self):
         """Configure Django in this process on the throw-away control plane."""
@@ -546,6 +553,14 @@ class ControlPlane:
 
     def start_cluster(self, extra_env=None, timeout=60):
         self.cluster_log.write_bytes(b"")  # worker pids are read from this cluster's lines
+        if self.hosts:
+            env = {**self.env, **(extra_env or {})}
+            env["Q_WORKERS"] = str(self.workers // len(self.hosts))
+            self.cluster = [
+                host.popen([PYTHON, "manage.py", "qcluster"], env=env, log_path=self.cluster_log)
+                for host in self.hosts
+            ]
+            return self.wait_for_workers(timeout)
         self.cluster = subprocess.Popen(
             [PYTHON, "manage.py", "qcluster"],
             cwd=ROOT,
@@ -554,9 +569,14 @@ class ControlPlane:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        return self.wait_for_workers(timeout)
+
+    def wait_for_workers(self, timeout):
+        """The pids of the workers once they all started (and a monitor and a pusher)."""
+        clusters = self.cluster if isinstance(self.cluster, list) else [self.cluster]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.cluster.poll() is not None:
+            if any(cluster.poll() is not None for cluster in clusters):
                 raise RuntimeError(f"qcluster exited; see {self.cluster_log}")
             pids = self.worker_pids()
             helpers = self.worker_pids("monitoring") and self.worker_pids("pushing tasks")
@@ -578,7 +598,13 @@ class ControlPlane:
     def stop_cluster(self):
         # The main process stops its own workers; signalling the group at once makes the
         # sentinel wait for children that are already gone.
-        stop_process(self.cluster)
+        if self.hosts:
+            for host in self.hosts:
+                host.terminate()
+            for host in self.hosts:
+                host.stop_processes()
+        else:
+            stop_process(self.cluster)
         self.cluster = None
 
 
@@ -812,6 +838,10 @@ def measure_product(plane, provider, region, expect, count, roots):
         "task_ms": summarize(task_ms),
         "queued_ms": summarize(queued_ms),
         "worker_pids": sorted(int(h.rsplit(":", 1)[1]) for h in hosts if ":" in h),
+        # Runs per worker host name (with --hosts, one per network namespace).
+        "runs_per_host": dict(
+            Counter(h.rsplit(":", 1)[0] for h in runs.values_list("worker_host", flat=True))
+        ),
     }
 
 
@@ -946,6 +976,8 @@ class Bench:
             self.servers["mysql"] = MySQLFleet(options.mysql_url)
         self.vault = None
         self.plane = None
+        self.service = None  # with --hosts: the services' address over the hosts' links
+        self.hosts = []
         self.results = {}
 
     def name(self, provider, group, index):
@@ -967,6 +999,8 @@ class Bench:
         else:
             database_url = f"sqlite:///{self.workdir / 'controlplane.sqlite3'}"
         broker_url = o.redis_url if o.broker == "redis" else None
+        if o.hosts:
+            database_url, broker_url = self.start_hosts(database_url, broker_url)
         self.plane = ControlPlane(
             self.workdir,
             self.vault,
@@ -974,6 +1008,10 @@ class Bench:
             database_url=database_url,
             broker_url=broker_url,
         )
+        if o.hosts:
+            self.plane.env["VAULT_ADDR"] = self.service.url(self.vault.addr)
+            self.plane.workers = o.workers // o.hosts * o.hosts
+            self.plane.hosts = self.hosts
         log("Migrating the control-plane database ...")
         self.plane.manage("migrate", "--noinput")
         self.plane.setup_django()
@@ -1006,7 +1044,10 @@ class Bench:
                 result[variant] = measure_product(
                     self.plane, provider, region, "succeeded", o.tenants, self.roots()
                 )
-                log(f"  {result[variant]['ms_per_tenant']:.1f} ms/tenant")
+                log(
+                    f"  {result[variant]['ms_per_tenant']:.1f} ms/tenant; runs per host: "
+                    f"{result[variant]['runs_per_host']}"
+                )
                 if variant == "product":
                     log(f"[{provider}] no-op: the same, every target at head ...")
                     self.quiesce()
@@ -1061,6 +1102,34 @@ class Bench:
                 f"{self.results['memory']['end_rss_kb']} kB after {o.memory_runs}"
             )
         self.report()
+
+    def start_hosts(self, database_url, broker_url):
+        """Make ``--hosts`` worker hosts and the services' address on their links; returns the
+        control plane's database and broker URLs as the hosts reach them."""
+        from urllib.parse import urlsplit
+
+        from tests import netns
+
+        o = self.options
+        reason = netns.missing_capability()
+        if reason:
+            raise SystemExit(f"--hosts: {reason}")
+        if o.workers < o.hosts:
+            raise SystemExit("--hosts: at least one worker per host (-w)")
+        ports = [self.vault.port, *(server.port for server in self.servers.values())]
+        if broker_url:
+            ports.append(urlsplit(broker_url).port or 6379)
+        self.service = netns.ServiceAddress(ports, log_path=self.workdir / "forwarder.log")
+        self.service.start()
+        self.hosts = [
+            netns.WorkerHost(self.service, index + 1, f"bench-host-{index + 1}").create()
+            for index in range(o.hosts)
+        ]
+        log(
+            f"{o.hosts} worker hosts ({o.workers // o.hosts} workers each) reaching the "
+            f"services at {self.service.address} over their links"
+        )
+        return self.service.url(database_url), broker_url and self.service.url(broker_url)
 
     def measure_floors(self, statements):
         """The floor and the no-op floor on N fresh databases of each server, appended to
@@ -1137,8 +1206,14 @@ class Bench:
     def roots(self):
         """Process trees whose CPU time the measurements attribute."""
         roots = {"openbao": self.vault.process.pid}
+        if self.service is not None:
+            # The test rig's relay between the hosts and the services; not in the total.
+            roots["rig.forwarder"] = self.service.forwarder.pid
         if self.plane is not None and self.plane.cluster is not None:
-            roots["qcluster"] = self.plane.cluster.pid
+            clusters = self.plane.cluster
+            roots["qcluster"] = (
+                [c.pid for c in clusters] if isinstance(clusters, list) else clusters.pid
+            )
             # Parts of the qcluster tree, for where its time goes (not added to the total).
             roots["qcluster.workers"] = self.plane.worker_pids()
             roots["qcluster.monitor"] = self.plane.worker_pids("monitoring")
@@ -1158,6 +1233,8 @@ class Bench:
             for db in dbs:
                 path = db.name.replace("_", "-")
                 secrets_by_path[path] = db.secret()
+                if self.service is not None:
+                    secrets_by_path[path]["host"] = self.service.address
                 targets.append(
                     MigrationTarget(
                         name=path,
@@ -1186,6 +1263,7 @@ class Bench:
             "workers": o.workers,
             "control_db": o.control_db,
             "broker": o.broker,
+            "hosts": o.hosts,
             "machine": machine,
             "git": git_describe(),
             "results": self.results,
@@ -1286,6 +1364,11 @@ class Bench:
                     f"  could not drop every {server.provider} database: {exc}; "
                     "run `python bench/fleet.py --cleanup`"
                 )
+        for host in self.hosts:
+            with contextlib.suppress(Exception):
+                host.stop()
+        if self.service is not None:
+            self.service.stop()
         if self.vault is not None:
             self.vault.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -1342,6 +1425,13 @@ def parse_args(argv):
         "--profile",
         metavar="FILE",
         help="cProfile the memory phase's run_migration calls into FILE",
+    )
+    parser.add_argument(
+        "--hosts",
+        type=int,
+        default=0,
+        metavar="H",
+        help="run the workers on H worker hosts (network namespaces; root), W/H workers each",
     )
     parser.add_argument("--output", metavar="NAME", help="file name under bench/results/")
     parser.add_argument(

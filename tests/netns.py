@@ -190,15 +190,20 @@ class WorkerHost:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
 
-    def stop(self):
-        """Stop what runs here (SIGTERM, then SIGKILL) and remove the namespace and its link."""
+    def stop_processes(self, timeout=20):
+        """Stop what runs here: SIGTERM, then SIGKILL after ``timeout`` seconds."""
         self.terminate()
         for process in self.processes:
             try:
-                process.wait(timeout=20)
+                process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 pass
         self.kill()
+        self.processes = []
+
+    def stop(self):
+        """Stop what runs here and remove the namespace and its link."""
+        self.stop_processes()
         _ip("link", "del", self.veth, check=False)
         _ip("netns", "del", self.netns, check=False)
 
