@@ -29,7 +29,16 @@ def preload_worker_modules():
     try:
         from sqlalchemy.dialects import registry
 
-        from migrator import backups, phases, rollback, runner, schema, tasks, verify  # noqa: F401
+        from migrator import (  # noqa: F401
+            backups,
+            phases,
+            pipeline,
+            rollback,
+            runner,
+            schema,
+            tasks,
+            verify,
+        )
 
         for dialect in ("postgresql.psycopg", "mysql.pymysql"):
             registry.load(dialect).import_dbapi()

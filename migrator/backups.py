@@ -42,7 +42,6 @@ from sqlalchemy import inspect
 from migrator import engines, locks, providers, runner
 from migrator.exceptions import BackupFailed, MigratorError, RestoreFailed
 from migrator.providers.toolchain import backup_file_name
-from migrator.redaction import redact
 from migrator.targets import Target
 
 logger = logging.getLogger("migrator.backups")
@@ -91,31 +90,29 @@ def policy_default(kind: str) -> bool:
     }.get(kind, False)
 
 
-def required(record) -> bool:
-    """Whether runs on ``record`` (a ``MigrationTarget``) back it up before changing it: its
-    ``backup_policy`` when "on" or "off", the setting for its kind when "inherit"."""
-    if record.backup_policy == "on":
+def required(policy: str, kind: str) -> bool:
+    """Whether runs on a target of ``kind`` (shared, dedicated, external) whose backup policy is
+    ``policy`` back it up before changing it: the policy when "on" or "off", the setting for its
+    kind when "inherit"."""
+    if policy == "on":
         return True
-    if record.backup_policy == "off":
+    if policy == "off":
         return False
-    return policy_default(record.kind)
+    return policy_default(kind)
 
 
 # --- Backup before a run ----------------------------------------------------------------------
 
 
-def backup_before_run(target: Target, record, run, *, kind: str, revision: str) -> Backup | None:
-    """Back ``target`` up before ``run`` changes it; record the backup on the run.
+def backup_before_run(target: Target, *, run_id: int, kind: str, revision: str) -> Backup | None:
+    """Back ``target`` up before run ``run_id`` changes it (to ``revision``, by ``kind``).
 
     An upgrade with nothing pending takes no backup and returns None: there is nothing to undo
     (``runner.pending``, one read of ``alembic_version``). A downgrade always takes one. On
-    success records path, size, sha256, duration and the revision on the run
-    (``tenants.actions.do_record_backup``), deletes the target's backups beyond
-    BACKUP_RETENTION and returns the ``Backup``. Raises ``BackupFailed`` otherwise, before
-    anything was applied.
+    success deletes the target's backups beyond BACKUP_RETENTION and returns the ``Backup``
+    (path, size, sha256, duration, and the revision it holds). Raises ``BackupFailed``
+    otherwise, before anything was applied.
     """
-    from tenants import actions
-
     if kind == runner.UPGRADE:
         pending = runner.pending(target, revision)
         if not pending.revisions:
@@ -126,13 +123,12 @@ def backup_before_run(target: Target, record, run, *, kind: str, revision: str) 
     else:
         return None
     try:
-        backup = take_backup(target, run_id=run.pk, revision=stands)
+        backup = take_backup(target, run_id=run_id, revision=stands)
     except BackupFailed as exc:
         raise BackupFailed(
             f"{exc} The run stopped before applying anything: {target.name} is unchanged. Fix "
             "the backup, or set the target's backup policy to 'off' to migrate without one."
         ) from None
-    actions.do_record_backup(run, backup)
     logger.info(
         "Backed up %s to %s (%s bytes) in %sms",
         target.name,
@@ -158,7 +154,7 @@ def take_backup(target: Target, *, run_id: int, revision: str | None = None) -> 
     started = time.monotonic()
     if tool.on_server:
         path = tool.dump_on_server(target, run_id)
-        return Backup(target.name, path, None, "", _elapsed_ms(started), revision)
+        return Backup(target.name, path, None, "", runner.elapsed_ms(started), revision)
     directory = _prepare_directory(target.name)
     final = directory / backup_file_name(run_id, tool.extension)
     partial = final.with_name(final.name + ".partial")
@@ -174,51 +170,12 @@ def take_backup(target: Target, *, run_id: int, revision: str | None = None) -> 
         str(final),
         final.stat().st_size,
         file_checksum(final),
-        _elapsed_ms(started),
+        runner.elapsed_ms(started),
         revision,
     )
 
 
 # --- Restore ----------------------------------------------------------------------------------
-
-
-def restore_run(run, *, backup_run):
-    """Execute the restore ``run`` (kind "restore", running): put the backup taken before
-    ``backup_run`` back into the target, with the admin credentials read from Vault at
-    ``{mount}/data/{secrets path}/{target.effective_vault_path}``, and record the outcome through
-    ``tenants.actions``. Returns the run as recorded; a failed restore is recorded on the run
-    (``restore_failed`` and friends), never raised. Writes heartbeats while it works, so the
-    recovery schedule can tell a live restore from a dead one.
-    """
-    from migrator.secrets import get_secrets_manager
-    from migrator.tasks import heartbeat
-    from tenants import actions
-
-    record = run.target
-    started = time.monotonic()
-    try:
-        with heartbeat(run.pk):
-            # Fresh from Vault, as for a migration: a restore goes to the database the
-            # secret names now.
-            with get_secrets_manager().admin_credentials(
-                record.effective_vault_path, provider=record.provider, fresh=True
-            ) as admin:
-                result = restore(
-                    Target(record.name, admin.connection),
-                    backup_run.backup_path,
-                    checksum=backup_run.backup_checksum,
-                )
-    except MigratorError as exc:
-        error = exc
-    except Exception as exc:  # noqa: BLE001 - recorded on the run, never lost
-        logger.exception("Unexpected error in restore run %s for %s", run.pk, record.name)
-        error = RestoreFailed(f"Unexpected error ({type(exc).__name__}): {redact(str(exc))}")
-    else:
-        return actions.do_record_restore(run, result, heads=runner.heads())
-    logger.error("%s", error)
-    return actions.do_record_run_failure(
-        run, error, heads=runner.heads(), duration_ms=_elapsed_ms(started)
-    )
 
 
 def restore(target: Target, path: str, *, checksum: str = "") -> RestoreResult:
@@ -247,7 +204,7 @@ def restore(target: Target, path: str, *, checksum: str = "") -> RestoreResult:
             tool.restore(target, path)
         result.left_in_place = _tables_not_in_backup(target, path, tool)
     result.revision_after = runner.current(target).revision
-    result.duration_ms = _elapsed_ms(started)
+    result.duration_ms = runner.elapsed_ms(started)
     result.log.append(
         f"Restored {target.name} in {result.duration_ms}ms; it now stands at "
         f"{result.revision_after or 'base'}"
@@ -376,7 +333,3 @@ def _tables_not_in_backup(target: Target, path: str, tool: providers.BackupTool)
     except sa_exc.DBAPIError:
         return []
     return sorted(present - in_backup)
-
-
-def _elapsed_ms(started: float) -> int:
-    return int((time.monotonic() - started) * 1000)

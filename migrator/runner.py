@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
@@ -61,6 +62,9 @@ from migrator.exceptions import (
     ScriptDirectoryUnreadable,
 )
 from migrator.targets import Target
+
+if TYPE_CHECKING:
+    from migrator.verify import Verification
 
 logger = logging.getLogger("migrator.runner")
 
@@ -89,9 +93,9 @@ class RunResult:
     applied: list[str] = field(default_factory=list)
     duration_ms: int = 0
     log: list[str] = field(default_factory=list)
-    # What checking the schema after an upgrade found (a ``migrator.verify.Verification``), for
-    # the run's record; None when it was not checked.
-    verification: object = None
+    # What checking the schema after an upgrade found, set by ``migrator.pipeline``; None when
+    # it was not checked.
+    verification: "Verification | None" = None
     # The head revision(s) of the script directory the run ran against (as on disk when it
     # started), for the record to say whether the target is up to date.
     heads: tuple[str, ...] = ()
@@ -112,9 +116,21 @@ class RevisionState:
 
     @property
     def up_to_date(self) -> bool:
-        """Every head is applied (alembic_version may list one revision that depends on the
-        other heads, as a contract revision depends on its expand revision)."""
-        return set(self.heads) <= (self.applied or set(self.revisions))
+        """Every head is applied (``up_to_date``)."""
+        return up_to_date(self.heads, self.applied or self.revisions)
+
+
+def up_to_date(heads, applied) -> bool:
+    """Is a target that has ``applied`` these revisions (its ``alembic_version`` and every
+    revision below them) up to date with ``heads``? When every head is applied: alembic_version
+    may list one revision that depends on the other heads, as a contract revision depends on its
+    expand revision. The one definition; ``tenants`` shows it as the status "up to date"."""
+    return set(heads) <= set(applied)
+
+
+def elapsed_ms(started: float) -> int:
+    """Milliseconds since ``started`` (a ``time.monotonic()``)."""
+    return int((time.monotonic() - started) * 1000)
 
 
 @dataclass(frozen=True)
@@ -163,8 +179,8 @@ def upgrade(
 
     ``then(connection, result)``, when given, is called after an upgrade that applied
     something, on the run's own connection (no second login), outside the Alembic lock, with the
-    target lock still held (it goes with the connection); the schema verification uses it.
-    What it raises propagates.
+    target lock still held (it goes with the connection); the pipeline verifies the schema
+    there. What it raises propagates.
 
     ``expect_pending``: the caller expects work (the control plane's record says the target is
     behind), so the lock is taken first and ``alembic_version`` read once, under it; without
@@ -610,7 +626,7 @@ class _Run:
         self.result.revision_after = _as_revision(revisions)
 
     def finish(self) -> RunResult:
-        self.result.duration_ms = int((time.monotonic() - self.started) * 1000)
+        self.result.duration_ms = elapsed_ms(self.started)
         return self.result
 
 

@@ -1,9 +1,13 @@
-"""django-q2 task entry points: one task migrates one target for one run.
+"""django-q2 task entry points, and the bridge between the record and the engine.
 
-The task is the only place where the record meets the engine: it takes the run through the
-``tenants`` actions, reads the admin credentials from Vault, calls the runner and records the
-outcome. It runs in a django-q2 worker process (or inline for ``migrate_tenants --sync``); Alembic
-is process-global, so each worker process runs one migration at a time.
+This is the only module of ``migrator`` that imports ``tenants``: a task reloads its run
+through the ``tenants`` actions, builds the plain values the engine takes (``pipeline.TargetRef``
+from the target's record), calls the engine (``migrator.pipeline``), and records what it returned
+with one action (``tenants.actions.do_record_run_outcome``, one transaction). Restores
+(``restore_run``) and the fleet's drift check (``check_fleet_for_drift``, a django-q2 schedule)
+are tasks here too. A task runs in a django-q2 worker process (or inline for
+``migrate_tenants --sync``); Alembic is process-global, so each worker process runs one
+migration at a time.
 """
 
 import logging
@@ -16,13 +20,25 @@ from django import db
 from django.conf import settings
 from django.db import connections
 
-from migrator import providers, runner
-from migrator.exceptions import DatabaseAuthFailed, MigratorError
+from migrator import backups, pipeline, providers, runner
+from migrator.exceptions import MigratorError, RestoreFailed
+from migrator.pipeline import Intent, Options, TargetRef
 from migrator.redaction import redact
-from migrator.secrets import get_secrets_manager
-from migrator.targets import Target
+from migrator.verify import Verification
+from tenants import actions
 
 logger = logging.getLogger("migrator.tasks")
+
+
+def target_ref(record, *, with_revision=False):
+    """The engine's ``TargetRef`` for ``record`` (a ``MigrationTarget``); ``with_revision``
+    passes the revision the record holds as the run's hint."""
+    return TargetRef(
+        record.name,
+        record.provider,
+        record.effective_vault_path,
+        revision=(record.revision or "") if with_revision else None,
+    )
 
 
 def run_migration(run_id):
@@ -31,46 +47,67 @@ def run_migration(run_id):
     Returns early when the run is no longer queued (cancelled, or already taken by another
     worker). Never raises for a migration that failed: the failure is recorded on the run, and
     the task itself succeeded in doing its job. A retryable failure (Vault or the database
-    unreachable, the target locked) queues the next attempt after a back-off. The summary never
-    contains a secret.
+    unreachable, the target locked) queues the next attempt after a back-off, in the same
+    transaction as the outcome. The summary never contains a secret.
     """
-    from tenants import actions
-
     run = actions.do_start_run(run_id, worker_host=actions.worker_identity())
     if run is None:
         logger.info("Run %s is no longer queued; nothing to do", run_id)
         return {"run": run_id, "status": "not-queued"}
+    record = run.target
     started = time.monotonic()
-    error = None
+    options = Options(
+        backup=backups.required(record.backup_policy, record.kind),
+        verify=settings.VERIFY_AFTER_UPGRADE,
+        run_id=run.pk,
+        listener=_Recorder(run),
+    )
     try:
         with heartbeat(run.pk):
-            result = migrate(run.target, kind=run.kind, revision=run.requested_revision, run=run)
-    except MigratorError as exc:
-        error = exc
-    except Exception as exc:  # noqa: BLE001 - recorded on the run, never lost
-        logger.exception("Unexpected error in run %s for %s", run_id, run.target.name)
-        error = _UnexpectedError(f"Unexpected error ({type(exc).__name__}): {redact(str(exc))}")
+            outcome = pipeline.run(
+                target_ref(record, with_revision=True),
+                Intent(run.kind, run.requested_revision),
+                options,
+            )
     except BaseException as exc:
         # The task timeout (django-q2 raises it in the worker), sys.exit(), KeyboardInterrupt:
         # the run says what stopped it, then the worker ends as it would have.
-        _record_abort(run, exc, started)
+        _record_abort(run, exc, started, credentials=options.listener.issued)
         raise
-    if error is None:
-        _until_recorded(run, actions.do_record_run_success, run, result, heads=_heads_of(result))
-    else:
-        logger.error("%s", error)
-        _until_recorded(
-            run,
-            actions.do_record_run_failure,
-            run,
-            error,
-            heads=_heads_of(getattr(error, "result", None)),
-            duration_ms=_elapsed_ms(started),
-        )
-        if error.retryable:
-            _until_recorded(run, actions.do_schedule_retry, run)
+    _until_recorded(run, actions.do_record_run_outcome, run, outcome)
     _advance_rollout(run)
-    return {"run": run_id, "target": run.target.name, "status": run.status}
+    return {"run": run_id, "target": record.name, "status": run.status}
+
+
+class _Recorder(pipeline.Listener):
+    """Records at once what the pipeline says must be on record before the run ends: the user
+    Vault made for it (a worker that dies shows the lease it left), the backup taken."""
+
+    def __init__(self, run):
+        self.run = run
+        self.issued = None  # the CredentialsUse told, its revocation is set on it later
+
+    def credentials_issued(self, use):
+        self.issued = use
+        try:
+            _until_recorded(self.run, actions.do_record_admin_credentials, self.run, use)
+        except Exception:  # noqa: BLE001 - the run's outcome matters more; its log says it
+            logger.exception("Could not record the admin credentials of run %s", self.run.pk)
+
+    def backup_taken(self, backup):
+        actions.do_record_backup(self.run, backup)
+
+
+def migrate(record, *, kind="upgrade", revision="head"):
+    """Bring the database of ``record`` (a ``MigrationTarget``) to ``revision`` without a run
+    (nothing recorded but the server its secret names); returns the ``RunResult``, raises the
+    ``MigratorError`` of a failure."""
+    outcome = pipeline.run(target_ref(record), Intent(kind, revision))
+    if outcome.server:
+        actions.do_record_server(record, outcome.server)
+    if outcome.error is not None:
+        raise outcome.error
+    return outcome.result
 
 
 def _until_recorded(run, action, *args, **kwargs):
@@ -120,20 +157,18 @@ def _advance_rollout(run):
         logger.exception("Could not advance rollout %s after run %s", run.rollout_id, run.pk)
 
 
-class _UnexpectedError(MigratorError):
-    code = "internal_error"
-
-
 class _Aborted(MigratorError):
     code = "aborted"
 
 
-def _record_abort(run, exc, started):
+def _record_abort(run, exc, started, *, credentials=None):
     """Record on ``run`` what ended it without an outcome (``BaseException`` that is not an
-    ``Exception``), and where the target stands, read back from its database."""
+    ``Exception``), where the target stands, read back from its database, and whether the user
+    Vault made for the run (``credentials``) was revoked."""
     from django_q.exceptions import TimeoutException
 
-    from tenants import actions
+    if credentials is not None:
+        _Recorder(run).credentials_issued(credentials)
 
     if isinstance(exc, TimeoutException):
         what = (
@@ -159,7 +194,7 @@ def _record_abort(run, exc, started):
             run.kind,
             revision_before=run.revision_before or None,
             revision_after=revision,
-            duration_ms=_elapsed_ms(started),
+            duration_ms=runner.elapsed_ms(started),
         )
     except Exception as read_error:  # noqa: BLE001 - the record matters more than the read
         where = f" Its revision could not be read back: {read_error}"
@@ -175,19 +210,10 @@ def _record_abort(run, exc, started):
             _Aborted(what + rolled_back + where),
             heads=runner.heads(),
             result=result,
-            duration_ms=_elapsed_ms(started),
+            duration_ms=runner.elapsed_ms(started),
         )
     except Exception:  # noqa: BLE001 - recovery closes the run instead
         logger.exception("Could not record how run %s ended", run.pk)
-
-
-def _heads_of(result):
-    """The heads the run ran against; the script directory's heads now when it ran none."""
-    return getattr(result, "heads", None) or runner.heads()
-
-
-def _elapsed_ms(started):
-    return int((time.monotonic() - started) * 1000)
 
 
 @contextmanager
@@ -247,8 +273,6 @@ class _Heartbeats:
 
     @staticmethod
     def _beat(run_ids):
-        from tenants import actions
-
         try:
             for run_id in run_ids:
                 actions.do_heartbeat(run_id)
@@ -261,159 +285,22 @@ class _Heartbeats:
 _heartbeats = _Heartbeats()
 
 
-def migrate(record, *, kind="upgrade", revision="head", run=None):
-    """Bring the database of ``record`` (a ``MigrationTarget``) to ``revision``.
-
-    Reads the admin credentials at ``{mount}/data/{secrets path}/{path}``, ``path`` being
-    ``record.effective_vault_path``, fresh from Vault: a run never decides what to do (nor
-    "nothing to do") on a cached secret older than the one in Vault, which may now name
-    another database. The secret says where the admin user comes from
-    (``migrator.secrets.SecretsManager.admin_credentials``): its own pair, a static role, or a
-    user Vault creates for this run and whose lease is revoked when the run ends, however it
-    ends; with ``run``, that is recorded on the run when the user is issued and again after the
-    revocation, and said in its log. When the database rejects static credentials and Vault has
-    newer ones (a rotation), reads Vault once more and retries once. With ``run``, also does
-    what a recorded run does around the migration: a backup first when the target's
-    policy asks for one and something is pending (a failed backup stops the run before any
-    DDL), and a verification of the schema after an upgrade; both are recorded on the run.
-    """
-    secrets = get_secrets_manager()
-    used = None
-    outcome = None
-    try:
-        with secrets.admin_credentials(
-            record.effective_vault_path, provider=record.provider, fresh=True
-        ) as admin:
-            used = admin.use
-            _record_server(record, admin.connection)
-            if run is not None and used.mode != "static":
-                _record_credentials(run, used)
-            outcome = _migrate_as(secrets, admin, record, kind, revision, run)
-            return outcome
-    except MigratorError as exc:
-        outcome = exc.result
-        raise
-    finally:
-        if used is not None:
-            _say_credentials(used, outcome, run)
-
-
-def _migrate_as(secrets, admin, record, kind, revision, run):
-    connection = admin.connection
-    try:
-        return _migrate(Target(record.name, connection), record, kind, revision, run)
-    except DatabaseAuthFailed:
-        if admin.use.mode == "dynamic":
-            raise  # a user made for this very run: reading another one would not help
-        secrets.invalidate(record.effective_vault_path)
-        fresh = secrets.migration_credentials(record.effective_vault_path, provider=record.provider)
-        if fresh == connection:
-            raise
-        logger.info("Credentials for %s changed in Vault; retrying once", record.name)
-        return _migrate(Target(record.name, fresh), record, kind, revision, run)
-
-
-def _say_credentials(used, outcome, run):
-    """Put where the admin user came from (and, for a dynamic one, whether its lease was
-    revoked) in the run's log and record; a failed revocation is an error in the worker's log
-    too (``SecretsManager._revoke``)."""
-    if used.mode == "static":
-        return
-    if outcome is not None:
-        outcome.log.append(used.summary())
-    if run is not None:
-        _record_credentials(run, used)
-
-
-def _record_credentials(run, used):
-    from tenants import actions
-
-    try:
-        _until_recorded(run, actions.do_record_admin_credentials, run, used)
-    except Exception:  # noqa: BLE001 - the run's outcome matters more; its log says it
-        logger.exception("Could not record the admin credentials of run %s", run.pk)
-
-
-def _migrate(target, record, kind, revision, run):
-    from migrator import backups, rollback, verify
-
-    if kind == "downgrade":
-        # A revision with an empty or raising downgrade() is refused before anything runs.
-        current = runner.current(target).revision
-        rollback.check_reversible(current, revision, target_name=target.name)
-    if run is not None and backups.required(record):
-        backups.backup_before_run(target, record, run, kind=kind, revision=revision)
-    if kind == "downgrade":
-        return runner.downgrade(target, revision)
-    if run is None:
-        return runner.upgrade(target, revision)
-
-    def verify_on(connection, result):
-        verify.verify_after_upgrade(target, record, run, result, connection=connection)
-
-    return runner.upgrade(
-        target, revision, then=verify_on, expect_pending=_recorded_behind(record, revision)
-    )
-
-
-def _recorded_behind(record, revision):
-    """Does the control plane's record say ``record`` is behind the heads (``revision`` being
-    head)? Then its run takes the target lock before reading alembic_version: one read instead
-    of two. Only a hint: the read under the lock decides."""
-    from tenants.actions import target_status_for
-    from tenants.models import TargetStatus
-
-    if revision not in ("head", "heads"):
-        return False
-    return target_status_for(record.revision, runner.heads()) != TargetStatus.UP_TO_DATE
-
-
-def _record_server(record, connection):
-    """Note on the record which server the secret names (rollouts cap runs per server)."""
-    from tenants.actions import do_record_server
-
-    if connection.host:
-        try:
-            do_record_server(record, f"{connection.host}:{connection.port or ''}".rstrip(":"))
-        except Exception:  # noqa: BLE001 - a note for scheduling; the run goes on
-            logger.warning("Could not record the server of %s", record.name, exc_info=True)
-
-
 def server_of(record):
     """``host:port`` of the database server ``record``'s secret names (cached read), or "" when
     it cannot be read or names no host (SQLite)."""
-    try:
-        host, port = get_secrets_manager().database_server(
-            record.effective_vault_path, provider=record.provider
-        )
-    except MigratorError:
-        return ""
-    if not host:
-        return ""
-    return f"{host}:{port or ''}".rstrip(":")
+    return pipeline.server_of(target_ref(record))
 
 
 def read_revision(record):
     """The revision the database of ``record`` stands at now, read from its ``alembic_version``
     (the secret read fresh from Vault: the database it names now)."""
-    with get_secrets_manager().admin_credentials(
-        record.effective_vault_path, provider=record.provider, fresh=True
-    ) as admin:
-        return runner.current(Target(record.name, admin.connection)).revision
+    return pipeline.read_revision(target_ref(record))
 
 
 def target_lock_held(record):
-    """Does a session hold the migration lock of ``record``'s database now
-    (``migrator.locks.is_held``)? Reads the admin credentials from Vault (cached) to ask."""
-    from migrator import engines, locks
-
-    with (
-        get_secrets_manager().admin_credentials(
-            record.effective_vault_path, provider=record.provider
-        ) as admin,
-        engines.connect(Target(record.name, admin.connection)) as db,
-    ):
-        return locks.is_held(db)
+    """Does a session hold the migration lock of ``record``'s database now? Reads the admin
+    credentials from Vault (cached) to ask."""
+    return pipeline.lock_held(target_ref(record))
 
 
 def recover_stale_runs(*, regions=None):
@@ -428,8 +315,6 @@ def recover_stale_runs(*, regions=None):
     ``migrate_tenants --recover``. For each, reads the target's real revision back from its
     ``alembic_version``. Returns one line per recovered run.
     """
-    from tenants import actions
-
     lines = []
     for run in actions.stale_runs(regions=regions).select_related("target"):
         try:
@@ -484,8 +369,6 @@ def recover_abandoned_runs(*, regions=None):
     (``RUN_MAX_ATTEMPTS``): a message the broker lost is sent again. The old message, if a
     worker ever reads it, does nothing (the run is not queued any more). Returns one line per
     run."""
-    from tenants import actions
-
     lines = []
     for run in actions.abandoned_runs(regions=regions):
         if not actions.do_mark_run_abandoned(run):
@@ -510,3 +393,94 @@ def _steps_done(run, revision):
         )
     except MigratorError:
         return None
+
+
+# --- Restores ---------------------------------------------------------------------------------
+
+
+def restore_run(run, *, backup_run):
+    """Execute the restore ``run`` (kind "restore", running): put the backup taken before
+    ``backup_run`` back into the target (``pipeline.restore``, the admin credentials read fresh
+    from Vault), and record the outcome through ``tenants.actions``. Returns the run as
+    recorded; a failed restore is recorded on the run (``restore_failed`` and friends), never
+    raised. Writes heartbeats while it works, so the recovery schedule can tell a live restore
+    from a dead one.
+    """
+    record = run.target
+    started = time.monotonic()
+    try:
+        with heartbeat(run.pk):
+            result = pipeline.restore(
+                target_ref(record), backup_run.backup_path, checksum=backup_run.backup_checksum
+            )
+    except MigratorError as exc:
+        error = exc
+    except Exception as exc:  # noqa: BLE001 - recorded on the run, never lost
+        logger.exception("Unexpected error in restore run %s for %s", run.pk, record.name)
+        error = RestoreFailed(f"Unexpected error ({type(exc).__name__}): {redact(str(exc))}")
+    else:
+        return actions.do_record_restore(run, result, heads=runner.heads())
+    logger.error("%s", error)
+    return actions.do_record_run_failure(
+        run, error, heads=runner.heads(), duration_ms=runner.elapsed_ms(started)
+    )
+
+
+# --- The fleet's drift check ------------------------------------------------------------------
+
+
+def verify_records(records, *, trigger, acting_user=None, record_every_run=False):
+    """Verify each of ``records`` as it stands (``pipeline.verify_target``) and record what was
+    found (``do_record_verification``).
+
+    A target with a queued or running migration is left out (its schema is changing), and so
+    is one whose database could not be read: its record is kept as it was. Returns one
+    ``Verification`` per target, in order.
+    """
+    from tenants.models import ACTIVE_RUN_STATUSES
+
+    results = []
+    for record in records:
+        if record.runs.filter(status__in=ACTIVE_RUN_STATUSES).exists():
+            results.append(
+                Verification(
+                    record.name,
+                    record.provider,
+                    record.revision or None,
+                    not_verified="skipped: a migration is queued or running",
+                )
+            )
+            continue
+        verification = pipeline.verify_target(target_ref(record, with_revision=True))
+        results.append(verification)
+        if verification.fingerprint:
+            actions.do_record_verification(
+                record,
+                verification,
+                trigger=trigger,
+                acting_user=acting_user,
+                record_run=record_every_run,
+            )
+        else:
+            logger.warning("%s: %s", record.name, verification.not_verified)
+    return results
+
+
+def check_fleet_for_drift():
+    """Re-check every target for drift, without migrating (the django-q2 schedule "tenants:
+    re-check the fleet for drift", every VERIFY_SCHEDULE_MINUTES). Returns one line per target
+    that drifted, has grant problems or could not be verified, and a count line."""
+    from tenants.models import MigrationTarget, Trigger
+
+    results = verify_records(MigrationTarget.objects.all(), trigger=Trigger.SCHEDULE)
+    lines = []
+    for verification in results:
+        if verification.drifted:
+            lines.append(f"{verification.target}: drifted: " + "; ".join(verification.differences))
+        elif not verification.verified:
+            lines.append(f"{verification.target}: not verified: {verification.not_verified}")
+        lines += [f"{verification.target}: {line}" for line in verification.grant_problems]
+    drifted = sum(v.drifted for v in results)
+    lines.append(f"{len(results)} target(s) checked, {drifted} drifted")
+    logger.info("%s", lines[-1])
+    return lines

@@ -1,9 +1,9 @@
 """Schema verification: is a target's schema the one its revision should give, and may its app
 user do what the application needs (and no more)?
 
-After every upgrade that applied something (``migrator.tasks``), and for the whole fleet on a
-schedule (``check_fleet_for_drift``, every VERIFY_SCHEDULE_MINUTES) or on demand
-(``migrate_tenants --verify``):
+After every upgrade that applied something (``migrator.pipeline``), and for the whole fleet on
+a schedule (``migrator.tasks.check_fleet_for_drift``, every VERIFY_SCHEDULE_MINUTES) or on
+demand (``migrate_tenants --verify``):
 
 1. the target's schema is reflected (``migrator.schema``) through its admin connection;
 2. it is compared with the **reference** for its revision and provider: the schema a scratch
@@ -25,7 +25,7 @@ schedule (``check_fleet_for_drift``, every VERIFY_SCHEDULE_MINUTES) or on demand
 After a target's first, a PostgreSQL schema already seen by the process costs one catalog query
 (``schema.reflect``'s digest); the whole check after an upgrade runs on the run's connection.
 
-The outcome is a ``Verification``, recorded by ``tenants.actions.do_record_verification`` on the
+The outcome is a ``Verification``, a value: the bridge (``migrator.tasks``) records it on the
 target (``schema_fingerprint``, ``drifted``, ``drift_report``, ``verified_at``) and on the run.
 Verification never fails a run: the migration itself worked, and whatever goes wrong here is
 reported as "not verified" with the reason.
@@ -197,49 +197,41 @@ class Verification:
 
 
 def verify_after_upgrade(
-    target: Target, record, run, result, *, connection=None
-) -> Verification | None:
-    """Verify ``target`` after ``result`` (an upgrade that applied revisions) and record it.
+    target: Target, revision: str | None, *, vault_path: str, provider: str, connection=None
+) -> Verification:
+    """Verify ``target`` after an upgrade to ``revision`` that applied revisions; returns the
+    ``Verification``, which the pipeline puts on the run's result (``RunResult.verification``).
 
-    Called by ``migrator.tasks`` inside the run, on the run's own admin ``connection`` when
-    given (else it opens one). Appends the outcome to ``result.log`` and hangs it on
-    ``result.verification``, which ``tenants.actions.do_record_run_success`` records on the
-    target and the run with the run's outcome. Never raises: the run succeeded whatever is
-    found here. Returns the ``Verification``, or None when VERIFY_AFTER_UPGRADE is off.
+    Called by ``migrator.pipeline`` inside the run, on the run's own admin ``connection`` when
+    given (else it opens one). The app user's credentials are read at ``vault_path`` (cached).
+    Never raises: the run succeeded whatever is found here.
     """
-
-    if not settings.VERIFY_AFTER_UPGRADE:
-        return None
     try:
-        verification = verify_target(
+        return verify_target(
             target,
-            revision=result.revision_after,
-            app=_app_credentials(record),
+            revision=revision,
+            app=app_credentials(vault_path, provider),
             connection=connection,
         )
     except Exception as exc:  # noqa: BLE001 - verification must never fail the run
-        logger.exception("Verifying %s failed", record.name)
-        verification = Verification(
-            record.name,
+        logger.exception("Verifying %s failed", target.name)
+        return Verification(
+            target.name,
             target.provider,
-            result.revision_after,
+            revision,
             not_verified=f"unexpected error ({type(exc).__name__}): {redact(str(exc))}",
         )
-    result.log.extend(verification.log_lines())
-    # Recorded with the run's outcome, in the same transaction (``do_record_run_success``).
-    result.verification = verification
-    return verification
 
 
-def _app_credentials(record) -> ConnectionInfo | str:
-    """The app user's connection for ``record``, or why there is none to check."""
-    provider = providers.find(record.provider)
-    if provider is None or provider.app_grants is None:
+def app_credentials(vault_path: str, provider: str) -> ConnectionInfo | str:
+    """The app user's connection from the secret at ``vault_path``
+    (``SecretsManager.application_credentials``, cached), or why there is none to check ("" when
+    ``provider`` has no grants to check)."""
+    known = providers.find(provider)
+    if known is None or known.app_grants is None:
         return ""
     try:
-        return get_secrets_manager().application_credentials(
-            record.effective_vault_path, provider=record.provider
-        )
+        return get_secrets_manager().application_credentials(vault_path, provider=provider)
     except MigratorError as exc:
         return f"the app credentials could not be read: {exc}"
 
@@ -272,7 +264,7 @@ def verify_target(
                 admin.rollback()  # else the grant check below shares the transaction, ends it
     except MigratorError as exc:
         verification.not_verified = f"the schema could not be read: {exc}"
-        verification.duration_ms = _elapsed_ms(started)
+        verification.duration_ms = runner.elapsed_ms(started)
         return verification
     verification.fingerprint = schema.fingerprint(actual)
     try:
@@ -291,7 +283,7 @@ def verify_target(
         )
     elif app:
         verification.grants = GrantCheck(username="?", not_checked=app)
-    verification.duration_ms = _elapsed_ms(started)
+    verification.duration_ms = runner.elapsed_ms(started)
     return verification
 
 
@@ -322,10 +314,6 @@ def _driver_errors(target: Target) -> Iterator[None]:
         yield
     except sa_exc.DBAPIError as exc:
         raise VerificationError(engines.error_reason(exc, target.connection)) from None
-
-
-def _elapsed_ms(started: float) -> int:
-    return int((time.monotonic() - started) * 1000)
 
 
 # --- References -------------------------------------------------------------------------------
@@ -640,97 +628,3 @@ def check_app_grants(
                 f"the Vault secret at {app.vault_path}"
             )
     return check
-
-
-# --- The fleet --------------------------------------------------------------------------------
-
-
-def verify_record(record, *, script_location=None) -> Verification:
-    """Verify the database of ``record`` (a ``MigrationTarget``) as it stands now, without
-    migrating: reads its admin and app credentials from Vault and its revision from
-    ``alembic_version``. Records nothing (see ``verify_records``)."""
-    try:
-        with get_secrets_manager().admin_credentials(
-            record.effective_vault_path, provider=record.provider, fresh=True
-        ) as admin:
-            target = Target(record.name, admin.connection)
-            revision = runner.current(target, script_location=script_location).revision
-            return verify_target(
-                target,
-                revision=revision,
-                app=_app_credentials(record),
-                script_location=script_location,
-            )
-    except MigratorError as exc:
-        return Verification(
-            record.name,
-            record.provider,
-            record.revision or None,
-            not_verified=f"the database could not be read: {exc}",
-        )
-
-
-def verify_records(records, *, trigger, acting_user=None, record_every_run=False):
-    """Verify each of ``records`` and record what was found (``do_record_verification``).
-
-    A target with a queued or running migration is left out (its schema is changing), and so
-    is one whose database could not be read: its record is kept as it was. Returns one
-    ``Verification`` per target, in order.
-    """
-    from tenants import actions
-    from tenants.models import ACTIVE_RUN_STATUSES
-
-    results = []
-    for record in records:
-        if record.runs.filter(status__in=ACTIVE_RUN_STATUSES).exists():
-            results.append(
-                Verification(
-                    record.name,
-                    record.provider,
-                    record.revision or None,
-                    not_verified="skipped: a migration is queued or running",
-                )
-            )
-            continue
-        try:
-            verification = verify_record(record)
-        except Exception as exc:  # noqa: BLE001 - one target must not stop the fleet's check
-            logger.exception("Verifying %s failed", record.name)
-            verification = Verification(
-                record.name,
-                record.provider,
-                record.revision or None,
-                not_verified=f"unexpected error ({type(exc).__name__}): {redact(str(exc))}",
-            )
-        results.append(verification)
-        if verification.fingerprint:
-            actions.do_record_verification(
-                record,
-                verification,
-                trigger=trigger,
-                acting_user=acting_user,
-                record_run=record_every_run,
-            )
-        else:
-            logger.warning("%s: %s", record.name, verification.not_verified)
-    return results
-
-
-def check_fleet_for_drift():
-    """Re-check every target for drift, without migrating (the django-q2 schedule "tenants:
-    re-check the fleet for drift", every VERIFY_SCHEDULE_MINUTES). Returns one line per target
-    that drifted, has grant problems or could not be verified, and a count line."""
-    from tenants.models import MigrationTarget, Trigger
-
-    results = verify_records(MigrationTarget.objects.all(), trigger=Trigger.SCHEDULE)
-    lines = []
-    for verification in results:
-        if verification.drifted:
-            lines.append(f"{verification.target}: drifted: " + "; ".join(verification.differences))
-        elif not verification.verified:
-            lines.append(f"{verification.target}: not verified: {verification.not_verified}")
-        lines += [f"{verification.target}: {line}" for line in verification.grant_problems]
-    drifted = sum(v.drifted for v in results)
-    lines.append(f"{len(results)} target(s) checked, {drifted} drifted")
-    logger.info("%s", lines[-1])
-    return lines

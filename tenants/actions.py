@@ -572,10 +572,11 @@ def do_mark_run_abandoned(run):
 
 
 def target_status_for(revision, heads):
-    """Up to date when every head is applied (is ``revision`` or below it), else behind."""
-    from migrator.phases import applied
+    """Up to date when every head is applied (is ``revision`` or below it:
+    ``migrator.runner.up_to_date``), else behind."""
+    from migrator import phases, runner
 
-    if revision and set(heads) <= applied(revision):
+    if runner.up_to_date(heads, phases.applied(revision)):
         return TargetStatus.UP_TO_DATE
     return TargetStatus.BEHIND
 
@@ -657,8 +658,9 @@ def do_record_run_success(run, result, *, heads):
     return _record_success(run, result, status=status, heads=heads, changed=bool(result.applied))
 
 
-def _record_success(run, result, *, status, heads, changed):
-    """Save a finished run's outcome, and where its target stands now."""
+def _record_success(run, result, *, status, heads, changed, run_fields=(), target_fields=()):
+    """Save a finished run's outcome, and where its target stands now (with ``run_fields`` and
+    ``target_fields`` already set on them by the caller)."""
     now = timezone.now()
     run.status = status
     run.revision_before = result.revision_before or ""
@@ -670,6 +672,7 @@ def _record_success(run, result, *, status, heads, changed):
     run.error = run.error_code = ""
     run.retryable = None
     run_fields = [
+        *run_fields,
         "status",
         "revision_before",
         "revision_after",
@@ -682,8 +685,8 @@ def _record_success(run, result, *, status, heads, changed):
         "retryable",
     ]
     target = run.target
-    fields = ["revision", "status", "last_error", "last_checked_at"]
-    verification = getattr(result, "verification", None)
+    fields = [*target_fields, "revision", "status", "last_error", "last_checked_at"]
+    verification = getattr(result, "verification", None)  # a restore's result has none
     if verification is not None:
         # The check of the schema after the upgrade, on the target and the run in the same saves.
         verified_fields, run.drift_report = _take_verification(target, verification, now)
@@ -701,12 +704,59 @@ def _record_success(run, result, *, status, heads, changed):
 
 
 @transaction.atomic
+def do_record_run_outcome(run, outcome):
+    """Record what the pipeline returned for ``run`` (a ``migrator.pipeline.Outcome``), in one
+    transaction: success (``succeeded``, or ``skipped`` when nothing was applied) or failure on
+    the run and its target, with the backup taken, the schema verification, where the admin
+    user came from (and whether its lease was revoked) and the server the secret named; after a
+    retryable failure, the next attempt (``do_schedule_retry``). Returns the run."""
+    run_fields, target_fields = [], []
+    if outcome.backup is not None:
+        run_fields += _take_backup(run, outcome.backup)
+    if outcome.credentials is not None and outcome.credentials.mode != "static":
+        run_fields += _take_credentials(run, outcome.credentials)
+    if outcome.server and run.target.server != outcome.server:
+        run.target.server = outcome.server
+        target_fields.append("server")
+    if outcome.error is None:
+        result = outcome.result
+        _record_success(
+            run,
+            result,
+            status=RunStatus.SUCCEEDED if result.applied else RunStatus.SKIPPED,
+            heads=outcome.heads,
+            changed=bool(result.applied),
+            run_fields=run_fields,
+            target_fields=target_fields,
+        )
+        return run
+    _record_failure(
+        run,
+        outcome.error,
+        heads=outcome.heads,
+        result=outcome.result,
+        duration_ms=outcome.duration_ms,
+        run_fields=run_fields,
+        target_fields=target_fields,
+    )
+    if outcome.error.retryable:
+        do_schedule_retry(run)
+    return run
+
+
+@transaction.atomic
 def do_record_run_failure(run, error, *, heads, result=None, duration_ms=None):
     """Record a failed run: the error (never a secret), the log, and where the target stands.
 
     ``error`` is a ``MigratorError`` (its ``code`` and ``retryable`` are recorded) or any other
     exception, recorded as an internal error. ``result`` is what the runner knew when it failed.
     """
+    return _record_failure(run, error, heads=heads, result=result, duration_ms=duration_ms)
+
+
+def _record_failure(run, error, *, heads, result, duration_ms, run_fields=(), target_fields=()):
+    """Save a failed run, and where its target stands (with ``run_fields`` and
+    ``target_fields`` already set on them by the caller)."""
     now = timezone.now()
     result = result if result is not None else getattr(error, "result", None)
     message = bounded_error(redact(str(error)) or type(error).__name__)
@@ -715,7 +765,7 @@ def do_record_run_failure(run, error, *, heads, result=None, duration_ms=None):
     run.error_code = getattr(error, "code", "internal_error")
     run.retryable = bool(getattr(error, "retryable", False))
     run.finished_at = now
-    fields = ["status", "error", "error_code", "retryable", "finished_at"]
+    fields = [*run_fields, "status", "error", "error_code", "retryable", "finished_at"]
     if result is not None:
         run.revision_before = result.revision_before or ""
         run.revision_after = result.revision_after or ""
@@ -731,7 +781,7 @@ def do_record_run_failure(run, error, *, heads, result=None, duration_ms=None):
     target = run.target
     target.last_error = message
     target.last_checked_at = now
-    fields = ["status", "last_error", "last_checked_at", "updated_at"]
+    fields = [*target_fields, "status", "last_error", "last_checked_at", "updated_at"]
     if result is not None and result.revision_after is not None:
         target.revision = result.revision_after
         fields.append("revision")
@@ -1042,19 +1092,17 @@ def do_record_admin_credentials(run, use):
     the mode, the user, the lease's safe form and whether it was revoked. Saved at once when the
     user is issued, so a run whose worker dies shows the lease it left, and again after the
     revocation."""
+    run.save(update_fields=_take_credentials(run, use))
+    return run
+
+
+def _take_credentials(run, use):
+    """Set where ``run``'s admin user came from on it (unsaved); return the fields."""
     run.admin_credentials = use.mode
     run.credentials_user = use.username[:128]
     run.credentials_lease = use.lease[:300]
     run.credentials_revoked = use.revoked
-    run.save(
-        update_fields=[
-            "admin_credentials",
-            "credentials_user",
-            "credentials_lease",
-            "credentials_revoked",
-        ]
-    )
-    return run
+    return ["admin_credentials", "credentials_user", "credentials_lease", "credentials_revoked"]
 
 
 # --- Backups and restores -----------------------------------------------------------------------
@@ -1065,21 +1113,24 @@ def do_record_backup(run, backup):
     ``migrator.backups.Backup``): path, size, sha256, duration, and the revision it holds as the
     run's ``revision_before``. Saved at once, so the backup stays on record whatever the run
     does next."""
+    run.save(update_fields=_take_backup(run, backup))
+    return run
+
+
+def _take_backup(run, backup):
+    """Set ``backup`` on ``run`` (unsaved); return the fields."""
     run.backup_path = backup.path
     run.backup_size = backup.size
     run.backup_checksum = backup.checksum
     run.backup_duration_ms = backup.duration_ms
     run.revision_before = backup.revision or ""
-    run.save(
-        update_fields=[
-            "backup_path",
-            "backup_size",
-            "backup_checksum",
-            "backup_duration_ms",
-            "revision_before",
-        ]
-    )
-    return run
+    return [
+        "backup_path",
+        "backup_size",
+        "backup_checksum",
+        "backup_duration_ms",
+        "revision_before",
+    ]
 
 
 def do_start_restore_run(target, *, backup_run, worker_host, trigger=None, acting_user=None):

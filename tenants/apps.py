@@ -16,6 +16,7 @@ class TenantsConfig(AppConfig):
 
 RECOVERY_SCHEDULE = "tenants: recover stale runs"
 DRIFT_SCHEDULE = "tenants: re-check the fleet for drift"
+DRIFT_TASK = "migrator.tasks.check_fleet_for_drift"
 
 
 def ensure_schedules(sender, **kwargs):
@@ -39,13 +40,22 @@ def ensure_schedules(sender, **kwargs):
     drift, created = schedules.get_or_create(
         name=DRIFT_SCHEDULE,
         defaults={
-            "func": "migrator.verify.check_fleet_for_drift",
+            "func": DRIFT_TASK,
             "schedule_type": Schedule.MINUTES,
             "minutes": minutes,
             "repeats": -1,
             "next_run": timezone.now() + timedelta(minutes=minutes),
         },
     )
-    if not created and drift.minutes != minutes:
+    if created:
+        return
+    changed = []
+    if drift.minutes != minutes:
         drift.minutes = minutes
-        drift.save(update_fields=["minutes"])
+        changed.append("minutes")
+    if drift.func != DRIFT_TASK:
+        # A schedule created before the task moved names its old path (migrator.verify).
+        drift.func = DRIFT_TASK
+        changed.append("func")
+    if changed:
+        drift.save(update_fields=changed)

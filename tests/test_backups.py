@@ -467,17 +467,16 @@ def test_retention_orders_by_time_then_run_and_leaves_other_files(tmp_path):
         ("dedicated", "off", False),
     ],
 )
-def test_policy_by_kind_overridden_per_target(kind, policy, expected, target_factory):
-    target = target_factory(kind=kind, backup_policy=policy, region=f"r-{kind}-{policy}")
-    assert backups.required(target) is expected
+def test_policy_by_kind_overridden_per_target(kind, policy, expected):
+    assert backups.required(policy, kind) is expected
 
 
-def test_policy_setting_per_kind(target_factory, settings):
+def test_policy_setting_per_kind(settings):
     settings.BACKUP_BEFORE_MIGRATION_SHARED = True
     settings.BACKUP_BEFORE_MIGRATION_EXTERNAL = False
-    assert backups.required(target_factory(kind="shared"))
-    assert not backups.required(target_factory(kind="external"))
-    assert backups.required(target_factory(kind="external", backup_policy="on"))
+    assert backups.required("inherit", "shared")
+    assert not backups.required("inherit", "external")
+    assert backups.required("on", "external")
 
 
 def test_external_targets_are_backed_up_by_default_dedicated_ones_are_not(

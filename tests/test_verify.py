@@ -17,6 +17,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from migrator import runner, schema, verify
+from migrator.tasks import check_fleet_for_drift
 from tenants.apps import DRIFT_SCHEDULE, ensure_schedules
 from tenants.models import MigrationRun, RunKind, TargetStatus
 from tests import services
@@ -389,7 +390,7 @@ def test_scheduled_fleet_check_finds_drift_without_migrating(registered_tenant, 
     execute(bad.database, "ALTER TABLE projects DROP COLUMN created_at")
     runs_before = MigrationRun.objects.count()
 
-    lines = verify.check_fleet_for_drift()
+    lines = check_fleet_for_drift()
 
     assert lines[-1] == "2 target(s) checked, 1 drifted"
     assert any(
@@ -405,7 +406,7 @@ def test_scheduled_fleet_check_finds_drift_without_migrating(registered_tenant, 
     assert recorded.kind == RunKind.VERIFY and recorded.target == bad.target
     assert recorded.trigger == "schedule"
     # Checking again finds the same: nothing new to record.
-    verify.check_fleet_for_drift()
+    check_fleet_for_drift()
     assert MigrationRun.objects.count() == runs_before + 1
 
 
@@ -415,12 +416,28 @@ def test_drift_schedule_follows_the_setting(settings):
     settings.VERIFY_SCHEDULE_MINUTES = 60
     ensure_schedules(sender=None)
     schedule = Schedule.objects.get(name=DRIFT_SCHEDULE)
-    assert schedule.func == "migrator.verify.check_fleet_for_drift"
+    assert schedule.func == "migrator.tasks.check_fleet_for_drift"
     assert schedule.minutes == 60
 
     settings.VERIFY_SCHEDULE_MINUTES = 0
     ensure_schedules(sender=None)
     assert not Schedule.objects.filter(name=DRIFT_SCHEDULE).exists()
+
+
+def test_drift_schedule_of_an_older_release_is_pointed_at_the_task(settings):
+    # A schedule row created when the check lived in migrator.verify names that path: the next
+    # `migrate` points it at the task, so django-q2 does not fail to import it.
+    from django_q.models import Schedule
+
+    settings.VERIFY_SCHEDULE_MINUTES = 60
+    ensure_schedules(sender=None)
+    Schedule.objects.filter(name=DRIFT_SCHEDULE).update(
+        func="migrator.verify.check_fleet_for_drift"
+    )
+    ensure_schedules(sender=None)
+    [schedule] = Schedule.objects.filter(name=DRIFT_SCHEDULE)
+    assert schedule.func == "migrator.tasks.check_fleet_for_drift"
+    assert schedule.minutes == 60
 
 
 def test_dashboard_and_admin_show_drift(admin_client, target_factory):

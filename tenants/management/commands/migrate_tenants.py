@@ -463,8 +463,8 @@ class Command(BaseCommand):
     # --- modes ----------------------------------------------------------------------------
 
     def _verify(self, options, user):
-        """Verify the selected targets now (``migrator.verify.verify_records``), in this process."""
-        from migrator.verify import verify_records
+        """Verify the selected targets now (``migrator.tasks.verify_records``), in this process."""
+        from migrator.tasks import verify_records
 
         targets = self._select(options)
         results = verify_records(

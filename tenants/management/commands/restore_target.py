@@ -46,6 +46,7 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         from migrator import backups, providers
         from migrator.exceptions import RestoreFailed
+        from migrator.tasks import restore_run
 
         self.stdin = options.get("stdin", sys.stdin)
         backup_run = MigrationRun.objects.select_related("target").filter(pk=options["run"]).first()
@@ -78,7 +79,7 @@ class Command(BaseCommand):
                 else f"Nothing was restored: {dispatch.reason}.",
                 returncode=EXIT_FAILED,
             )
-        run = backups.restore_run(dispatch.run, backup_run=backup_run)
+        run = restore_run(dispatch.run, backup_run=backup_run)
         if run.status != RunStatus.SUCCEEDED:
             raise CommandError(
                 f"Restore run #{run.pk} of {target.name} failed: {run.error}",
