@@ -204,9 +204,18 @@ def run(target: TargetRef, intent: Intent, options: Options = Options()) -> Outc
             outcome.result.log.append(used.summary())
     if outcome.error is not None:
         logger.error("%s", outcome.error)
-    outcome.heads = (outcome.result.heads if outcome.result is not None else ()) or runner.heads()
+    outcome.heads = (outcome.result.heads if outcome.result is not None else ()) or _heads_now()
     outcome.duration_ms = elapsed_ms(started)
     return outcome
+
+
+def _heads_now() -> tuple[str, ...]:
+    """The script directory's heads now, for a run that read none; () when it cannot be read
+    (the run's error says why)."""
+    try:
+        return runner.heads()
+    except MigratorError:
+        return ()
 
 
 def _migrate_as(secrets, admin, target: TargetRef, intent: Intent, options: Options, outcome):
