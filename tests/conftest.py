@@ -2,6 +2,7 @@
 
 import pytest
 
+from controlplane import devservices
 from tests import services
 from tests.dispatch_fixtures import registered_tenant  # noqa: F401
 from tests.model_fixtures import target_factory, tenant_factory  # noqa: F401
@@ -18,22 +19,12 @@ def _fresh_rate_limits():
 
 @pytest.fixture(scope="session")
 def postgres_server():
-    server = services.PostgresServer(services.TEST_POSTGRES_URL)
-    try:
-        server.ping()
-    except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
-        services.unavailable("postgresql", f"{type(exc).__name__}: {exc}")
-    return server
+    return services.require(services.PostgresServer(services.TEST_POSTGRES_URL).ping)
 
 
 @pytest.fixture(scope="session")
 def mysql_server():
-    server = services.MySQLServer(services.TEST_MYSQL_URL)
-    try:
-        server.ping()
-    except Exception as exc:  # noqa: BLE001
-        services.unavailable("mysql", f"{type(exc).__name__}: {exc}")
-    return server
+    return services.require(services.MySQLServer(services.TEST_MYSQL_URL).ping)
 
 
 @pytest.fixture
@@ -76,14 +67,7 @@ def server_database(request):
 @pytest.fixture(scope="session")
 def openbao():
     """A real OpenBao dev server for the whole session."""
-    binary = services.find_bao_binary()
-    if binary is None:
-        services.unavailable("openbao", "no `bao` or `vault` binary found")
-    server = services.OpenBaoServer(binary)
-    try:
-        server.start()
-    except RuntimeError as exc:
-        services.unavailable("openbao", str(exc))
+    server = services.require(services.OpenBaoServer().start)
     yield server
     server.stop()
 
@@ -110,9 +94,7 @@ def vault_secret(openbao):
     written = []
 
     def write(path, data):
-        client.secrets.kv.v2.create_or_update_secret(
-            path=f"database/{path}", secret=data, mount_point="secret"
-        )
+        openbao.write_secrets({path: data})
         written.append(path)
         return path
 
@@ -125,13 +107,7 @@ def vault_secret(openbao):
 
 @pytest.fixture(scope="session")
 def redis_url():
-    import redis
-
-    try:
-        redis.Redis.from_url(services.TEST_REDIS_URL, socket_connect_timeout=2).ping()
-    except Exception as exc:  # noqa: BLE001
-        services.unavailable("redis", f"{type(exc).__name__}: {exc}")
-    return services.TEST_REDIS_URL
+    return services.require(lambda: devservices.ping_redis(services.TEST_REDIS_URL))
 
 
 @pytest.fixture

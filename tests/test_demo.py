@@ -46,12 +46,6 @@ def prefix(data_dir):
     return "demo_" + hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:8]
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def manage(*args, env, timeout=300):
     return subprocess.run(
         [sys.executable, "manage.py", *args],
@@ -93,7 +87,7 @@ def data_dir(tmp_path, postgres_server, mysql_server):
 
 
 def test_the_second_shell_queues_runs_the_demos_worker_carries_out(data_dir):
-    port = free_port()
+    port = services.free_port()
     env = demo_env(data_dir)
     log = open(data_dir / "demo-output.txt", "w+")  # noqa: SIM115 - closed below
     demo = subprocess.Popen(

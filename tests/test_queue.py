@@ -6,7 +6,6 @@ processes, real OpenBao, PostgreSQL and MariaDB. docs/reliability.md lists what 
 import io
 import os
 import signal
-import socket
 import subprocess
 import time
 from contextlib import redirect_stderr
@@ -14,6 +13,7 @@ from contextlib import redirect_stderr
 import pytest
 from django.core.management import call_command
 
+from controlplane.devservices import free_port
 from migrator import runner
 from tenants.models import MigrationRun, MigrationTarget
 from tests.test_dispatch import api_tokens  # noqa: F401 - a fixture
@@ -44,9 +44,7 @@ class ThrowawayRedis:
     one on 6379)."""
 
     def __init__(self):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process = None
 

@@ -55,7 +55,7 @@ def throwaway_vault(settings):
     """A second OpenBao of our own, to stop or seal without touching the session's."""
     from migrator.secrets import reset_secrets_manager
 
-    server = services.OpenBaoServer(services.find_bao_binary()).start()
+    server = services.OpenBaoServer().start()
     settings.VAULT_ADDR, settings.VAULT_TOKEN = server.addr, server.root_token
     reset_secrets_manager()
     yield server

