@@ -30,8 +30,10 @@ lint: $(BIN)/.installed
 ## check: lint and tests, the same way CI does
 check: lint test
 
-## bench: the fleet benchmark (see bench/README.md)
+## bench: the fleet benchmark in the production configuration (PostgreSQL control plane, Redis
+## broker), then in the default one (SQLite, ORM broker) as a second row (see bench/README.md)
 bench: $(BIN)/.installed
+	$(BIN)/python bench/fleet.py --control-db postgres --broker redis
 	$(BIN)/python bench/fleet.py
 
 ## clean: drop the demo's databases and roles on the local servers, then every local file

@@ -601,6 +601,153 @@ def measure_skip_at_head(plane, provider, region, count, roots):
     }
 
 
+# --- Registered targets, no databases (--register) ---------------------------------------------
+
+
+REGISTERED_REGION = "bench-registered"
+# The pages an operator opens on a large fleet: (label, URL name, query string).
+REGISTERED_PAGES = (
+    ("dashboard", "fleet-dashboard", ""),
+    ("targets changelist", "admin:tenants_migrationtarget_changelist", ""),
+    ("runs changelist", "admin:tenants_migrationrun_changelist", ""),
+    ("tenants changelist", "admin:tenants_tenant_changelist", ""),
+    ("/metrics", "metrics", ""),
+    ("/readyz", "readyz", "?format=json"),
+)
+
+
+def register_targets(count):
+    """``count`` dedicated tenants, each with a target of its own, in the control plane only:
+    no database, no secret behind them (nothing here ever connects to one)."""
+    from django.db import connections
+
+    from tenants.models import MigrationTarget, Tenant
+
+    started = time.perf_counter()
+    names = [f"registered-{i:05d}" for i in range(count)]
+    targets = MigrationTarget.objects.bulk_create(
+        (
+            MigrationTarget(
+                name=name,
+                kind="dedicated",
+                provider="postgresql",
+                vault_path=name,
+                region=REGISTERED_REGION,
+            )
+            for name in names
+        ),
+        batch_size=500,
+    )
+    Tenant.objects.bulk_create(
+        (Tenant(id=t.name, name=t.name, strategy="dedicated", target=t) for t in targets),
+        batch_size=500,
+    )
+    connections.close_all()
+    return time.perf_counter() - started
+
+
+def queued_messages(plane):
+    """How many task messages wait in the cluster's queue: its Redis list, or its OrmQ rows."""
+    from django_q.brokers import get_broker
+    from django_q.conf import Conf
+    from django_q.models import OrmQ
+
+    if plane.env.get("REDIS_URL"):
+        return get_broker(plane.cluster_name).queue_size()
+    return OrmQ.objects.using(Conf.ORM).filter(key=plane.cluster_name).count()
+
+
+def measure_pages(repeat=5):
+    """Each of ``REGISTERED_PAGES`` through Django's test client, as a superuser: its status,
+    the queries of the request's own thread (as ``django_assert_max_num_queries`` counts them;
+    /readyz runs its two checks on threads of their own) and the wall time of each request,
+    the first one apart (it fills the per-process caches)."""
+    from django.contrib.auth import get_user_model
+    from django.db import connection, connections
+    from django.test import Client
+    from django.test.utils import CaptureQueriesContext, override_settings
+    from django.urls import reverse
+
+    user, _ = get_user_model().objects.get_or_create(
+        username="bench-admin", defaults={"is_staff": True, "is_superuser": True}
+    )
+    client = Client()
+    client.force_login(user)
+    pages = {}
+    with override_settings(ALLOWED_HOSTS=["testserver"]):
+        for label, name, query in REGISTERED_PAGES:
+            url = reverse(name) + query
+            times, counts, status = [], [], None
+            for _ in range(1 + repeat):
+                with CaptureQueriesContext(connection) as queries:
+                    started = time.perf_counter()
+                    response = client.get(url)
+                    times.append((time.perf_counter() - started) * 1000)
+                status = response.status_code
+                counts.append(len(queries.captured_queries))
+            pages[label] = {
+                "url": url,
+                "status": status,
+                "queries": counts[-1],
+                "queries_first": counts[0],
+                "first_ms": round(times[0], 1),
+                "ms": summarize(times[1:]),
+            }
+    connections.close_all()
+    return pages
+
+
+def measure_registered(plane, count, roots):
+    """``--register``: ``count`` targets registered without databases; the pages at that size;
+    then ``manage.py migrate_tenants --all`` timed from the command's start to its exit, with
+    no worker running, so every run it creates stays queued (checked: ``count`` queued runs, and
+    as many messages in the cluster's queue); then the pages again, each target with a queued
+    run. The runs and messages are dropped after."""
+    from django.db import connections
+
+    from tenants.models import MigrationRun
+
+    log(f"Registering {count} targets (and a tenant each) without databases ...")
+    result = {"tenants": count, "register_s": round(register_targets(count), 2)}
+    log(f"  done in {result['register_s']}s; the pages at {count} targets ...")
+    result["pages_before"] = measure_pages()
+    log(f"migrate_tenants --all: queueing {count} runs, no worker running ...")
+    cpu_before = cpu_snapshot(roots)
+    command, wall = plane.manage("migrate_tenants", "--all")
+    cpu = cpu_delta(cpu_before, cpu_snapshot(roots), 1)
+    queued = MigrationRun.objects.filter(status="queued").count()
+    messages = queued_messages(plane)
+    connections.close_all()
+    if queued != count or messages != count:
+        raise RuntimeError(
+            f"migrate_tenants --all left {queued} run(s) queued and {messages} message(s) in "
+            f"the queue, expected {count}:\n{command.stderr[-3000:]}"
+        )
+    result["queue"] = {
+        "command": "manage.py migrate_tenants --all",
+        "wall_s": round(wall, 3),
+        "command_cpu_s": round(cpu.get("commands", 0) / 1000, 3),
+        "runs_queued": queued,
+        "messages_queued": messages,
+    }
+    log(f"  {wall:.2f}s from start to exit")
+    result["pages_after"] = measure_pages()
+    clear_queue(plane)
+    return result
+
+
+def clear_queue(plane):
+    """Drop the runs and the queue messages ``--register`` made (no worker will take them)."""
+    from django.db import connections
+    from django_q.brokers import get_broker
+
+    from tenants.models import MigrationRun
+
+    get_broker(plane.cluster_name).delete_queue()
+    MigrationRun.objects.all().delete()
+    connections.close_all()
+
+
 def summarize(values):
     if not values:
         return {}
@@ -743,6 +890,9 @@ class Bench:
         log("Migrating the control-plane database ...")
         self.plane.manage("migrate", "--noinput")
         self.plane.setup_django()
+        if o.register:
+            self.report_registered(measure_registered(self.plane, o.register, self.roots()))
+            return
         statements = {p: ddl_statements(p) for p in self.servers}
 
         # Each phase gets N fresh databases, made just before it and dropped after it: the
@@ -1075,11 +1225,48 @@ class Bench:
         path.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"\nWrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
 
+    def report_registered(self, registered):
+        """Print the ``--register`` phase and write it under bench/results/."""
+        o = self.options
+        queue = registered["queue"]
+        print(
+            f"\n{registered['tenants']} registered targets (no databases), control db "
+            f"{o.control_db}, broker {o.broker}: `{queue['command']}` queued "
+            f"{queue['runs_queued']} runs in {queue['wall_s']:.2f} s from start to exit "
+            f"({queue['command_cpu_s']:.2f} s of CPU)"
+        )
+        print("page                  queries (first)   ms p50 (first)   with a run queued each")
+        for label, before in registered["pages_before"].items():
+            after = registered["pages_after"][label]
+            print(
+                f"  {label:<20}{before['queries']:>4} ({before['queries_first']:>2})"
+                f"{before['ms'].get('p50', 0):>12.1f} ({before['first_ms']:.0f})"
+                f"{after['queries']:>10} queries, {after['ms'].get('p50', 0):.1f} ms"
+            )
+        payload = {
+            "when": datetime.now(UTC).isoformat(timespec="seconds"),
+            "control_db": o.control_db,
+            "broker": o.broker,
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+            "git": git_describe(),
+            "registered": registered,
+        }
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        path = RESULTS / (
+            o.output or f"registered-{stamp}-n{o.register}-{o.control_db}-{o.broker}.json"
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"\nWrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+
     def cleanup(self):
         log("Cleaning up ...")
         if self.plane is not None:
             with contextlib.suppress(Exception):
                 self.plane.stop_cluster()
+            if self.options.register:
+                with contextlib.suppress(Exception):
+                    clear_queue(self.plane)  # a Redis list outlives the run
             with contextlib.suppress(Exception):
                 from django.db import connections
 
@@ -1161,6 +1348,15 @@ def parse_args(argv):
         default=0,
         metavar="H",
         help="run the workers on H worker hosts (network namespaces; root), W/H workers each",
+    )
+    parser.add_argument(
+        "--register",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead of the fleet phases: register N targets without databases, time "
+        "`migrate_tenants --all` queueing a run for each (no worker), and the dashboard, the "
+        "changelists, /metrics and /readyz at that size (queries, ms)",
     )
     parser.add_argument("--output", metavar="NAME", help="file name under bench/results/")
     parser.add_argument(
