@@ -93,8 +93,8 @@ class Provider:
     owner_role: bool
 
     # --- The migration lock (``migrator.locks``)
-    # Takes the lock within ``timeout`` seconds, setting ``settings`` for the session; returns
-    # how to release it, or None when another session holds it.
+    # Takes the lock within ``timeout`` seconds, setting ``session_settings`` for the session;
+    # returns how to release it, or None when another session holds it.
     take_lock: Callable[[Connection, float, Mapping[str, str]], Release | None]
     lock_held: Callable[[Connection], bool]  # asked without taking it
     session_lock: bool  # the server releases it with the session

@@ -52,6 +52,9 @@ DDL_PRIVILEGES = ("CREATE", "ALTER", "DROP", "INDEX")
 PARTIAL_DDL = "MySQL and MariaDB commit each DDL statement at once"
 
 
+# --- Reaching it, its migration lock ----------------------------------------------------------
+
+
 def _auth_failed(error: BaseException) -> bool:
     # 1044: access denied to the database, 1045: access denied (password), 1698: plugin auth.
     return bool(error.args) and error.args[0] in (1044, 1045, 1698)
@@ -117,6 +120,9 @@ def _lock_held(connection: Connection) -> bool:
 
 def _quote(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"
+
+
+# --- The app user's grants (verify) -----------------------------------------------------------
 
 
 def _app_grants(

@@ -46,6 +46,9 @@ LOCK_KEY = int.from_bytes(hashlib.sha256(LOCK_NAMESPACE.encode()).digest()[:8], 
 LOCK_NOT_AVAILABLE = "55P03"
 
 
+# --- Reaching it, its migration lock ----------------------------------------------------------
+
+
 def _auth_failed(error: BaseException) -> bool:
     # libpq reports a rejected login only in the message text, not as an SQLSTATE.
     message = str(error)
@@ -140,6 +143,9 @@ def _lock_held(connection: Connection) -> bool:
 
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+# --- The catalog (schema) and the app user's grants (verify) ----------------------------------
 
 
 # Every catalog entry PostgreSQL reflection reads for the tables SQLAlchemy lists without a
@@ -314,7 +320,7 @@ def _drop_database(name: str) -> str:
     return f"DROP DATABASE IF EXISTS {_quote(name)} WITH (FORCE)"
 
 
-# --- Backups: pg_dump and pg_restore ---------------------------------------------------------
+# --- Backups: pg_dump and pg_restore ----------------------------------------------------------
 
 # libpq connection keywords that carry a secret: never written into a connection string.
 _CONNINFO_SECRETS = ("password", "passfile", "sslpassword")

@@ -107,7 +107,7 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-# --- Backups: SQLite's online backup API -----------------------------------------------------
+# --- Backups: SQLite's online backup API ------------------------------------------------------
 
 
 def _uri(path: str, mode: str) -> str:

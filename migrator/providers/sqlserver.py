@@ -90,7 +90,7 @@ def quote(name: str) -> str:
     return "[" + name.replace("]", "]]") + "]"
 
 
-# --- Backups: BACKUP DATABASE and RESTORE DATABASE, on the server ----------------------------
+# --- Backups: BACKUP DATABASE and RESTORE DATABASE, on the server -----------------------------
 
 
 def mssql_string(value: str) -> str:
