@@ -25,8 +25,19 @@ def preload_worker_modules():
     with its revisions and compile env.py once, before django-q2 forks its workers, instead of
     in each worker on its first task (about 1.3 s of CPU per worker, again after every recycle;
     bench/README.md). The forked workers share those pages. Nothing is connected here: sockets
-    must not cross a fork."""
+    must not cross a fork; what a forked worker must not share (threads, locks, engines, the
+    Vault client) is dropped in each worker by ``migrator.process``'s after-fork hook.
+
+    Logs the system check ``controlplane.W013`` again when the installed Alembic is outside the
+    versions the control plane was tested on: into the workers' log, where a failed run is
+    looked into."""
     try:
+        from migrator import alembic_internals
+
+        problem = alembic_internals.version_problem()
+        if problem:
+            logger.warning("%s", problem)
+
         from sqlalchemy.dialects import registry
 
         from migrator import (  # noqa: F401

@@ -104,6 +104,7 @@ def check_settings(app_configs=None, **kwargs):
     errors += _check_mysql_bounds()
     errors += _check_rollouts()
     errors += _check_workers_and_bounds()
+    errors += _check_alembic_version()
     if not os.path.isfile(os.path.join(settings.TENANT_MIGRATIONS_DIR, "env.py")):
         errors.append(
             checks.Error(
@@ -136,6 +137,19 @@ def _check_revisions_import():
     except ScriptDirectoryUnreadable as exc:
         return str(exc)
     return ""
+
+
+def _check_alembic_version():
+    """The installed Alembic is one the control plane was tested on: it relies on parts of
+    Alembic that Alembic does not promise to keep (migrator/alembic_internals.py). A warning:
+    the record, the pages and the API still work, and a run that meets a changed Alembic fails
+    on its own record."""
+    from migrator import alembic_internals
+
+    problem = alembic_internals.version_problem()
+    if not problem:
+        return []
+    return [checks.Warning(problem, id="controlplane.W013")]
 
 
 def _check_run_liveness():

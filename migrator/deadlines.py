@@ -18,10 +18,9 @@ Usage::
             if deadline.expired: ...  # the whole request took longer than 10 s
 
 No thread is started per request (the watchdog is started once per process, again after a
-fork); a request costs a lock and a notify.
+fork: ``migrator.process``); a request costs a lock and a notify.
 """
 
-import os
 import socket
 import threading
 import time
@@ -32,6 +31,8 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+from migrator import process
 
 
 class Deadline:
@@ -52,7 +53,6 @@ class _Watchdog:
         self._deadlines: set[Deadline] = set()
         self._local = threading.local()
         self._thread = None
-        self._pid = None
 
     @contextmanager
     def within(self, seconds: float) -> Iterator[Deadline]:
@@ -61,9 +61,7 @@ class _Watchdog:
         self._local.deadline = deadline
         with self._changed:
             self._deadlines.add(deadline)
-            # A forked process inherits the object but not the thread.
-            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
-                self._pid = os.getpid()
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="deadlines", daemon=True)
                 self._thread.start()
             self._changed.notify()
@@ -73,6 +71,15 @@ class _Watchdog:
             self._local.deadline = outer
             with self._changed:
                 self._deadlines.discard(deadline)
+
+    def after_fork(self) -> None:
+        """In a forked child: the object came along, the thread did not, and the condition's
+        lock may have been held by one of the parent's threads; the parent's deadlines and
+        connections are the parent's."""
+        self._changed = threading.Condition()
+        self._deadlines = set()
+        self._local = threading.local()
+        self._thread = None
 
     def watch(self, connection: HTTPConnection) -> None:
         """Put ``connection`` under the deadline of the block this thread is in, if any."""
@@ -110,6 +117,7 @@ def _shut(connection: HTTPConnection) -> None:
 
 
 _watchdog = _Watchdog()
+process.register("deadlines.watchdog", after_fork=_watchdog.after_fork)
 within = _watchdog.within
 
 

@@ -33,7 +33,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.pool import NullPool
 
-from migrator import providers
+from migrator import process, providers
 from migrator.exceptions import (
     DatabaseAuthFailed,
     DatabaseNotFound,
@@ -237,9 +237,16 @@ def _connect_as_target(dialect, connection_record, cargs, cparams):
     cparams.update(login)
 
 
-def reset() -> None:
-    """Forget this thread's server engines (tests that change connection settings)."""
-    _server_engines.engines = OrderedDict()
+def _forget_server_engines() -> None:
+    # Every thread's: after a settings change (tests), and in a forked child, whose engines
+    # must be its own.
+    global _server_engines
+    _server_engines = threading.local()
+
+
+process.register(
+    "engines.server_engines", reset=_forget_server_engines, after_fork=_forget_server_engines
+)
 
 
 def connect_error(

@@ -10,7 +10,7 @@ contract phase, which is refused while any target in scope has not finished expa
 import weakref
 from dataclasses import dataclass
 
-from migrator import runner
+from migrator import process, runner
 
 EXPAND = "expand"
 CONTRACT = "contract"
@@ -80,6 +80,7 @@ def lagging_on_expand(targets, *, script_location=None):
 
 # By script directory as read (a new read after a deploy starts afresh), then by revision.
 _applied_cache: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+process.register("phases.applied", reset=_applied_cache.clear)
 
 
 def applied(revision, script_location=None):

@@ -26,11 +26,8 @@ class Irreversible:
 def downgrade_steps(current, destination, *, script_location=None):
     """The revisions a downgrade from ``current`` (a revision string, "" or None for base) to
     ``destination`` would revert, newest first."""
-    script = runner.script_directory(script_location)
     revisions = tuple(r for r in (current or "").split(",") if r)
-    with runner._alembic_lock:
-        steps = runner._plan(script, runner.DOWNGRADE, destination, revisions)
-    return [runner._step_id(step) for step in steps]
+    return runner.planned(runner.DOWNGRADE, revisions, destination, script_location=script_location)
 
 
 def is_downgrade(current, destination, *, script_location=None):

@@ -10,6 +10,10 @@ two runs in two threads of one process corrupt each other (``KeyError: 'config'`
 lock therefore serializes every verb within a process. Parallelism comes from processes
 (django-q2 workers, a process pool), never from threads.
 
+What this needs of Alembic beyond its public API (the plan of a run, env.py compiled once, the
+version table read once) is in ``migrator.alembic_internals``; what it keeps per process (the
+script directories read, that lock) is owned by ``migrator.process``.
+
 A run, for one target:
 
 1. opens one connection (``migrator.engines.connect``) and reads ``alembic_version``, without
@@ -44,13 +48,12 @@ from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from alembic.script import revision as alembic_revision
 from alembic.util import CommandError
 from django.conf import settings
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 
-from migrator import engines, locks, providers
+from migrator import alembic_internals, engines, locks, process, providers
 from migrator.exceptions import (
     EnvPyContract,
     LockTimeout,
@@ -325,6 +328,18 @@ def steps_done(
     return StepsDone(planned, done)
 
 
+def planned(
+    kind: str, revisions: tuple[str, ...], destination: str, *, script_location=None
+) -> list[str]:
+    """The revisions a run of ``kind`` from ``revisions`` (as a database records them) to
+    ``destination`` would apply (revert), in the order they would run. Reads no database.
+    Raises ``RevisionNotFound``, ``MultipleHeads`` or ``MigrationError`` as the run would."""
+    with _alembic_lock:
+        script = script_directory(script_location)
+        destination = resolve_destination(script, kind, destination)
+        return [_step_id(step) for step in _plan(script, kind, destination, revisions)]
+
+
 def heads(*, script_location=None) -> tuple[str, ...]:
     """The head revision(s) of the script directory."""
     with _alembic_lock:
@@ -406,6 +421,9 @@ class _ScriptDirectories:
     def reset(self) -> None:
         with self._lock:
             self._loaded.clear()
+
+    def fresh_lock(self) -> None:
+        self._lock = threading.Lock()
 
 
 _scripts = _ScriptDirectories()
@@ -546,9 +564,15 @@ def script_directory(script_location=None) -> ScriptDirectory:
     return _scripts.get(_location(script_location)).script
 
 
-def reset() -> None:
-    """Forget the loaded script directories and env.py (tests)."""
-    _scripts.reset()
+def _fresh_locks() -> None:
+    # In a forked child: a thread of the parent may have held them at the fork, and nothing in
+    # the child would ever release them. The script directories read stay (``preload``).
+    global _alembic_lock
+    _alembic_lock = threading.Lock()
+    _scripts.fresh_lock()
+
+
+process.register("runner.scripts", reset=_scripts.reset, after_fork=_fresh_locks)
 
 
 def preload(script_location=None) -> None:
@@ -560,20 +584,9 @@ def preload(script_location=None) -> None:
 
 
 def _run_env(script: ScriptDirectory) -> None:
-    """Run the script directory's ``env.py``, as ``ScriptDirectory.run_env`` does, from code
-    compiled once per process: Alembic compiles the file again for every run wherever no bytecode
-    is cached (PYTHONDONTWRITEBYTECODE, which container images often set, or a read-only tree)."""
-    code = _env_code_of(script)
-    if code is None:  # a deployment with env.pyc only: Alembic knows how to load it
-        script.run_env()
-        return
-    module = types.ModuleType("env_py")
-    module.__file__ = str(Path(script.dir) / "env.py")
-    exec(code, module.__dict__)  # noqa: S102 - the project's own env.py, as Alembic runs it
-
-
-def _env_code_of(script: ScriptDirectory) -> types.CodeType | None:
-    return _scripts.env_code(script)
+    """Run the script directory's ``env.py`` from the code compiled when ``script`` was read
+    (once per process: ``_ScriptDirectories``)."""
+    alembic_internals.run_env(script, _scripts.env_code(script))
 
 
 def _config(script: ScriptDirectory, output_buffer=None, **attributes) -> Config:
@@ -750,14 +763,10 @@ def _environment(
 ) -> EnvironmentContext:
     """Alembic's environment for one run on the run's connection, whose ``configure`` (called by
     env.py) also hands the migration context what the run read from ``alembic_version`` under
-    the target lock (``found``). Set on the instance: Alembic's module proxies (``alembic.context``)
-    are made for EnvironmentContext itself, not for a subclass."""
-    environment = EnvironmentContext(config, script, **kwargs)
-    configure = environment.configure
-
+    the target lock (``found``)."""
     ours = dict.get(config.attributes, "connection")
 
-    def configure_and_tell(*args, **kw):
+    def configure_and_tell(configure, *args, **kw):
         # What a run needs of Alembic whatever env.py passes (README, "Bringing your own
         # Alembic project"): one transaction per revision unless env.py says otherwise, so that
         # a failing revision leaves the target at the last one that completed; and the run's
@@ -766,80 +775,20 @@ def _environment(
         if "on_version_apply" not in kw and "on_version_apply" in config.attributes:
             kw["on_version_apply"] = config.attributes["on_version_apply"]
         configure(*args, **kw)
-        context = environment.get_context()
+        context = made.get_context()
         if ours is not None and not context.as_sql and context.connection is not ours:
             raise EnvPyContract(
                 "Nothing ran: env.py configured Alembic with a connection of its own instead of "
                 f"the one in config.attributes['connection']. {_CONTRACT}"
             )
-        _share_version_table(context)
-        if context.connection is ours:
-            _tell_version_table(context, found)
+        alembic_internals.share_version_table(context)
+        if context.connection is ours and found.exists is not None:
+            alembic_internals.answer_version_read(
+                context, found.revisions, found.exists, _VERSION_TABLE
+            )
 
-    environment.configure = configure_and_tell
-    return environment
-
-
-def _tell_version_table(context: MigrationContext, found: "_VersionTable") -> None:
-    """Let ``context`` take its current heads from ``found`` rather than from the database.
-
-    Alembic asks the catalog whether ``alembic_version`` exists before it reads the table, and
-    asks again before it creates it in a new database: two catalog queries per run that cost a
-    new PostgreSQL backend more than the revision's own statements (bench/README.md), to learn
-    what the run has just read under the lock. Once only: any later question goes to the
-    database. Left alone where the run did not read what Alembic would (another version table,
-    offline SQL, an unknown answer).
-    """
-    if (
-        found.exists is None
-        or context.as_sql
-        or context.version_table != _VERSION_TABLE
-        or context.version_table_schema is not None
-        or not hasattr(context, "_ensure_version_table")
-        or getattr(context, "_version", None) is None
-    ):
-        return
-    unread = [found]
-
-    def get_current_heads():
-        if unread:
-            return unread.pop().revisions
-        return MigrationContext.get_current_heads(context)
-
-    def ensure_version_table(purge=False):
-        if purge or unread:
-            MigrationContext._ensure_version_table(context, purge)
-        elif not found.exists:
-            # In the first revision's transaction, as Alembic creates it.
-            context._version.create(context.connection)
-
-    context.get_current_heads = get_current_heads
-    context._ensure_version_table = ensure_version_table
-
-
-_version_tables: dict[tuple, object] = {}
-
-
-def _share_version_table(context: MigrationContext) -> None:
-    """Give ``context`` this process's ``alembic_version`` Table for its dialect, name and schema.
-
-    Alembic builds a new Table for every run, and SQLAlchemy keys compiled statements by the
-    Table object itself, so the INSERT and UPDATE of the version bookkeeping were compiled anew
-    for every revision of every run (a few milliseconds of each run). With one Table per process
-    they come from the engine's statement cache. Same structure: it is what the dialect's
-    ``version_table_impl`` builds for the same arguments.
-    """
-    table = getattr(context, "_version", None)
-    if table is None:  # not an Alembic this was written for: leave it alone
-        return
-    key = (
-        type(context.impl),
-        table.name,
-        table.schema,
-        tuple(c.name for c in table.columns),
-        tuple(table.primary_key.columns.keys()),
-    )
-    context._version = _version_tables.setdefault(key, table)
+    made = alembic_internals.environment(config, script, configure_and_tell, **kwargs)
+    return made
 
 
 def _failure(run: _Run, stands_now: tuple[str, ...] | None, error: Exception) -> MigrationError:
@@ -988,9 +937,7 @@ def _read_revisions_after(connection: Connection) -> tuple[str, ...] | None:
 def _plan(script: ScriptDirectory, kind: str, destination: str, revisions: tuple[str, ...]):
     """Alembic's steps from ``revisions`` to ``destination``, in the order they would run."""
     with _revision_errors(script, revisions, destination):
-        if kind == UPGRADE:
-            return script._upgrade_revs(destination, revisions)
-        return script._downgrade_revs(destination, revisions)
+        return alembic_internals.plan(script, kind == UPGRADE, destination, revisions)
 
 
 def _committed(
@@ -1008,8 +955,7 @@ def _committed(
     return [revision for revision in applied if revision not in at]
 
 
-def _step_id(step) -> str:
-    return step.revision.revision
+_step_id = alembic_internals.step_revision
 
 
 @contextmanager
@@ -1022,13 +968,13 @@ def _revision_errors(
         yield
     except CommandError as exc:
         cause = exc.__cause__
-        if isinstance(cause, alembic_revision.MultipleHeads):
+        if isinstance(cause, alembic_internals.MultipleHeads):
             raise MultipleHeads(
                 f"The script directory has several heads ({', '.join(cause.heads)}) and "
                 f"{cause.argument!r} names none of them in particular: ask for 'heads' to "
                 "upgrade every branch, or for one of those revisions."
             ) from None
-        if isinstance(cause, alembic_revision.ResolutionError):
+        if isinstance(cause, alembic_internals.ResolutionError):
             if cause.argument in revisions:
                 raise RevisionNotFound(
                     f"The database is at revision {cause.argument}, which the script directory "

@@ -31,7 +31,7 @@ from collections import OrderedDict
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 
-from migrator import providers
+from migrator import process, providers
 from migrator.engines import refresh_default_schema
 
 VERSION_TABLE = "alembic_version"
@@ -120,11 +120,7 @@ def _reflect(connection: Connection) -> dict:
 # Normalised schemas this process reflected, by catalog digest (canonical JSON; LRU).
 _reflected: OrderedDict[str, str] = OrderedDict()
 REFLECTED_KEPT = 64
-
-
-def forget_reflected() -> None:
-    """Forget the schemas reflected by this process (tests)."""
-    _reflected.clear()
+process.register("schema.reflected", reset=_reflected.clear)
 
 
 def empty() -> dict:

@@ -41,7 +41,7 @@ import hvac.exceptions
 import requests
 from django.conf import settings
 
-from migrator import deadlines, providers
+from migrator import deadlines, process, providers
 from migrator.exceptions import (
     DatabaseRoleNotFound,
     MountNotKV2,
@@ -76,13 +76,13 @@ class Secret:
     """A secret string that prints as asterisks; ``reveal()`` gives the value to the one caller
     that must hand it to a driver. Registered for log redaction as soon as it exists."""
 
-    __slots__ = ("_value",)
+    __slots__ = ("_value", "__weakref__")
 
     def __init__(self, value: str):
         if not isinstance(value, str):
             raise TypeError("Secret wraps a str")
         self._value = value
-        register_secret(value)
+        register_secret(value, held_by=self)
 
     def reveal(self) -> str:
         return self._value
@@ -585,15 +585,15 @@ class SecretsManager:
         )
         username, password = _issued_pair(path, response)
         lease_id = response.get("lease_id") or ""
-        if lease_id:
-            # The lease id's own part renews or revokes the lease: never shown, like a password.
-            register_secret(lease_id.rsplit("/", 1)[-1])
         lease = _Lease(
             path=path,
             lease_id=lease_id,
             seconds=int(response.get("lease_duration") or 0),
             renewable=bool(response.get("renewable")),
         )
+        if lease_id:
+            # The lease id's own part renews or revokes the lease: never shown, like a password.
+            register_secret(lease_id.rsplit("/", 1)[-1], held_by=lease)
         logger.info(
             "Vault created user %s for this run (%s, lease %s, TTL %ss)",
             username,
@@ -913,7 +913,7 @@ class SecretsManager:
                 "VAULT_AUTH_METHOD is 'approle' but VAULT_ROLE_ID or VAULT_SECRET_ID "
                 "(or VAULT_SECRET_ID_FILE) is empty: set them."
             )
-        register_secret(secret_id)
+        register_secret(secret_id, held_by=self)
         endpoint = f"POST /v1/auth/{config.approle_mount_point}/login"
         try:
             response = _transport(
@@ -942,7 +942,7 @@ class SecretsManager:
         jwt = _read_file(
             config.kubernetes_jwt_file, "VAULT_KUBERNETES_JWT_FILE", "the service account token"
         )
-        register_secret(jwt)
+        register_secret(jwt, held_by=self)
         endpoint = f"POST /v1/auth/{config.kubernetes_mount_point}/login"
         try:
             response = _transport(
@@ -1295,27 +1295,36 @@ def _issued_pair(path: str, response: Any) -> tuple[str, Secret]:
 # --- The process-wide manager ---------------------------------------------------------------
 
 _manager: SecretsManager | None = None
-_manager_pid: int | None = None
 _manager_lock = threading.Lock()
 
 
 def get_secrets_manager() -> SecretsManager:
     """The process's one SecretsManager (one Vault login per worker process), made on first use
-    from the VAULT_* settings."""
-    global _manager, _manager_pid
+    from the VAULT_* settings. A forked worker makes its own (``_forget_manager_after_fork``)."""
+    global _manager
     with _manager_lock:
-        # A forked worker must not share its parent's connections: it makes its own manager.
-        if _manager is None or _manager_pid != os.getpid():
+        if _manager is None:
             _manager = SecretsManager.from_settings()
-            _manager_pid = os.getpid()
         return _manager
 
 
-def reset_secrets_manager() -> None:
-    """Drop the process's SecretsManager (after a settings change, between tests); the next
-    ``get_secrets_manager()`` logs in again."""
+def _close_manager() -> None:
+    """Drop the process's SecretsManager and close its HTTP session; the next
+    ``get_secrets_manager()`` logs in again (``process.reset()``: after a settings change,
+    between tests)."""
     global _manager
     with _manager_lock:
         if _manager is not None:
             _manager.close()
         _manager = None
+
+
+def _forget_manager_after_fork() -> None:
+    # The parent's token and connections are not the child's to use, nor to close: the child
+    # logs in on its own. The lock is new: a thread of the parent may have held it at the fork.
+    global _manager, _manager_lock
+    _manager = None
+    _manager_lock = threading.Lock()
+
+
+process.register("secrets.manager", reset=_close_manager, after_fork=_forget_manager_after_fork)

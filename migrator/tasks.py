@@ -11,7 +11,6 @@ migration at a time.
 """
 
 import logging
-import os
 import threading
 import time
 from contextlib import contextmanager
@@ -20,7 +19,7 @@ from django import db
 from django.conf import settings
 from django.db import connections
 
-from migrator import backups, pipeline, providers, runner
+from migrator import backups, pipeline, process, providers, runner
 from migrator.exceptions import MigratorError, RestoreFailed
 from migrator.pipeline import Intent, Options, TargetRef
 from migrator.redaction import redact
@@ -239,14 +238,18 @@ class _Heartbeats:
         self._changed = threading.Condition()
         self._due = {}  # run id -> time.monotonic() of its next beat
         self._thread = None
-        self._pid = None
+
+    def after_fork(self):
+        """In a forked child: the object came along, the thread did not, and the condition's
+        lock may have been held by the parent's thread; the parent's runs are not the child's."""
+        self._changed = threading.Condition()
+        self._due = {}
+        self._thread = None
 
     def add(self, run_id):
         with self._changed:
             self._due[run_id] = time.monotonic() + settings.RUN_HEARTBEAT_SECONDS
-            # A forked worker inherits the object but not the thread.
-            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
-                self._pid = os.getpid()
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="heartbeats", daemon=True)
                 self._thread.start()
             self._changed.notify()
@@ -283,6 +286,7 @@ class _Heartbeats:
 
 
 _heartbeats = _Heartbeats()
+process.register("tasks.heartbeats", after_fork=_heartbeats.after_fork)
 
 
 def server_of(record):

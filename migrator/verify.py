@@ -52,7 +52,7 @@ from django.utils import timezone
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
-from migrator import engines, providers, runner, schema
+from migrator import engines, process, providers, runner, schema
 from migrator.exceptions import MigratorError, NoScratchDatabase, VerificationError
 from migrator.redaction import redact
 from migrator.secrets import ConnectionInfo, get_secrets_manager
@@ -337,14 +337,21 @@ _references_lock = threading.Lock()
 reference_builds: Counter = Counter()
 
 
-def reset() -> None:
-    """Forget the references, hashes and reflected schemas kept in this process (tests, or
-    after a deploy)."""
-    schema.forget_reflected()
+def _forget_references() -> None:
+    """Forget the references and hashes kept in this process (``process.reset()``)."""
     with _references_lock:
         _references.clear()
         _lineage_hashes.clear()
         reference_builds.clear()
+
+
+def _fresh_references_lock() -> None:
+    # In a forked child: a thread of the parent may have held it. The references stay.
+    global _references_lock
+    _references_lock = threading.Lock()
+
+
+process.register("verify.references", reset=_forget_references, after_fork=_fresh_references_lock)
 
 
 def reference_for(provider: str, revision: str | None, *, script_location=None) -> Reference:

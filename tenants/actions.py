@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from django.db import IntegrityError, connection, models, transaction
 from django.utils import timezone
 
-from migrator import providers
+from migrator import process, providers
 from migrator.redaction import redact
 from tenants import routing
 from tenants.models import (
@@ -717,9 +717,13 @@ def reconcile_with_current_heads():
         return None
 
 
-def forget_reconciled_heads():
-    """Reconcile again at the next ``current_heads`` (tests, after a fork)."""
+def _forget_reconciled_heads():
+    """Reconcile again at the next ``current_heads`` (``process.reset()``). A forked worker
+    keeps what its parent reconciled: the statuses agree with those heads either way."""
     _ReconciledHeads.heads = None
+
+
+process.register("tenants.reconciled_heads", reset=_forget_reconciled_heads)
 
 
 @transaction.atomic

@@ -498,12 +498,8 @@ def _last_failed_runs(targets):
 
 
 def _upgrade_steps(stands, destination):
-    script = runner.script_directory()
     revisions = tuple(r for r in stands.split(",") if r)
-    with runner._alembic_lock:
-        destination = runner.resolve_destination(script, runner.UPGRADE, destination)
-        steps = runner._plan(script, runner.UPGRADE, destination, revisions)
-    return [runner._step_id(step) for step in steps]
+    return runner.planned(runner.UPGRADE, revisions, destination)
 
 
 def _canonical(revision):

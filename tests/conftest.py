@@ -9,6 +9,26 @@ from tests.model_fixtures import target_factory, tenant_factory  # noqa: F401
 
 
 @pytest.fixture(autouse=True)
+def _fresh_process_state():
+    """Each test starts as a new worker process would (``migrator.process.reset()``: no script
+    directory read, no Vault login, no engine, no cached schema, no statuses reconciled), and so
+    does whatever a test does after changing a setting: the process state is built from the
+    settings, which only tests change while the process runs."""
+    from django.test.signals import setting_changed
+
+    from migrator import process
+
+    def settings_changed(**kwargs):
+        process.reset()
+
+    process.reset()
+    setting_changed.connect(settings_changed, weak=False, dispatch_uid="process-state")
+    yield
+    setting_changed.disconnect(dispatch_uid="process-state")
+    process.reset()
+
+
+@pytest.fixture(autouse=True)
 def _fresh_rate_limits():
     """The API's throttles and the admin login's failure counts live in the (per-process, local
     memory) cache: each test starts with none, whatever the tests before it tried."""
@@ -75,16 +95,12 @@ def openbao():
 @pytest.fixture
 def vault(openbao, settings):
     """Point the control plane at the session's OpenBao with its root token."""
-    from migrator import secrets as vault_secrets
-
     settings.VAULT_ADDR = openbao.addr
     settings.VAULT_AUTH_METHOD = "token"
     settings.VAULT_TOKEN = openbao.root_token
     settings.VAULT_MOUNT_POINT = "secret"
     settings.VAULT_DATABASE_SECRETS_PATH = "database"
-    vault_secrets.reset_secrets_manager()
-    yield openbao
-    vault_secrets.reset_secrets_manager()
+    return openbao
 
 
 @pytest.fixture
@@ -176,11 +192,3 @@ def target_for():
         return Target(name, ConnectionInfo(**info))
 
     return make
-
-
-@pytest.fixture(autouse=True)
-def _statuses_reconciled_afresh():
-    """Each test's first page or scrape makes the stored statuses agree with its own heads."""
-    from tenants.actions import forget_reconciled_heads
-
-    forget_reconciled_heads()

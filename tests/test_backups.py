@@ -20,7 +20,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.pool import NullPool
 
-from migrator import backups, runner
+from migrator import backups, process
 from migrator.providers import mysql, postgresql, sqlserver
 from migrator.secrets import ConnectionInfo
 from tenants import actions
@@ -31,13 +31,6 @@ from tests.test_reliability import migrate_once
 pytestmark = [pytest.mark.django_db, pytest.mark.vault]
 
 CANARY = "canary-Pa55:w/o%rd\"#'\\;x"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_runner():
-    runner.reset()
-    yield
-    runner.reset()
 
 
 @pytest.fixture
@@ -552,9 +545,7 @@ def test_failed_restore_is_recorded_on_a_restore_run(sqlite_tenant, backup_dir, 
     vault_secret(
         tenant.target.vault_path, {"provider": "sqlite", "database": "/nonexistent/dir/t.db"}
     )
-    from migrator.secrets import reset_secrets_manager
-
-    reset_secrets_manager()
+    process.reset()  # a worker that has not read the secret yet
 
     code, _, err = restore("--run", str(run.pk), "--yes")
 

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from migrator import runner
-from migrator.secrets import reset_secrets_manager
 from migrator.tasks import run_migration
 from tenants import actions
 from tenants.models import MigrationRun, Trigger
@@ -32,16 +30,8 @@ TTL = 4  # seconds: short, so that a dead worker's user goes within the test
 def engine(vault, settings, postgres_server, mysql_server):
     made = services.VaultDatabaseEngine(vault, postgres_server, mysql_server, ttl=TTL)
     settings.VAULT_DATABASE_MOUNT_POINT = made.mount
-    reset_secrets_manager()
     yield made
     made.close()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_runner():
-    runner.reset()
-    yield
-    runner.reset()
 
 
 def dynamic_tenant(registered_tenant, vault_secret, engine, provider="postgresql", **secret):
@@ -165,7 +155,6 @@ def test_a_policy_that_cannot_read_creds_names_the_path_and_the_policy(
     settings.VAULT_TOKEN = engine.client.auth.token.create(policies=["kv-only"])["auth"][
         "client_token"
     ]
-    reset_secrets_manager()
     run = migrate_once(tenant.target)
     assert (run.status, run.error_code) == ("failed", "vault_forbidden")
     path = f"{engine.mount}/creds/{tenant.role}"
@@ -236,7 +225,6 @@ def test_a_revocation_the_policy_refuses_is_reported_and_the_ttl_ends_the_user(
     settings.VAULT_TOKEN = engine.client.auth.token.create(policies=["no-revoke"])["auth"][
         "client_token"
     ]
-    reset_secrets_manager()
     run = migrate_once(tenant.target)
     assert run.status == "succeeded", run.error
     assert run.credentials_revoked is False
@@ -393,7 +381,6 @@ def test_a_run_longer_than_its_lease_keeps_its_user_under_the_readme_policy(
     settings.VAULT_TOKEN = engine.client.auth.token.create(policies=["readme-dynamic"])["auth"][
         "client_token"
     ]
-    reset_secrets_manager()
     caplog.set_level(logging.DEBUG, logger="migrator.secrets")
     run = migrate_once(tenant.target)
     assert (run.status, run.revision_after) == ("succeeded", "s003_last"), run.error

@@ -26,13 +26,6 @@ def migrate_once(target, **kwargs):
     return dispatch.run
 
 
-@pytest.fixture(autouse=True)
-def _fresh_runner():
-    runner.reset()
-    yield
-    runner.reset()
-
-
 # --- a blank Vault path ------------------------------------------------------------------------
 
 
@@ -462,15 +455,11 @@ def test_a_vault_that_drips_bytes_fails_the_run_within_vault_timeout(
 ):
     import time
 
-    from migrator.secrets import reset_secrets_manager
-
     tenant = registered_tenant("postgresql")
     settings.VAULT_ADDR, settings.VAULT_TIMEOUT = dripping_vault, 2
-    reset_secrets_manager()
     started = time.monotonic()
     run = migrate_once(tenant.target)
     elapsed = time.monotonic() - started
-    reset_secrets_manager()
     assert run.error_code == "vault_unavailable" and run.retryable is True
     assert f"Vault at {dripping_vault}" in run.error
     assert "did not send its whole answer within 2s" in run.error
@@ -479,8 +468,6 @@ def test_a_vault_that_drips_bytes_fails_the_run_within_vault_timeout(
 
 def test_a_kv_version_1_mount_says_so(registered_tenant, openbao, settings):
     import uuid
-
-    from migrator.secrets import reset_secrets_manager
 
     tenant = registered_tenant("postgresql")
     client = openbao.client()
@@ -493,14 +480,12 @@ def test_a_kv_version_1_mount_says_so(registered_tenant, openbao, settings):
             mount_point=mount,
         )
         settings.VAULT_MOUNT_POINT = mount
-        reset_secrets_manager()
         run = migrate_once(tenant.target)
         out = io.StringIO()
         with pytest.raises(Exception, match="1 of 1 targets not OK"):
             call_command("vault_check", "--target", tenant.target.name, stdout=out)
     finally:
         client.sys.disable_secrets_engine(mount)
-        reset_secrets_manager()
     assert run.error_code == "vault_mount_not_kv2" and run.retryable is False
     assert f"The secrets engine at {mount}/ in Vault" in run.error and "KV version 1" in run.error
     assert "vault kv put" not in run.error

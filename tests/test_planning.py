@@ -34,13 +34,6 @@ FIXTURES = Path(__file__).parent / "alembic_fixtures"
 TARGETS = "admin:tenants_migrationtarget_changelist"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_runner():
-    runner.reset()
-    yield
-    runner.reset()
-
-
 def command(*args):
     """``migrate_tenants`` as a user runs it: (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()

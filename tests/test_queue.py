@@ -14,7 +14,6 @@ import pytest
 from django.core.management import call_command
 
 from controlplane.devservices import free_port
-from migrator import runner
 from tenants.models import MigrationRun, MigrationTarget
 from tests.test_dispatch import api_tokens  # noqa: F401 - a fixture
 from tests.test_reliability import FIXTURES, _hold_lock_then_die
@@ -22,13 +21,6 @@ from tests.test_settings_checks import run_manage
 from tests.workers import manage, process_env
 
 pytestmark = [pytest.mark.django_db, pytest.mark.vault]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_runner():
-    runner.reset()
-    yield
-    runner.reset()
 
 
 def recover():
@@ -568,7 +560,6 @@ def test_recovery_does_not_wait_behind_a_long_migration(registered_tenant, setti
 def test_startup_fails_until_the_shared_database_is_at_head_even_with_a_run_queued(
     vault, vault_secret, pg_database, target_factory, settings
 ):
-    from migrator.secrets import reset_secrets_manager
     from tests.dispatch_fixtures import HEAD
 
     target_factory(name="shared", kind="shared", provider="postgresql")
@@ -576,7 +567,6 @@ def test_startup_fails_until_the_shared_database_is_at_head_even_with_a_run_queu
     settings.MIGRATE_SHARED_ON_STARTUP = True
     vault_addr = settings.VAULT_ADDR
     settings.VAULT_ADDR = "http://127.0.0.1:9"  # Vault unreachable
-    reset_secrets_manager()
 
     def start():
         out, err = io.StringIO(), io.StringIO()
@@ -599,7 +589,6 @@ def test_startup_fails_until_the_shared_database_is_at_head_even_with_a_run_queu
     assert retry.status == "failed" and retry.error_code == "vault_unavailable"
 
     settings.VAULT_ADDR = vault_addr  # Vault is back
-    reset_secrets_manager()
     code, said = start()
     assert code == 0, said
     assert f"Shared database shared is at {HEAD}." in said

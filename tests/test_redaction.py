@@ -24,3 +24,26 @@ def test_a_worker_that_read_many_secrets_redacts_each_of_them_and_nothing_else()
         f"{redaction.REDACTED}, then {redaction.REDACTED}. Only a part of one: {values[3][:12]}."
     )
     assert redaction.redact("Nothing secret here.") == "Nothing secret here."
+
+
+def test_a_long_running_worker_keeps_redacting_what_it_holds_and_forgets_the_rest():
+    import gc
+
+    from migrator.secrets import Secret
+
+    held = Secret(f"pw-held-{secrets.token_hex(12)}")  # e.g. a run's admin password
+    dropped = f"pw-dropped-{secrets.token_hex(12)}"  # read once, long ago, held by nothing
+    redaction.register_secret(dropped)
+    # A worker that has since read many more (a large fleet, run after run).
+    for _ in range(redaction.RECENT_KEPT + 10):
+        redaction.register_secret(f"pw-{secrets.token_hex(12)}")
+
+    assert redaction.redact(f"connect as {held.reveal()}") == f"connect as {redaction.REDACTED}"
+    assert redaction.redact(f"old {dropped}") == f"old {dropped}"  # the registry is bounded
+
+    value = held.reveal()
+    del held
+    gc.collect()
+    for _ in range(redaction.RECENT_KEPT + 10):
+        redaction.register_secret(f"pw-{secrets.token_hex(12)}")
+    assert redaction.redact(f"gone {value}") == f"gone {value}"

@@ -40,27 +40,17 @@ def pg_tenant(registered_tenant):
     return registered_tenant("postgresql")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_runner():
-    runner.reset()
-    yield
-    runner.reset()
-
-
 # --- outages --------------------------------------------------------------------------------
 
 
 @pytest.fixture
 def throwaway_vault(settings):
     """A second OpenBao of our own, to stop or seal without touching the session's."""
-    from migrator.secrets import reset_secrets_manager
 
     server = services.OpenBaoServer().start()
     settings.VAULT_ADDR, settings.VAULT_TOKEN = server.addr, server.root_token
-    reset_secrets_manager()
     yield server
     server.stop()
-    reset_secrets_manager()
 
 
 def test_vault_down_is_retryable_and_backs_off(

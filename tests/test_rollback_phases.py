@@ -20,13 +20,6 @@ pytestmark = [pytest.mark.django_db, pytest.mark.vault]
 FIXTURES = Path(__file__).parent / "alembic_fixtures"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_runner():
-    runner.reset()
-    yield
-    runner.reset()
-
-
 def command(*args):
     out, err = io.StringIO(), io.StringIO()
     code = 0

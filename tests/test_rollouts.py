@@ -12,7 +12,6 @@ from datetime import UTC, datetime, time, timedelta
 import pytest
 from django.core.management import call_command
 
-from migrator import runner
 from tenants import rollouts
 from tenants.models import MigrationRun, MigrationTarget, Rollout
 from tests.test_dispatch import api_tokens  # noqa: F401 - a fixture
@@ -20,13 +19,6 @@ from tests.test_reliability import FIXTURES
 from tests.workers import ROOT, manage, process_env, qcluster
 
 pytestmark = [pytest.mark.django_db]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_runner():
-    runner.reset()
-    yield
-    runner.reset()
 
 
 def command(*args):

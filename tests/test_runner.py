@@ -10,7 +10,7 @@ import pytest
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 
-from migrator import engines, locks, runner
+from migrator import engines, locks, process, runner
 from migrator.exceptions import (
     MigrationError,
     MigrationFailed,
@@ -43,9 +43,6 @@ def _linear_chain(settings):
     """The runner's mechanics, tested on a fixed straight chain (the product's example chain
     branches into expand/contract; tests/test_rollback_phases.py covers that)."""
     settings.TENANT_MIGRATIONS_DIR = str(LINEAR)
-    runner.reset()
-    yield
-    runner.reset()
 
 
 servers = [pytest.mark.postgres, pytest.mark.mysql]
@@ -394,7 +391,7 @@ def test_env_py_is_compiled_once_per_process(sqlite_target, tmp_path, monkeypatc
     monkeypatch.setattr(runner, "compile", no_compiling, raising=False)
     assert runner.upgrade(other).applied == CHAIN
     assert runner.downgrade(other, "base").applied[-1] == CHAIN[0]
-    runner.reset()  # forgotten: env.py is read again
+    process.reset()  # forgotten: env.py is read again
     with pytest.raises(AssertionError, match="env.py compiled again"):
         runner.upgrade(other)
 
@@ -522,20 +519,17 @@ def test_script_directory_is_loaded_once_per_process(tmp_path, monkeypatch):
         return original(config)
 
     monkeypatch.setattr(ScriptDirectory, "from_config", counting)
-    runner.reset()
-    try:
-        for i in range(5):
-            target = Target(
-                f"t{i}", ConnectionInfo(provider="sqlite", database=str(tmp_path / f"{i}.db"))
-            )
-            runner.upgrade(target)
-            runner.current(target)
-            runner.pending(target)
-            runner.downgrade(target, "base")
-            runner.sql_preview(target)
-        runner.heads()
-    finally:
-        runner.reset()
+    process.reset()
+    for i in range(5):
+        target = Target(
+            f"t{i}", ConnectionInfo(provider="sqlite", database=str(tmp_path / f"{i}.db"))
+        )
+        runner.upgrade(target)
+        runner.current(target)
+        runner.pending(target)
+        runner.downgrade(target, "base")
+        runner.sql_preview(target)
+    runner.heads()
 
     assert len(loads) == 1
 

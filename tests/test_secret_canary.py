@@ -121,7 +121,6 @@ def test_dynamic_and_static_role_passwords_never_leak(
 ):
     """The passwords Vault's database secrets engine makes (a user per run, a static role's
     rotated password) and the lease ids it hands out: OpenBao's raw audit log lists each one."""
-    from migrator.secrets import reset_secrets_manager
     from tests import services
 
     audit_log = tmp_path / "audit.log"
@@ -131,7 +130,6 @@ def test_dynamic_and_static_role_passwords_never_leak(
     try:
         settings.VAULT_ADDR, settings.VAULT_TOKEN = server.addr, server.root_token
         settings.VAULT_AUTH_METHOD = "token"
-        reset_secrets_manager()
         engine = services.VaultDatabaseEngine(server, postgres_server, mysql_server, ttl=30)
         settings.VAULT_DATABASE_MOUNT_POINT = engine.mount
         kv = server.client().secrets.kv.v2
@@ -183,7 +181,6 @@ def test_dynamic_and_static_role_passwords_never_leak(
         engine.close()
     finally:
         server.stop()
-        reset_secrets_manager()
     # Two runs for each dynamic tenant and vault_check's check made a user each, with a lease.
     assert len(issued) >= 2 * 6
     leaks = [

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from django.core.management import CommandError, call_command
 
+from migrator import process
 from migrator.exceptions import (
     SecretIncomplete,
     SecretNotFound,
@@ -17,7 +18,7 @@ from migrator.exceptions import (
     VaultForbidden,
     VaultUnavailable,
 )
-from migrator.secrets import ConnectionInfo, Secret, get_secrets_manager, reset_secrets_manager
+from migrator.secrets import ConnectionInfo, Secret, get_secrets_manager
 from tests import services
 
 pytestmark = pytest.mark.vault
@@ -153,7 +154,7 @@ def test_one_manager_and_one_login_per_process(vault, vault_secret):
     manager.migration_credentials(first, provider="postgresql")
     manager.migration_credentials(second, provider="postgresql")
     assert manager._generation == 1  # logged in once for both tenants
-    reset_secrets_manager()
+    process.reset()
     assert get_secrets_manager() is not manager
 
 
@@ -415,7 +416,6 @@ def test_vault_check_fails_on_a_missing_secret(vault, vault_secret, target_facto
 @pytest.mark.django_db
 def test_vault_check_says_when_vault_is_unreachable(vault, settings):
     settings.VAULT_ADDR = f"http://127.0.0.1:{services.free_port()}"
-    reset_secrets_manager()
     with pytest.raises(CommandError) as caught:
         call_command("vault_check", stdout=io.StringIO())
     message = str(caught.value)
@@ -431,12 +431,12 @@ def test_the_environments_proxy_settings_are_followed(vault, vault_secret, monke
         for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
             monkeypatch.delenv(name, raising=False)
         monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{services.free_port()}")  # nobody
-        reset_secrets_manager()
+        process.reset()
         with pytest.raises(VaultUnavailable, match="VAULT_ADDR"):
             get_secrets_manager().migration_credentials(path, provider="postgresql")
 
         monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-        reset_secrets_manager()
+        process.reset()
         manager = get_secrets_manager()
         assert manager.migration_credentials(path, provider="postgresql").username
         # Changed after the manager was made: not read again for each request.
@@ -445,4 +445,3 @@ def test_the_environments_proxy_settings_are_followed(vault, vault_secret, monke
         assert manager.migration_credentials(path, provider="postgresql").username
     finally:
         monkeypatch.undo()  # before vault_secret's own clean-up talks to OpenBao
-        reset_secrets_manager()

@@ -16,7 +16,7 @@ from django.urls import reverse
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from migrator import runner, schema, verify
+from migrator import process, verify
 from migrator.tasks import check_fleet_for_drift
 from tenants.apps import DRIFT_SCHEDULE, ensure_schedules
 from tenants.models import MigrationRun, RunKind, TargetStatus
@@ -37,11 +37,7 @@ def verifying(settings, tmp_path):
     settings.VERIFY_SCRATCH_POSTGRES_URL = services.TEST_POSTGRES_URL
     settings.VERIFY_SCRATCH_MYSQL_URL = services.TEST_MYSQL_URL
     settings.DATA_DIR = tmp_path / "data"
-    runner.reset()
-    verify.reset()
-    yield settings
-    verify.reset()
-    runner.reset()
+    return settings
 
 
 def execute(db, *statements):
@@ -308,12 +304,12 @@ def test_a_worker_takes_a_schema_another_worker_read_from_data_dir(registered_te
     first = migrate_once(tenants[0].target)
     [stored] = (Path(verifying.DATA_DIR) / "reflected-schemas").glob("*.json")
     # Another worker process, which has reflected nothing yet; the file is what it shares.
-    schema.forget_reflected()
+    process.reset()
     second, statements = migrate_counting_statements(tenants[1].target)
     assert_recognised(second, first, statements)
     # A file that cannot be read is read again from the database, and written anew.
     stored.write_text("{not json")
-    schema.forget_reflected()
+    process.reset()
     third = registered_tenant("postgresql")
     assert not migrate_once(third.target).target.drifted
     assert json.loads(stored.read_text())["tables"]
@@ -332,7 +328,7 @@ def test_reference_is_built_once_per_revision_and_provider(registered_tenant, ve
     assert sorted(path.parent.name for path in cached) == ["mysql", "postgresql"]
 
     # Another worker (a fresh process cache) reads the file; it builds nothing.
-    verify.reset()
+    process.reset()
     code, out = verify_command("--tenant", *(t.id for t in tenants))
     assert code == 0, out
     assert verify.reference_builds == {}
