@@ -726,13 +726,6 @@ def _forget_reconciled_heads():
 process.register("tenants.reconciled_heads", reset=_forget_reconciled_heads)
 
 
-@transaction.atomic
-def do_record_run_success(run, result, *, heads):
-    """Record what a successful run did on the run and on its target."""
-    status = RunStatus.SUCCEEDED if result.applied else RunStatus.SKIPPED
-    return _record_success(run, result, status=status, heads=heads, changed=bool(result.applied))
-
-
 def _record_success(run, result, *, status, heads, changed, run_fields=(), target_fields=()):
     """Save a finished run's outcome, and where its target stands now (with ``run_fields`` and
     ``target_fields`` already set on them by the caller)."""
