@@ -208,6 +208,122 @@ class WorkerHost:
         _ip("netns", "del", self.netns, check=False)
 
 
+class LinkedPostgres:
+    """A PostgreSQL server of its own (the machine's binaries, a throw-away data directory)
+    listening on the service address itself: the worker hosts reach it over their links with no
+    forwarder between, so it sees a vanished host as a real server does (its keepalives to that
+    host go unanswered). Trusts the links' addresses; runs as the ``postgres`` user."""
+
+    def __init__(self, service):
+        import tempfile
+
+        self.service = service
+        self.host = service.address
+        self.port = _free_port(service.address)
+        # Under /tmp itself: the postgres user cannot enter a test's tmp_path (root's, 0700).
+        self.workdir = Path(tempfile.mkdtemp(prefix="linked-postgres-"))
+        self.data = self.workdir / "pgdata"
+        self.process = None
+
+    @staticmethod
+    def binaries():
+        """The directory of ``initdb`` and ``postgres`` of the newest installed server, or None."""
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=_major)
+        return found[-1].parent if found else None
+
+    def start(self, timeout=60):
+        import psycopg
+
+        bindir = self.binaries()
+        if bindir is None:
+            raise RuntimeError("no PostgreSQL server binaries under /usr/lib/postgresql")
+        shutil.chown(self.workdir, "postgres", "postgres")
+        initdb = subprocess.run(
+            [
+                "runuser",
+                "-u",
+                "postgres",
+                "--",
+                str(bindir / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if initdb.returncode != 0:
+            raise RuntimeError(f"initdb failed: {initdb.stdout[-2000:]}{initdb.stderr[-2000:]}")
+        with (self.data / "pg_hba.conf").open("a") as hba:
+            hba.write(f"host all all 10.200.{self.service.subnet}.0/24 trust\n")
+        log = open(self.workdir / "postgres.log", "ab")  # noqa: SIM115 - the child keeps it
+        self.process = subprocess.Popen(
+            [
+                "runuser",
+                "-u",
+                "postgres",
+                "--",
+                str(bindir / "postgres"),
+                "-D",
+                str(self.data),
+                "-c",
+                f"listen_addresses={self.host}",
+                "-p",
+                str(self.port),
+                "-c",
+                f"unix_socket_directories={self.workdir}",
+                "-c",
+                "fsync=off",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"postgres exited; see {self.workdir / 'postgres.log'}")
+            try:
+                psycopg.connect(self.url("postgres"), connect_timeout=2).close()
+                return self
+            except psycopg.OperationalError:
+                time.sleep(0.2)
+        raise RuntimeError(f"postgres did not start in {timeout}s")
+
+    def url(self, database):
+        return f"postgresql://postgres@{self.host}:{self.port}/{database}"
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGQUIT)  # immediate shutdown
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _major(path):
+    try:
+        return int(path.parent.parent.name)
+    except ValueError:
+        return 0
+
+
+def _free_port(address):
+    with socket.socket() as sock:
+        sock.bind((address, 0))
+        return sock.getsockname()[1]
+
+
 def _quote(arg):
     import shlex
 

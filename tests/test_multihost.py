@@ -115,12 +115,10 @@ def _wait_until(condition, timeout, what):
     raise AssertionError(f"timed out after {timeout}s: {what}")
 
 
-def test_a_fleet_migrates_across_hosts_and_survives_losing_one(
-    service_address, worker_hosts, pg_database, vault_secret, openbao, redis_url, tmp_path
-):
+def _plane_settings(service_address, control_db, openbao, redis_url, tmp_path, **overrides):
+    """The settings of every process of the control plane (web, workers, commands): each
+    service at its address over the links. The control-plane database is migrated."""
     address = service_address.address
-    control_db = pg_database()
-    plane = ControlPlane(control_db)
     env = {
         **{
             k: v
@@ -131,7 +129,6 @@ def test_a_fleet_migrates_across_hosts_and_survives_losing_one(
         "SECRET_KEY": secrets.token_urlsafe(40),
         "DEBUG": "false",
         "DATA_DIR": str(tmp_path / "data"),
-        # The same settings on every host, every address the services' one over the links.
         "DATABASE_URL": f"postgres://{control_db.admin_username}:"
         f"{quote(control_db.admin_password, safe='')}@{address}:{control_db.port}/"
         f"{control_db.database}",
@@ -140,7 +137,6 @@ def test_a_fleet_migrates_across_hosts_and_survives_losing_one(
         "VAULT_TOKEN": openbao.root_token,
         "VAULT_AUTH_METHOD": "token",
         "TENANT_MIGRATIONS_DIR": str(FIXTURES / "slow"),
-        "MIGRATOR_TEST_SLEEP": "1",  # each migration holds its target a while: runs in flight
         "VERIFY_AFTER_UPGRADE": "false",
         "Q_WORKERS": "2",
         "Q_CLUSTER_NAME": f"multihost-{secrets.token_hex(3)}",  # a queue of its own on Redis
@@ -148,39 +144,68 @@ def test_a_fleet_migrates_across_hosts_and_survives_losing_one(
         "RUN_HEARTBEAT_SECONDS": "1",
         "RUN_STALE_AFTER_SECONDS": "5",
         "RUN_QUEUED_TIMEOUT_SECONDS": "5",
+        **overrides,
     }
     migrated = _manage(["migrate", "-v0"], env)
     assert migrated.returncode == 0, migrated.stderr
+    return env
 
-    databases = {}
-    for index in range(TARGETS):
-        db = pg_database()
-        name = f"mh{index:02d}"
-        vault_secret(name, db.secret(host=address))
-        databases[name] = db
+
+def _import_tenants(names, env, tmp_path):
+    """Register a dedicated PostgreSQL tenant per name (its secret at that name) with
+    ``import_tenants``, as an operator would."""
     events = tmp_path / "tenants.csv"
     with events.open("w", newline="") as out:
         writer = csv.writer(out)
         writer.writerow(
             ["tenant_id", "name", "database_strategy", "database_provider", "vault_path"]
         )
-        for name in databases:
+        for name in names:
             writer.writerow([name, name, "dedicated", "postgresql", name])
     imported = _manage(["import_tenants", str(events)], env)
     assert imported.returncode == 0, imported.stdout + imported.stderr
 
+
+def _start_qcluster(host, env, log):
+    """Start ``manage.py qcluster`` on ``host``; returns a function that waits until its
+    workers and its pusher are up."""
+    host.popen([sys.executable, "manage.py", "qcluster"], env=env, log_path=log)
+    workers = int(env["Q_WORKERS"])
+
+    def ready():
+        text = log.read_text(errors="replace")
+        return text.count("ready for work at") >= workers and "pushing tasks at" in text
+
+    return lambda: _wait_until(ready, 90, f"the qcluster of {host.name} did not start")
+
+
+def test_a_fleet_migrates_across_hosts_and_survives_losing_one(
+    service_address, worker_hosts, pg_database, vault_secret, openbao, redis_url, tmp_path
+):
+    address = service_address.address
+    control_db = pg_database()
+    plane = ControlPlane(control_db)
+    env = _plane_settings(
+        service_address,
+        control_db,
+        openbao,
+        redis_url,
+        tmp_path,
+        MIGRATOR_TEST_SLEEP="1",  # each migration holds its target a while: runs in flight
+    )
+    databases = {}
+    for index in range(TARGETS):
+        db = pg_database()
+        name = f"mh{index:02d}"
+        vault_secret(name, db.secret(host=address))
+        databases[name] = db
+    _import_tenants(databases, env, tmp_path)
+
     hosts = {name: worker_hosts(name) for name in HOSTS}
     logs = {name: tmp_path / f"{name}.log" for name in HOSTS}
-    for name, host in hosts.items():
-        host.popen([sys.executable, "manage.py", "qcluster"], env=env, log_path=logs[name])
+    for wait in [_start_qcluster(host, env, logs[name]) for name, host in hosts.items()]:
+        wait()
     victim = hosts["mh-c"]
-
-    def ready(log):
-        text = log.read_text(errors="replace")
-        return text.count("ready for work at") >= 2 and "pushing tasks at" in text
-
-    for log in logs.values():
-        _wait_until(lambda log=log: ready(log), 90, f"the qcluster of {log.stem} did not start")
 
     # The operator, on another machine: migrate everything and wait.
     first = subprocess.Popen(
@@ -269,3 +294,113 @@ def test_a_fleet_migrates_across_hosts_and_survives_losing_one(
             assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [
                 (CHAIN[-1],)
             ], name
+
+
+@pytest.fixture
+def linked_postgres(service_address):
+    """A PostgreSQL server listening on the services' address itself (tests/netns.py)."""
+    server = netns.LinkedPostgres(service_address)
+    try:
+        server.start()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        server.stop()
+        services.unavailable("netns", f"a PostgreSQL server of its own: {exc}")
+    yield server
+    server.stop()
+
+
+def test_a_host_that_vanishes_mid_migration_frees_its_target(
+    service_address,
+    linked_postgres,
+    worker_hosts,
+    pg_database,
+    vault_secret,
+    openbao,
+    redis_url,
+    tmp_path,
+):
+    """A host whose link goes down with a migration under way (power lost, a partition):
+    nothing it held is closed, and the tenant database's server (reached with no forwarder
+    between) sees a silent client holding the target's migration lock. The server's keepalives
+    on the migration session end it, recovery on the host still up closes the run as
+    interrupted, and the target is migrated again. (Before, the server kept the session for
+    as long as the operating system's keepalive allows, over two hours, and recovery left the
+    run running: "the target's migration lock is still held".)"""
+    import psycopg
+    from psycopg import sql
+
+    control_db = pg_database()
+    plane = ControlPlane(control_db)
+    env = _plane_settings(
+        service_address,
+        control_db,
+        openbao,
+        redis_url,
+        tmp_path,
+        Q_WORKERS="1",
+        RUN_STALE_AFTER_SECONDS="8",
+    )
+    admin, password, database = "gone_admin", secrets.token_urlsafe(12), "gone_db"
+    with psycopg.connect(linked_postgres.url("postgres"), autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(admin), sql.Literal(password)
+            )
+        )
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                sql.Identifier(database), sql.Identifier(admin)
+            )
+        )
+    vault_secret(
+        "gone01",
+        {
+            "provider": "postgresql",
+            "host": linked_postgres.host,
+            "port": str(linked_postgres.port),
+            "database": database,
+            "admin_username": admin,
+            "admin_password": password,
+            "app_username": admin,
+            "app_password": password,
+        },
+    )
+    _import_tenants(["gone01"], env, tmp_path)
+
+    gone = worker_hosts("mh-gone")
+    inside = tmp_path / "inside-s002"
+    # The revision in progress waits (a long data migration): the run holds the target's lock.
+    _start_qcluster(
+        gone,
+        {**env, "MIGRATOR_TEST_SLEEP": "600", "MIGRATOR_TEST_SIGNAL": str(inside)},
+        tmp_path / "mh-gone.log",
+    )()
+    queued = _manage(["migrate_tenants", "--target", "gone01"], env)
+    assert queued.returncode == 0, queued.stdout + queued.stderr
+    _wait_until(inside.exists, 60, "the migration never reached its second revision")
+
+    # The link goes first, so nothing the host closes afterwards reaches anyone.
+    gone.cut()
+    gone.kill()
+    up = worker_hosts("mh-up")
+    _start_qcluster(up, env, tmp_path / "mh-up.log")()
+
+    def closed():
+        return [row for row in plane.runs() if row[2] != "running"]
+
+    _wait_until(closed, 90, "the vanished host's run was never closed")
+    [(run_id, _, status, code, host, applied, error)] = plane.runs()
+    assert (status, code) == ("interrupted", "interrupted"), error
+    assert host.startswith("mh-gone:") and "stopped sending heartbeats" in error, error
+    assert applied == CHAIN[:1], applied  # its first revision was committed, the second not
+    assert f"Run #{run_id} for gone01 interrupted" in (tmp_path / "mh-up.log").read_text()
+
+    again = _manage(["migrate_tenants", "--failed", "--wait"], env)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    runs = plane.runs()
+    assert [(r[2], r[4].split(":")[0], r[5]) for r in runs] == [
+        ("interrupted", "mh-gone", CHAIN[:1]),
+        ("succeeded", "mh-up", CHAIN[1:]),
+    ]
+    with psycopg.connect(linked_postgres.url(database)) as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [(CHAIN[-1],)]

@@ -74,7 +74,27 @@ def _session_settings(dialect: Dialect) -> dict[str, str]:
     return {
         "lock_timeout": str(settings.MIGRATION_PG_LOCK_TIMEOUT),
         "statement_timeout": str(settings.MIGRATION_PG_STATEMENT_TIMEOUT),
+        **_dead_client_settings(dialect),
     }
+
+
+def _dead_client_settings(dialect: Dialect) -> dict[str, str]:
+    # A worker host that vanished (power lost, a partition) closes no connection: the server
+    # kept its session, and the run's migration lock with it, until the operating system's
+    # TCP keepalives gave up (over two hours on Linux), and recovery leaves a run whose lock is
+    # held running. The server's keepalives on this session (it probes; the worker's kernel
+    # answers, however busy the process) end it within about 3/4 of RUN_STALE_AFTER_SECONDS
+    # of silence, and tcp_user_timeout likewise when the server's data goes unacknowledged.
+    stale = settings.RUN_STALE_AFTER_SECONDS
+    idle, interval, count = max(1, stale // 4), max(1, stale // 8), 4
+    values = {
+        "tcp_keepalives_idle": str(idle),
+        "tcp_keepalives_interval": str(interval),
+        "tcp_keepalives_count": str(count),
+    }
+    if (getattr(dialect, "server_version_info", None) or (0,)) >= (12,):
+        values["tcp_user_timeout"] = f"{idle + interval * count}s"
+    return values
 
 
 def _lock_wait(error: BaseException) -> tuple[str, str] | None:
