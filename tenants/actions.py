@@ -243,8 +243,8 @@ def _insert_runs(targets, fields, *, with_task_ids):
     Django's ``bulk_create`` converts every field of every object for the database, and the
     objects are built from keyword arguments: 3 s for 10,000 runs here. These runs differ only
     in their target and task id: each column's value is converted once, the rows go in one
-    ``executemany`` (sqlite3 runs it in C on one statement, psycopg in one pipeline), their ids
-    are read back by batch (a target's one active run in it is the new one: the constraint says
+    ``COPY`` on PostgreSQL and one ``executemany`` elsewhere, their ids are read back by
+    batch (a target's one active run in it is the new one: the constraint says
     so), and the runs are built as Django builds what it reads (``from_db``).
     """
     quote = connection.ops.quote_name
@@ -264,13 +264,23 @@ def _insert_runs(targets, fields, *, with_task_ids):
         row = list(values)
         row[at_target], row[at_task] = target.pk, task_ids[target.pk]
         rows.append(row)
-    insert = "INSERT INTO {} ({}) VALUES ({})".format(  # noqa: S608 - names from the model
-        quote(meta.db_table),
-        ", ".join(quote(field.column) for field in columns),
-        ", ".join(["%s"] * len(columns)),
-    )
+    table = quote(meta.db_table)
+    names = ", ".join(quote(field.column) for field in columns)
     with connection.cursor() as cursor:
-        cursor.executemany(insert, rows)
+        if connection.vendor == "postgresql":
+            # One COPY: Django binds parameters on the client, so PostgreSQL would parse and
+            # plan each INSERT of an executemany anew (3 s of its time for 10,000 here).
+            with (
+                connection.wrap_database_errors,
+                cursor.copy(f"COPY {table} ({names}) FROM STDIN") as copy,
+            ):
+                for row in rows:
+                    copy.write_row(row)
+        else:
+            cursor.executemany(  # sqlite3 runs it in C, on one prepared statement
+                f"INSERT INTO {table} ({names}) VALUES ({', '.join(['%s'] * len(columns))})",  # noqa: S608
+                rows,
+            )
     # The batch's active runs: ours, and those of its earlier groups (other targets).
     pks = dict(
         MigrationRun.objects.filter(
