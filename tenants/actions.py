@@ -202,8 +202,8 @@ def _create_or_find_active_runs(targets, *, with_task_ids=False, **fields):
     """``(run, created)`` for each of ``targets``: a new queued run, or the target's active one.
 
     In bulk: one query per few hundred targets for the runs already active, one batched INSERT
-    for the others and one query to read their ids back (``_insert_runs``), so
-    queueing a fleet of ten thousand costs a few dozen statements, not ten thousand savepoints.
+    for the others and one query to read their ids back (``_insert_runs``), so queueing a fleet
+    of ten thousand costs a few dozen statements, not ten thousand savepoints.
     ``with_task_ids``: each new run gets the id of the django-q2 task that will carry it
     (``_enqueue`` pushes it after commit). When a concurrent trigger queued a run for one of
     them in between, the constraint refuses the INSERT and each target is then taken one at a
@@ -243,9 +243,9 @@ def _insert_runs(targets, fields, *, with_task_ids):
     Django's ``bulk_create`` converts every field of every object for the database, and the
     objects are built from keyword arguments: 3 s for 10,000 runs here. These runs differ only
     in their target and task id: each column's value is converted once, the rows go in one
-    ``COPY`` on PostgreSQL and one ``executemany`` elsewhere, their ids are read back by
-    batch (a target's one active run in it is the new one: the constraint says
-    so), and the runs are built as Django builds what it reads (``from_db``).
+    ``COPY`` on PostgreSQL and one ``executemany`` elsewhere, their ids are read back by batch
+    (a target's one active run in it is the new one: the constraint says so), and the runs are
+    built as Django builds what it reads (``from_db``).
     """
     quote = connection.ops.quote_name
     meta = MigrationRun._meta
@@ -254,8 +254,8 @@ def _insert_runs(targets, fields, *, with_task_ids):
     values = [
         field.get_db_prep_save(field.pre_save(prototype, True), connection) for field in columns
     ]
-    names = [field.attname for field in columns]
-    at_target, at_task = names.index("target_id"), names.index("task_id")
+    attnames = [field.attname for field in columns]
+    at_target, at_task = attnames.index("target_id"), attnames.index("task_id")
     # Random 128-bit ids, as django-q2's (uuid4), from one read of the system's random source.
     random = os.urandom(16 * len(targets)).hex() if with_task_ids else ""
     task_ids = {target.pk: random[32 * i : 32 * i + 32] for i, target in enumerate(targets)}
@@ -265,7 +265,7 @@ def _insert_runs(targets, fields, *, with_task_ids):
         row[at_target], row[at_task] = target.pk, task_ids[target.pk]
         rows.append(row)
     table = quote(meta.db_table)
-    names = ", ".join(quote(field.column) for field in columns)
+    names = ", ".join(quote(field.column) for field in columns)  # the model's: no user input
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
             # One COPY: Django binds parameters on the client, so PostgreSQL would parse and
@@ -287,14 +287,14 @@ def _insert_runs(targets, fields, *, with_task_ids):
             batch=prototype.batch, status__in=ACTIVE_RUN_STATUSES
         ).values_list("target_id", "pk")
     )
-    names = [field.attname for field in meta.concrete_fields]
-    attributes = [getattr(prototype, name) for name in names]
+    attnames = [field.attname for field in meta.concrete_fields]
+    attributes = [getattr(prototype, name) for name in attnames]
     at_pk, at_target, at_task = (
-        names.index(meta.pk.attname),
-        names.index("target_id"),
-        names.index("task_id"),
+        attnames.index(meta.pk.attname),
+        attnames.index("target_id"),
+        attnames.index("task_id"),
     )
-    at_applied = names.index("applied")
+    at_applied = attnames.index("applied")
     runs = {}
     for target in targets:
         row = list(attributes)

@@ -3,9 +3,9 @@
 ``django_q.tasks.async_task`` signs one message and pushes it with one broker call: for a fleet
 of 10,000 runs that was 10,000 INSERTs into ``OrmQ`` (each its own commit on the ORM broker) or
 10,000 RPUSHes. Here the messages are built exactly as ``async_task`` (django-q2 1.11) builds
-them, signed with its own ``SignedPackage``, so a worker takes them unchanged, and pushed in bulk:
-one RPUSH per few hundred messages for Redis, one bulk INSERT into ``OrmQ`` in one transaction
-for the ORM broker. Any other broker class gets one ``enqueue`` per message, as before.
+them, signed with its own ``SignedPackage``, so a worker takes them unchanged, and pushed with
+one call per queue: one RPUSH for Redis, one batched INSERT into ``OrmQ`` in one transaction for
+the ORM broker. Any other broker class gets one ``enqueue`` per message, as before.
 """
 
 import logging
