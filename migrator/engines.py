@@ -263,7 +263,7 @@ def connect_error(
             "control plane may read and write that file and its directory."
         )
     where = f"{info.host}:{info.port}" if info.port else f"{info.host}"
-    if _database_missing(error.orig):
+    if provider.database_missing(error.orig):
         return DatabaseNotFound(
             f"The database {info.database!r} of {target.name} does not exist on {where} "
             f"({reason}). Create it, or correct 'database' in the Vault secret at "
@@ -318,16 +318,6 @@ def lock_wait(error: BaseException) -> LockWait | None:
     match = _STATEMENT_TABLE.match(error.statement or "")
     table = match.group(1).replace("`", "").replace('"', "") if match else None
     return LockWait(*waited, table)
-
-
-def _database_missing(error: BaseException) -> bool:
-    """Does the server say the database does not exist (PostgreSQL's invalid_catalog_name,
-    which libpq reports in the message only; MySQL's ER_BAD_DB_ERROR)?"""
-    if getattr(error, "sqlstate", None) == "3D000":
-        return True
-    if re.search(r'database "[^"]*" does not exist', str(error)):
-        return True
-    return bool(getattr(error, "args", None)) and error.args[0] == 1049
 
 
 def error_reason(error: BaseException, info: ConnectionInfo | None = None) -> str:

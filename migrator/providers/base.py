@@ -79,6 +79,9 @@ class Provider:
     build_url: Callable[[ConnectionInfo], URL]  # see ``engines.build_url``
     connect_args: Callable[[int], dict]  # DBAPI connect() arguments for a connect timeout
     auth_failed: Callable[[BaseException], bool]  # does this DBAPI error mean "credentials"?
+    database_missing: Callable[[BaseException], bool]  # ... "no such database"?
+    # ... "the user may not connect to this database" (a privilege, not the credentials)?
+    connect_denied: Callable[[BaseException], bool]
     # One engine per server: the driver takes database, user and password per connection.
     server_engine: bool
     # What a new engine needs before its first connection (SQLite's transactional DDL).
@@ -157,6 +160,11 @@ def refuse_session_settings(name: str, session_settings: Mapping[str, str]) -> N
     """Raises ``ValueError`` for a lock asked to set session settings a provider has none of."""
     if session_settings:
         raise ValueError(f"session settings are only set on PostgreSQL and MySQL, not {name}")
+
+
+def never(error: BaseException) -> bool:
+    """For a kind of DBAPI error a provider's driver does not report."""
+    return False
 
 
 def no_lock_wait(error: BaseException) -> tuple[str, str] | None:

@@ -28,6 +28,7 @@ from migrator.providers.base import (
     BackupTool,
     Provider,
     Release,
+    never,
     no_engine_preparation,
     no_schema_refresh,
     server_url,
@@ -58,6 +59,11 @@ PARTIAL_DDL = "MySQL and MariaDB commit each DDL statement at once"
 def _auth_failed(error: BaseException) -> bool:
     # 1044: access denied to the database, 1045: access denied (password), 1698: plugin auth.
     return bool(error.args) and error.args[0] in (1044, 1045, 1698)
+
+
+def _database_missing(error: BaseException) -> bool:
+    # ER_BAD_DB_ERROR.
+    return bool(getattr(error, "args", None)) and error.args[0] == 1049
 
 
 def _session_settings(dialect: Dialect) -> dict[str, str]:
@@ -335,6 +341,9 @@ PROVIDER = Provider(
     build_url=lambda info: server_url("mysql+pymysql", info, url_query(info)),
     connect_args=lambda timeout: {"connect_timeout": timeout},
     auth_failed=_auth_failed,
+    database_missing=_database_missing,
+    # Access to a database is a grant: refused at login as 1044, which auth_failed covers.
+    connect_denied=never,
     server_engine=True,
     prepare_engine=no_engine_preparation,
     server_engine_options={},

@@ -58,6 +58,18 @@ def _auth_failed(error: BaseException) -> bool:
     )
 
 
+def _database_missing(error: BaseException) -> bool:
+    # invalid_catalog_name, which libpq reports in the message only when connecting.
+    return getattr(error, "sqlstate", None) == "3D000" or bool(
+        re.search(r'database "[^"]*" does not exist', str(error))
+    )
+
+
+def _connect_denied(error: BaseException) -> bool:
+    # insufficient_privilege: the role lacks CONNECT on the database.
+    return getattr(error, "sqlstate", None) == "42501"
+
+
 def _connect_args(timeout: int) -> dict:
     # application_name shows in pg_stat_activity who holds a migration lock.
     return {"connect_timeout": timeout, "application_name": "tenant-migrations"}
@@ -529,6 +541,8 @@ PROVIDER = Provider(
     build_url=lambda info: server_url("postgresql+psycopg", info, url_query(info)),
     connect_args=_connect_args,
     auth_failed=_auth_failed,
+    database_missing=_database_missing,
+    connect_denied=_connect_denied,
     server_engine=True,
     prepare_engine=no_engine_preparation,
     # psycopg's hstore adapter would be registered with the OIDs of the first database the

@@ -21,6 +21,7 @@ from migrator.providers.base import (
     BackupTool,
     Provider,
     Release,
+    never,
     no_lock_wait,
     no_schema_refresh,
     no_session_settings,
@@ -175,7 +176,9 @@ PROVIDER = Provider(
     ),
     # For SQLite the only wait is for another writer's lock on the file.
     connect_args=lambda timeout: {"timeout": timeout},
-    auth_failed=lambda error: False,
+    auth_failed=never,
+    database_missing=never,  # a missing file is created
+    connect_denied=never,
     server_engine=False,
     prepare_engine=make_ddl_transactional,
     server_engine_options={},

@@ -21,6 +21,7 @@ from migrator.providers.base import (
     BackupTool,
     Provider,
     Release,
+    never,
     no_engine_preparation,
     no_lock_wait,
     no_schema_refresh,
@@ -199,6 +200,9 @@ PROVIDER = Provider(
     # pyodbc's ``timeout`` keyword sets the ODBC login timeout (SQL_ATTR_LOGIN_TIMEOUT).
     connect_args=lambda timeout: {"timeout": timeout},
     auth_failed=_auth_failed,
+    # Login failed for a database it may not open is error 18456 too: auth_failed.
+    database_missing=never,
+    connect_denied=never,
     # pyodbc takes one connection string: an engine per target.
     server_engine=False,
     prepare_engine=no_engine_preparation,

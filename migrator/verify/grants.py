@@ -66,7 +66,7 @@ def check_app_grants(
     except sa_exc.DBAPIError as exc:
         if logged_in:
             check.not_checked = f"the privilege queries failed: {engines.error_reason(exc, app)}"
-        elif getattr(exc.orig, "sqlstate", None) == "42501":  # PostgreSQL: no CONNECT
+        elif provider.connect_denied(exc.orig):  # refused for want of CONNECT on the database
             check.missing[f"database {app.database}"] = ["CONNECT"]
         else:
             check.not_checked = (
