@@ -6,12 +6,14 @@ from types import SimpleNamespace
 
 import pytest
 from sqlalchemy.dialects.mssql.pyodbc import dialect as mssql_dialect
+from sqlalchemy.engine import make_url
 
 from migrator import engines, locks, providers, runner
-from migrator.exceptions import TargetLocked, UnknownProvider
+from migrator.exceptions import DatabaseNotFound, TargetLocked, UnknownProvider
 from migrator.secrets import ConnectionInfo, Secret
 from migrator.targets import Target
 from tenants.models import Provider as ProviderChoice
+from tests import services
 
 NAMES = providers.names()
 
@@ -125,6 +127,30 @@ def test_every_provider_locks_a_target_against_a_second_run(name, lock_connectio
                 with locks.target_lock(second, timeout=0, target_name=target.name):
                     pass
         assert locks.is_held(second) is False
+
+
+@pytest.mark.postgres
+@pytest.mark.mysql
+@pytest.mark.parametrize("name", ["postgresql", "mysql"])
+def test_a_database_missing_from_its_server_is_named(name, postgres_server, mysql_server):
+    # As the server's superuser: MySQL tells a user without privileges on a database name only
+    # "access denied", whether it exists or not.
+    url = make_url(services.TEST_POSTGRES_URL if name == "postgresql" else services.TEST_MYSQL_URL)
+    info = ConnectionInfo(
+        provider=name,
+        host=url.host,
+        port=url.port or providers.get(name).default_port,
+        database="no_such_database_here",
+        username=url.username,
+        password=Secret(url.password or ""),
+        vault_path="secret/data/database/abc123",
+    )
+
+    with pytest.raises(DatabaseNotFound) as caught:
+        with engines.connect(Target("abc123", info)):
+            pass
+
+    assert "The database 'no_such_database_here' of abc123 does not exist on" in str(caught.value)
 
 
 @pytest.mark.parametrize("name", ["oracle", "", "postgresql9"])
