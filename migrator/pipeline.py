@@ -177,6 +177,11 @@ def run(target: TargetRef, intent: Intent, options: Options = Options()) -> Outc
     Raises only what is not an ``Exception`` (the task timeout, ``SystemExit``,
     ``KeyboardInterrupt``), after the credentials were given back.
     """
+    with runner.one_read():
+        return _run(target, intent, options)
+
+
+def _run(target: TargetRef, intent: Intent, options: Options) -> Outcome:
     started = time.monotonic()
     outcome = Outcome(target.name)
     secrets = get_secrets_manager()

@@ -40,6 +40,7 @@ import traceback
 import types
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -560,8 +561,35 @@ def _location(script_location=None) -> str:
 def script_directory(script_location=None) -> ScriptDirectory:
     """The ``ScriptDirectory`` at ``script_location`` (default: TENANT_MIGRATIONS_DIR), as it is
     on disk now: read once per process and kept while the disk does not change (see
-    ``_ScriptDirectories``); Alembic keeps its revision map in memory."""
-    return _scripts.get(_location(script_location)).script
+    ``_ScriptDirectories``); Alembic keeps its revision map in memory. Inside ``one_read``, as
+    it was at the block's first use."""
+    pinned = _pinned.get()
+    if pinned is None:
+        return _scripts.get(_location(script_location)).script
+    key = script_location or settings.TENANT_MIGRATIONS_DIR
+    if key not in pinned:
+        pinned[key] = _scripts.get(_location(script_location)).script
+    return pinned[key]
+
+
+# The script directories of the ``one_read`` block under way: {location as given: script}.
+_pinned: ContextVar[dict | None] = ContextVar("pinned_scripts", default=None)
+
+
+@contextmanager
+def one_read() -> Iterator[None]:
+    """Check the disk once per script directory for the block (one run): its plan, its heads,
+    its phases and its verification's reference then come from the same read, and the run
+    looks at the disk once instead of at each of them. The next block looks again, so a deploy
+    is still seen by the next run."""
+    if _pinned.get() is not None:
+        yield
+        return
+    token = _pinned.set({})
+    try:
+        yield
+    finally:
+        _pinned.reset(token)
 
 
 def _fresh_locks() -> None:

@@ -49,6 +49,13 @@ def run_migration(run_id):
     unreachable, the target locked) queues the next attempt after a back-off, in the same
     transaction as the outcome. The summary never contains a secret.
     """
+    # The run and its record (the target's status against the heads) from one look at the
+    # script directory on disk.
+    with runner.one_read():
+        return _run_migration(run_id)
+
+
+def _run_migration(run_id):
     run = actions.do_start_run(run_id, worker_host=actions.worker_identity())
     if run is None:
         logger.info("Run %s is no longer queued; nothing to do", run_id)
