@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.urls import reverse
 from sqlalchemy import create_engine, text
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.pool import NullPool
@@ -196,6 +197,35 @@ def test_backup_before_the_upgrade_restores_rows_and_revision(provider, tenant_o
         execute(tenant.engine, "DROP TABLE late_table")
     again = migrate_once(target)
     assert again.status == "succeeded" and again.revision_after == HEAD
+
+
+def test_restore_leaves_the_target_not_verified(sqlite_tenant, backup_dir, admin_client):
+    # The fingerprint and drift found on the schema the restore replaced no longer describe
+    # the target: the dashboard must not show the restored revision under that fingerprint.
+    tenant = sqlite_tenant()
+    target = tenant.target
+    run = with_backup(tenant)
+    target.refresh_from_db()
+    old_fingerprint = target.schema_fingerprint
+    assert old_fingerprint and target.verified_at is not None
+    target.drifted, target.drift_report = True, "Schema at x (sqlite): DRIFTED"
+    target.save(update_fields=["drifted", "drift_report"])
+
+    code, _, err = restore("--run", str(run.pk), "--yes")
+
+    assert code == 0, err
+    html = admin_client.get(reverse("fleet-dashboard")).content.decode()
+    section = html[html.index('id="fleet-fingerprints"') :]
+    section = section[: section.index("</table>")]
+    assert old_fingerprint[:12] not in section and "drifted" not in section
+    [row] = [row for row in section.split("<tr") if "0002_projects" in row]
+    assert "not verified" in row
+    target.refresh_from_db()
+    assert (target.schema_fingerprint, target.verified_at, target.drifted) == ("", None, False)
+    page = admin_client.get(
+        reverse("admin:tenants_migrationtarget_change", args=[target.pk])
+    ).content.decode()
+    assert old_fingerprint not in page and "DRIFTED" not in page
 
 
 def test_backup_holds_the_database_as_it_was_not_a_later_one(sqlite_tenant, backup_dir):

@@ -49,8 +49,20 @@ def do_start_restore_run(target, *, backup_run, worker_host, trigger=None, actin
 @transaction.atomic
 def do_record_restore(run, result, *, heads):
     """Record a successful restore (a ``migrator.backups.RestoreResult``) on the run, and the
-    revision read back from the target's ``alembic_version`` on the target."""
-    record_success(run, result, status=RunStatus.SUCCEEDED, heads=heads, changed=True)
+    revision read back from the target's ``alembic_version`` on the target. Returns the run.
+
+    The target's verification (fingerprint, drift, when verified) is cleared: it described the
+    schema the restore replaced, and a restore verifies nothing, so the target reads "not
+    verified" until the next upgrade or fleet check verifies it.
+    """
     target = run.target
+    target.schema_fingerprint = ""
+    target.drifted = False
+    target.drift_report = ""
+    target.verified_at = None
+    cleared = ["schema_fingerprint", "drifted", "drift_report", "verified_at"]
+    record_success(
+        run, result, status=RunStatus.SUCCEEDED, heads=heads, changed=True, target_fields=cleared
+    )
     logger.info("Restored %s (run %s); it stands at %s", target.name, run.pk, target.revision)
     return run
