@@ -211,3 +211,27 @@ def test_the_env_file_gives_a_fresh_shell_the_python_the_readme_commands_name(tm
     )
     assert shell.returncode == 0, shell.stdout + shell.stderr
     assert "Cancelled 0 queued run(s)." in shell.stdout + shell.stderr
+
+
+def test_the_env_file_carries_the_teams_own_alembic_directory(tmp_path):
+    """A demo started with TENANT_MIGRATIONS_DIR (relative, as typed) on a team's own Alembic
+    project: the second shell plans from that directory, wherever it is started, as the worker
+    does."""
+    data_dir = tmp_path / "var"
+    own = "tests/alembic_fixtures/data_migration"
+    env = {**demo_env(data_dir), "TENANT_MIGRATIONS_DIR": own}
+    setup = manage("demo", "--setup-only", "--no-servers", env=env)
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    env_file = data_dir / "demo" / "env"
+    assert f"export TENANT_MIGRATIONS_DIR={ROOT / own}\n" in env_file.read_text()
+    fresh = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    shell = subprocess.run(
+        ["bash", "-c", f"source {env_file} && python {ROOT / 'manage.py'} diffsettings"],
+        cwd=tmp_path,
+        env=fresh,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shell.returncode == 0, shell.stdout + shell.stderr
+    assert f"TENANT_MIGRATIONS_DIR = '{ROOT / own}'" in shell.stdout

@@ -102,7 +102,12 @@ class Command(BaseCommand):
         # Its databases, logs and the dev server's root token are the demo user's alone.
         demo_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         demo_dir.chmod(0o700)
-        env = {**os.environ, "DEBUG": "true", "DATA_DIR": str(settings.DATA_DIR)}
+        env = {**os.environ, "DEBUG": "true"}
+        # Absolute: the worker starts in BASE_DIR and a second shell wherever the user is.
+        env["DATA_DIR"] = str(Path(settings.DATA_DIR).resolve())
+        for key in ENV_FILE_PATHS:
+            if os.environ.get(key):
+                env[key] = str(Path(os.environ[key]).resolve())
         env.setdefault("SECRET_KEY", _persistent_secret_key(demo_dir))
         env.setdefault("DATABASE_URL", _database_url())
 
@@ -332,15 +337,33 @@ def _database_url():
     return f"sqlite:///{Path(settings.DATABASES['default']['NAME']).resolve()}"
 
 
+# What a second shell must share with the demo's worker, written when set: the control plane's
+# database and secret key, the Alembic project runs are planned from, the queue (broker, the site
+# name that signs its tasks, the regions' clusters), where secrets are read and written in Vault,
+# where backups go and the scratch servers verification builds its reference on.
 ENV_FILE_KEYS = (
     "SECRET_KEY",
     "DEBUG",
     "DATA_DIR",
     "DATABASE_URL",
+    "TENANT_MIGRATIONS_DIR",
+    "BACKUP_DIR",
+    "REDIS_URL",
+    "Q_SITE_NAME",
+    "REGION_CLUSTERS",
     "VAULT_ADDR",
     "VAULT_TOKEN",
     "VAULT_AUTH_METHOD",
+    "VAULT_NAMESPACE",
+    "VAULT_CACERT",
+    "VAULT_MOUNT_POINT",
+    "VAULT_DATABASE_SECRETS_PATH",
+    "VAULT_DATABASE_MOUNT_POINT",
+    "VERIFY_SCRATCH_POSTGRES_URL",
+    "VERIFY_SCRATCH_MYSQL_URL",
 )
+# Those of them that are paths, made absolute for the worker and the env file alike.
+ENV_FILE_PATHS = ("TENANT_MIGRATIONS_DIR", "BACKUP_DIR", "VAULT_CACERT")
 
 
 def _write_env_file(demo_dir, env):
@@ -349,7 +372,8 @@ def _write_env_file(demo_dir, env):
     lines = [
         "# Written by `manage.py demo`: the settings the demo's processes run with. In another",
         "# shell, `source` this file before any manage.py command, so that the runs it queues are",
-        "# ones the demo's worker can read (the same SECRET_KEY, Vault and database).",
+        "# ones the demo's worker can read (the same SECRET_KEY, Vault, database and Alembic",
+        "# scripts).",
     ]
     lines += [f"export {key}={shlex.quote(str(env[key]))}" for key in ENV_FILE_KEYS if key in env]
     # The README's commands say `python manage.py ...`: the python that has the control plane.
