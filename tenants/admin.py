@@ -14,6 +14,7 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
+from migrator.exceptions import ScriptDirectoryUnreadable
 from tenants import actions, planning
 from tenants.models import (
     DEFAULT_REGION,
@@ -226,7 +227,11 @@ class RunMigrationsActions:
     @admin.action(description="Downgrade to a revision…", permissions=["run_migrations"])
     def downgrade_to_revision(self, request, queryset):
         targets = self.targets_of(queryset)
-        choices = planning.downgrade_choices(targets)
+        try:
+            choices = planning.downgrade_choices(targets)
+        except ScriptDirectoryUnreadable as exc:
+            self.message_user(request, str(exc), messages.ERROR)
+            return None
         revision = request.POST.get("revision", "") or (choices[0] if choices else "")
         rows = []
         if revision and revision not in choices:

@@ -26,7 +26,12 @@ from django.conf import settings
 from sqlalchemy import exc as sa_exc
 
 from migrator import phases, rollback, runner
-from migrator.exceptions import MigratorError, VaultAuthError, VaultUnavailable
+from migrator.exceptions import (
+    MigratorError,
+    ScriptDirectoryUnreadable,
+    VaultAuthError,
+    VaultUnavailable,
+)
 from tenants.models import MigrationRun, RunKind, RunStatus, TargetStatus
 
 logger = logging.getLogger("tenants.planning")
@@ -160,11 +165,23 @@ def plan(targets, intent, *, live=False, sql=False):
     After a Vault-wide failure (Vault unreachable, login refused) the other targets are not
     tried. ``sql``: render the SQL of each accepted row with Alembic's offline mode (no
     connection), or say why it cannot be.
-    Never raises for one target's problem.
+    Never raises for one target's problem. A script directory that cannot be read (a
+    revision importing a module this process cannot import) refuses every row with
+    ``ScriptDirectoryUnreadable``'s message, which names the file and what to do.
     """
     targets = list(targets)
     planner = _Planner(intent, live=live, sql=sql)
+    try:
+        runner.script_directory()
+    except ScriptDirectoryUnreadable as exc:
+        # Nothing can be planned from it (steps, phases, heads, downgrades): one refusal for
+        # every entry point alike, instead of a traceback from whichever reads it first.
+        planner.unreadable = str(exc)
     rows = [planner.where_it_stands(target) for target in targets]
+    if planner.unreadable:
+        for row in rows:
+            row.refusal = planner.unreadable
+        return rows
     if intent.action == UNDO:
         planner.last_runs = _last_successful_runs(targets)
         planner.last_failures = _last_failed_runs(targets)
@@ -181,7 +198,8 @@ def plan(targets, intent, *, live=False, sql=False):
 def downgrade_choices(targets):
     """The revisions every one of ``targets`` can be downgraded to, newest first, ``base``
     last: what the admin's picker offers (its first entry is the default, the revision just
-    below them). Read from the record; the confirmation page then plans each target."""
+    below them). Read from the record; the confirmation page then plans each target.
+    Raises ``ScriptDirectoryUnreadable`` when the script directory cannot be read."""
     script = runner.script_directory()
     order = [revision.revision for revision in script.walk_revisions()]  # newest first
     common = None
@@ -209,6 +227,7 @@ class _Planner:
         self.sql = sql
         self.vault_down = ""  # after a Vault-wide failure: its message
         self.heads = None
+        self.unreadable = ""  # the script directory cannot be read: why (every row's refusal)
         self.last_runs = {}  # target id -> its last successful upgrade or downgrade (undo)
         self.last_failures = {}  # target id -> (pk, status) of its last failed one (undo)
         self._steps = {}  # (kind, stands, destination) -> (steps, error)
@@ -220,7 +239,10 @@ class _Planner:
         intent = self.intent
         row = PlanRow(target, RunKind.UPGRADE, intent.revision, phase=intent.phase)
         row.stands = target.revision or ""
-        if self.live and not (intent.skip_recorded_at_head and self._recorded_at_head(target)):
+        skipped = (
+            intent.skip_recorded_at_head and not self.unreadable and self._recorded_at_head(target)
+        )
+        if self.live and not skipped:
             self._read_live(row)
         return row
 

@@ -105,3 +105,48 @@ def test_a_failed_runs_error_is_printed_whole_under_the_table(registered_tenant)
     assert code == 1, said
     assert f"Create it with: vault kv put secret/database/{tenant.target.vault_path} " in said
     assert "admin_password=..." in said
+
+
+@pytest.fixture
+def unreadable_tenant(registered_tenant, settings, tmp_path):
+    """A tenant recorded at o003_gizmos, whose script directory gained o004_teamapp.py, which
+    imports a module the control plane cannot import."""
+    location = tmp_path / "team"
+    shutil.copytree(FIXTURES / "own_cookbook", location, ignore=shutil.ignore_patterns("__py*"))
+    (location / "versions" / "o004_teamapp.py").write_text(REVISION)
+    settings.TENANT_MIGRATIONS_DIR = str(location)
+    tenant = registered_tenant("postgresql")
+    tenant.target.revision = "o003_gizmos"
+    tenant.target.save(update_fields=["revision"])
+    return tenant
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("action", ["downgrade_to_revision", "run_expand_phase"])
+def test_the_admins_downgrade_and_phase_actions_name_the_unreadable_file(
+    unreadable_tenant, admin_client, action
+):
+    url = reverse("admin:tenants_migrationtarget_changelist")
+    form = {"action": action, "_selected_action": [unreadable_tenant.target_id]}
+    response = admin_client.post(url, form)
+    assert response.status_code == 302, response.status_code  # back to the list, not a 500
+    page = admin_client.get(response.url).content.decode()
+    assert "o004_teamapp.py" in page
+    assert "No module named &#x27;teamapp&#x27;" in page
+    assert "PYTHONPATH" in page
+    assert not MigrationRun.objects.exists()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "request_args",
+    [("--phase", "expand", "--wait"), ("--to", "o002_gadgets", "--yes")],
+    ids=["phase", "to"],
+)
+def test_migrate_tenants_phase_and_to_name_the_unreadable_file(unreadable_tenant, request_args):
+    code, said = migrate_tenants("--tenant", unreadable_tenant.id, *request_args)
+    assert code == 1, said  # refused, as a plain upgrade is
+    assert "Traceback" not in said
+    for text in ("o004_teamapp.py", "No module named 'teamapp'", "PYTHONPATH"):
+        assert text in said, said
+    assert not MigrationRun.objects.exists()
