@@ -255,28 +255,37 @@ def test_postgresql_lock_timeout_names_the_other_session_and_is_retried(
 
 @pytest.mark.mysql
 def test_mariadb_session_gets_the_lock_wait_and_statement_bounds(
-    mysql_database, target_for, settings, monkeypatch
+    mysql_database, target_for, settings, tmp_path
 ):
+    from pathlib import Path
+
     from sqlalchemy import text
+
+    from migrator import engines
 
     settings.MIGRATION_MYSQL_LOCK_WAIT_TIMEOUT = 7
     settings.MIGRATION_MYSQL_STATEMENT_TIMEOUT = 120
     target = target_for(mysql_database())
-    seen = {}
-    original = runner._read_version_table
+    # One revision that keeps the session's bounds, as they are while it runs, in a table.
+    env = Path(__file__).resolve().parent.parent / "tenant_migrations" / "env.py"
+    scripts = tmp_path / "recording"
+    (scripts / "versions").mkdir(parents=True)
+    (scripts / "env.py").write_text(f"import runpy\nrunpy.run_path({str(env)!r})\n")
+    record = (
+        '    op.execute("CREATE TABLE seen AS SELECT @@session.lock_wait_timeout AS lwt, "\n'
+        '               "@@session.max_statement_time AS mst")'
+    )
+    (scripts / "versions" / "s001.py").write_text(
+        REVISION.format(revision="s001", down=None, body=record)
+    )
 
-    def spy(connection):
-        # Read again under the lock, right before Alembic runs: the session is set by then.
-        row = connection.execute(
-            text("SELECT @@session.lock_wait_timeout, @@session.max_statement_time")
-        ).one()
-        seen["lock_wait_timeout"], seen["max_statement_time"] = int(row[0]), float(row[1])
-        connection.rollback()
-        return original(connection)
+    result = runner.upgrade(target, script_location=str(scripts))
 
-    monkeypatch.setattr(runner, "_read_version_table", spy)
-    runner.upgrade(target)
-    assert seen == {"lock_wait_timeout": 7, "max_statement_time": 120.0}
+    # The revision ran under these bounds.
+    assert result.applied == ["s001"]
+    with engines.connect(target) as connection:
+        lwt, mst = connection.execute(text("SELECT lwt, mst FROM seen")).one()
+    assert (int(lwt), float(mst)) == (7, 120.0)
 
 
 # --- the whole error, not its first line ------------------------------------------------------

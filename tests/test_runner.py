@@ -160,9 +160,46 @@ def test_a_run_sends_the_revisions_and_few_statements_of_its_own(server_database
             pass
 
 
+RECORDING_REVISION = """
+from alembic import op
+
+revision = "s001_seen"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.execute(
+        "CREATE TABLE seen AS SELECT current_setting('lock_timeout') AS lock_timeout, "
+        "current_setting('statement_timeout') AS statement_timeout"
+    )
+
+
+def downgrade() -> None:
+    op.execute("DROP TABLE seen")
+"""
+
+
+def recording_chain(path: Path) -> Path:
+    """An Alembic directory at ``path`` whose one revision, s001, keeps the PostgreSQL session's
+    lock_timeout and statement_timeout, as they are while it runs, in a table `seen`."""
+    env = Path(__file__).resolve().parent.parent / "tenant_migrations" / "env.py"
+    (path / "versions").mkdir(parents=True)
+    (path / "env.py").write_text(f"import runpy\nrunpy.run_path({str(env)!r})\n")
+    (path / "versions" / "s001_seen.py").write_text(RECORDING_REVISION)
+    return path
+
+
+def seen_timeouts(target) -> dict:
+    """What the recording revision saw: {"lock_timeout": ..., "statement_timeout": ...}."""
+    with engines.connect(target) as connection:
+        return dict(connection.execute(text("SELECT * FROM seen")).mappings().one())
+
+
 @pytest.mark.postgres
 def test_a_short_statement_timeout_does_not_cut_the_wait_for_the_lock(
-    pg_database, target_for, settings, monkeypatch
+    pg_database, target_for, settings, tmp_path
 ):
     import psycopg
 
@@ -170,33 +207,25 @@ def test_a_short_statement_timeout_does_not_cut_the_wait_for_the_lock(
     settings.MIGRATION_LOCK_TIMEOUT = 20
     db = pg_database()
     target = target_for(db)
+    scripts = recording_chain(tmp_path / "recording")
     holder = psycopg.connect(
         host=db.host, port=db.port, user="postgres", dbname=db.database, autocommit=True
     )
     holder.execute("SELECT pg_advisory_lock(%s)", (postgresql.LOCK_KEY,))
     releaser = threading.Timer(1.5, holder.close)  # closing the session releases its lock
-    seen = []
-    original = runner._read_version_table
-
-    def spy(connection):
-        seen.append(connection.execute(text("SHOW statement_timeout")).scalar())
-        connection.rollback()
-        return original(connection)
-
-    monkeypatch.setattr(runner, "_read_version_table", spy)
     started = time.monotonic()
     releaser.start()
     try:
-        result = runner.upgrade(target)
+        result = runner.upgrade(target, script_location=scripts)
     finally:
         releaser.cancel()
         holder.close()
 
-    # The run waited for the other session (longer than its statement timeout), then ran with
-    # the session's own timeout back in force.
+    # The run waited for the other session (longer than its statement timeout), then its
+    # revision ran with the session's own timeout back in force.
     assert time.monotonic() - started >= 1.4
-    assert result.applied == CHAIN
-    assert seen[-1] == "300ms"
+    assert result.applied == ["s001_seen"]
+    assert seen_timeouts(target)["statement_timeout"] == "300ms"
 
 
 @pytest.mark.postgres
@@ -287,25 +316,17 @@ def test_failing_revision_leaves_target_at_last_good_one(server_database, target
 
 @pytest.mark.postgres
 def test_postgresql_session_gets_the_migration_timeouts(
-    pg_database, target_for, settings, monkeypatch
+    pg_database, target_for, settings, tmp_path
 ):
     settings.MIGRATION_PG_LOCK_TIMEOUT = "3s"
     settings.MIGRATION_PG_STATEMENT_TIMEOUT = "1min"
     target = target_for(pg_database())
-    seen = {}
-    original = runner._read_version_table
 
-    def spy(connection):
-        # Read again under the lock, right before Alembic runs: the session is set by then.
-        seen["lock_timeout"] = connection.execute(text("SHOW lock_timeout")).scalar()
-        seen["statement_timeout"] = connection.execute(text("SHOW statement_timeout")).scalar()
-        connection.rollback()
-        return original(connection)
+    result = runner.upgrade(target, script_location=recording_chain(tmp_path / "recording"))
 
-    monkeypatch.setattr(runner, "_read_version_table", spy)
-    runner.upgrade(target)
-
-    assert seen == {"lock_timeout": "3s", "statement_timeout": "1min"}
+    # The revision ran under these timeouts.
+    assert result.applied == ["s001_seen"]
+    assert seen_timeouts(target) == {"lock_timeout": "3s", "statement_timeout": "1min"}
 
 
 # --- Errors ---------------------------------------------------------------------------------
