@@ -97,6 +97,9 @@ def test_the_second_shell_queues_runs_the_demos_worker_carries_out(data_dir):
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        # As a shell script's background job (`make demo &`) starts it: SIGINT ignored. The
+        # Ctrl-C below must stop it all the same.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # noqa: PLW1509
     )
     try:
         deadline = time.monotonic() + 180

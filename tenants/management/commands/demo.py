@@ -80,6 +80,10 @@ class Command(BaseCommand):
         self.children = []
         self.openbao = None
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        # Ctrl-C stops the demo even when it was started from a shell that ignores SIGINT for
+        # background jobs (`make demo &` in a script, a CI step): Python keeps an inherited
+        # SIG_IGN, and the demo would then outlive every attempt to stop it with Ctrl-C.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             self._run(options)
         except KeyboardInterrupt:
