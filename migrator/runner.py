@@ -1054,35 +1054,57 @@ def _describe(revisions) -> str:
 
 _ALEMBIC_LOGGER = "alembic.runtime.migration"
 
+# The log of the run this thread (or task) is executing, if any.
+_run_log: ContextVar[list[str] | None] = ContextVar("_run_log", default=None)
+
 
 class _Collect(logging.Handler):
-    """Copies each Alembic record into a run's log, and passes on to the usual handlers only the
-    records the logging configuration lets through (the project sets ``alembic`` to WARNING)."""
+    """Alembic's migration logger's one handler, put in place once per process: copies each
+    record into the log of the run executing (``_run_log``), and passes on to the usual
+    handlers only the records the logging configuration lets through (the project sets
+    ``alembic`` to WARNING), as it says at the time of the record."""
 
-    def __init__(self, lines: list[str], passes: int, parent: logging.Logger):
+    def __init__(self, parent: logging.Logger):
         super().__init__(logging.INFO)
-        self.lines = lines
-        self.passes = passes
         self.parent = parent
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-        if record.levelno >= self.passes:
+        lines = _run_log.get()
+        if lines is not None:
+            lines.append(record.getMessage())
+        if self.parent.isEnabledFor(record.levelno):
             self.parent.handle(record)
+
+
+_collector: _Collect | None = None
+
+
+def _collecting(alembic_logger: logging.Logger) -> None:
+    """Let Alembic's INFO lines through to ``_Collect``, once: ``Logger.setLevel`` clears the
+    cached levels of every logger of the process (hundreds in a worker), which cost a run
+    about half a millisecond when it was set and restored around each one. Done again if a
+    logging configuration (``dictConfig``) has reset the logger since."""
+    global _collector
+    if (
+        _collector in alembic_logger.handlers
+        and alembic_logger.level == logging.INFO
+        and not alembic_logger.propagate
+    ):
+        return
+    if _collector is not None:
+        alembic_logger.removeHandler(_collector)
+    _collector = _Collect(alembic_logger.parent)
+    alembic_logger.addHandler(_collector)
+    alembic_logger.setLevel(logging.INFO)
+    alembic_logger.propagate = False
 
 
 @contextmanager
 def _alembic_log_into(lines: list[str]) -> Iterator[None]:
     """Collect Alembic's INFO lines ("Running upgrade a -> b") into ``lines`` for the block."""
-    alembic_logger = logging.getLogger(_ALEMBIC_LOGGER)
-    saved = alembic_logger.level, alembic_logger.propagate
-    handler = _Collect(lines, alembic_logger.getEffectiveLevel(), alembic_logger.parent)
-    alembic_logger.addHandler(handler)
-    alembic_logger.setLevel(logging.INFO)
-    alembic_logger.propagate = False
+    _collecting(logging.getLogger(_ALEMBIC_LOGGER))
+    token = _run_log.set(lines)
     try:
         yield
     finally:
-        alembic_logger.removeHandler(handler)
-        alembic_logger.setLevel(saved[0])
-        alembic_logger.propagate = saved[1]
+        _run_log.reset(token)

@@ -576,3 +576,32 @@ def test_the_cluster_preload_keeps_what_it_loaded_out_of_the_collector(monkeypat
         assert "CREATE TABLE accounts" in runner.sql_preview("postgresql").sql
     finally:
         gc.unfreeze()
+
+
+def test_alembic_lines_go_to_their_own_run_and_to_the_log_only_as_configured(tmp_path, caplog):
+    """Each run's log has Alembic's "Running upgrade" lines of that run only; the worker's log
+    shows them only when the logging configuration lets the ``alembic`` logger's INFO through
+    (the project sets it to WARNING), whatever it said when the first run started."""
+    import logging
+
+    first, second = (
+        Target(name, ConnectionInfo(provider="sqlite", database=str(tmp_path / f"{name}.db")))
+        for name in ("first", "second")
+    )
+    caplog.set_level("INFO")  # the root and its handler
+    caplog.set_level("WARNING", logger="alembic")  # as the project's LOGGING says
+    one = runner.upgrade(first, CHAIN[1])
+    two = runner.upgrade(second)
+
+    assert sum("Running upgrade" in line for line in one.log) == 2
+    assert sum("Running upgrade" in line for line in two.log) == 4
+    assert "Running upgrade" not in caplog.text
+
+    # Outside a run, an Alembic line goes to no run's log.
+    logging.getLogger("alembic.runtime.migration").info("Running upgrade x -> y")
+    assert not any("x -> y" in line for line in one.log + two.log)
+
+    # The configuration lets them through now: the next run's lines reach the log as well.
+    caplog.set_level("INFO", logger="alembic")
+    runner.upgrade(first)
+    assert f"Running upgrade {CHAIN[1]} -> {CHAIN[2]}" in caplog.text
