@@ -117,8 +117,11 @@ def _set_owner_role(target: Target, connection: Connection) -> None:
     info = target.connection
     role = info.owner_role
     try:
-        connection.exec_driver_sql(f"SET ROLE {connection.dialect.identifier_preparer.quote(role)}")
-        connection.commit()
+        with providers.autocommit(connection):  # one round trip, not three
+            connection.exec_driver_sql(
+                f"SET ROLE {connection.dialect.identifier_preparer.quote(role)}"
+            )
+            connection.commit()
     except sa_exc.DBAPIError as exc:
         reason = error_reason(exc, info)
         source = info.credentials_path or info.vault_path

@@ -48,19 +48,23 @@ def target_lock(
     released at the block's end.
     """
     provider = providers.for_dialect(connection.dialect.name)
-    if provider is None:
-        # A dialect no provider speaks (an `alembic` CLI URL) runs unguarded.
-        if session_settings:
-            raise ValueError(f"no session settings on {connection.dialect.name}")
-        release = _no_lock
-    else:
-        release = provider.take_lock(connection, timeout, session_settings or {})
-    if release is None:
-        raise TargetLocked(
-            f"Target {target_name} is locked by another run (another worker, control plane or an "
-            f"`alembic` command); waited {timeout:g}s. Try again once that run has finished."
-        )
-    connection.commit()
+    # In autocommit where that is free (PostgreSQL): the lock and the session's settings in one
+    # round trip, instead of a transaction of their own around them.
+    with providers.autocommit(connection):
+        if provider is None:
+            # A dialect no provider speaks (an `alembic` CLI URL) runs unguarded.
+            if session_settings:
+                raise ValueError(f"no session settings on {connection.dialect.name}")
+            release = _no_lock
+        else:
+            release = provider.take_lock(connection, timeout, session_settings or {})
+        if release is None:
+            raise TargetLocked(
+                f"Target {target_name} is locked by another run (another worker, control plane "
+                f"or an `alembic` command); waited {timeout:g}s. Try again once that run has "
+                "finished."
+            )
+        connection.commit()
     if released_with_connection and provider is not None and provider.session_lock:
         release = None
     try:
@@ -71,8 +75,9 @@ def target_lock(
             if connection.in_transaction():
                 connection.rollback()
             if release is not None:
-                release()
-                connection.commit()
+                with providers.autocommit(connection):
+                    release()
+                    connection.commit()
         except sa_exc.DBAPIError:
             # The connection is gone; the server released the session lock with it.
             pass
@@ -93,4 +98,7 @@ def is_held(connection: Connection) -> bool:
     that database.
     """
     provider = providers.for_dialect(connection.dialect.name)
-    return provider.lock_held(connection) if provider is not None else False
+    if provider is None:
+        return False
+    with providers.autocommit(connection):
+        return provider.lock_held(connection)

@@ -51,8 +51,9 @@ def reflect(connection: Connection, *, shared=None) -> dict:
     made from (the provider's ``catalog_digest``); a database whose digest this process has
     already reflected gets that result without the inspector's queries. A fleet migrated by the
     same revisions has a handful of distinct schemas, so after the first of each, verifying a
-    target costs one catalog query. That one leaves its transaction open, so that the caller's
-    next catalog question (the grant check after an upgrade) shares it; the caller ends it.
+    target costs one catalog query. That one leaves its transaction open, if the connection is
+    not in autocommit (``providers.autocommit``), so that the caller's next catalog question
+    (the grant check after an upgrade) shares it; the caller ends it.
 
     ``shared`` (``get(digest)`` and ``put(digest, text)``, canonical JSON) holds what other
     processes reflected: a worker that starts after another one read a schema takes it from

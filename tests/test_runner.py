@@ -126,9 +126,12 @@ def test_a_run_sends_the_revisions_and_few_statements_of_its_own(server_database
     runner.upgrade(target_for(server_database(), name="first"))  # the server's engine is made
     target = target_for(server_database())
     sent = []
+    in_autocommit = set()
 
     def record(conn, cursor, statement, parameters, context, executemany):
         sent.append(" ".join(statement.split()))
+        if getattr(conn.connection.dbapi_connection, "autocommit", False) is True:  # psycopg
+            in_autocommit.add(sent[-1])
 
     event.listen(Engine, "before_cursor_execute", record)
     try:
@@ -154,6 +157,11 @@ def test_a_run_sends_the_revisions_and_few_statements_of_its_own(server_database
     assert own[0] == own[-1] == read and len(lock) == (1 if target.provider == "postgresql" else 3)
     assert not any("pg_catalog.pg_class" in s or "information_schema" in s for s in sent)
     assert not any("unlock" in s.lower() or "RELEASE_LOCK" in s for s in sent)
+    if target.provider == "postgresql":
+        # Our own statements go in autocommit: no BEGIN and COMMIT (or ROLLBACK) round trips
+        # around them. Each revision runs in a transaction of its own, as Alembic opens it.
+        assert in_autocommit == set(own)
+        assert not any(statement.startswith(revisions) for statement in in_autocommit)
     # ... and the next run can take it at once.
     with engines.connect(target) as connection:
         with locks.target_lock(connection, timeout=0, target_name=target.name):
@@ -172,7 +180,11 @@ depends_on = None
 def upgrade() -> None:
     op.execute(
         "CREATE TABLE seen AS SELECT current_setting('lock_timeout') AS lock_timeout, "
-        "current_setting('statement_timeout') AS statement_timeout"
+        "current_setting('statement_timeout') AS statement_timeout, "
+        "current_setting('tcp_keepalives_idle') AS tcp_keepalives_idle, "
+        "current_setting('tcp_keepalives_interval') AS tcp_keepalives_interval, "
+        "current_setting('tcp_keepalives_count') AS tcp_keepalives_count, "
+        "current_setting('tcp_user_timeout') AS tcp_user_timeout"
     )
 
 
@@ -183,7 +195,8 @@ def downgrade() -> None:
 
 def recording_chain(path: Path) -> Path:
     """An Alembic directory at ``path`` whose one revision, s001, keeps the PostgreSQL session's
-    lock_timeout and statement_timeout, as they are while it runs, in a table `seen`."""
+    lock_timeout, statement_timeout and TCP keepalive settings, as they are while it runs, in a
+    table `seen`."""
     env = Path(__file__).resolve().parent.parent / "tenant_migrations" / "env.py"
     (path / "versions").mkdir(parents=True)
     (path / "env.py").write_text(f"import runpy\nrunpy.run_path({str(env)!r})\n")
@@ -192,7 +205,8 @@ def recording_chain(path: Path) -> Path:
 
 
 def seen_timeouts(target) -> dict:
-    """What the recording revision saw: {"lock_timeout": ..., "statement_timeout": ...}."""
+    """What the recording revision saw: {"lock_timeout": ..., "statement_timeout": ...,
+    "tcp_keepalives_idle": ..., ...}."""
     with engines.connect(target) as connection:
         return dict(connection.execute(text("SELECT * FROM seen")).mappings().one())
 
@@ -225,7 +239,10 @@ def test_a_short_statement_timeout_does_not_cut_the_wait_for_the_lock(
     # revision ran with the session's own timeout back in force.
     assert time.monotonic() - started >= 1.4
     assert result.applied == ["s001_seen"]
-    assert seen_timeouts(target)["statement_timeout"] == "300ms"
+    seen = seen_timeouts(target)
+    assert seen["statement_timeout"] == "300ms"
+    assert seen["lock_timeout"] == settings.MIGRATION_PG_LOCK_TIMEOUT  # not the wait's bound
+    assert seen["tcp_keepalives_idle"] != "0"  # set with the lock, kept through the wait
 
 
 @pytest.mark.postgres
@@ -320,13 +337,22 @@ def test_postgresql_session_gets_the_migration_timeouts(
 ):
     settings.MIGRATION_PG_LOCK_TIMEOUT = "3s"
     settings.MIGRATION_PG_STATEMENT_TIMEOUT = "1min"
+    settings.RUN_STALE_AFTER_SECONDS = 80
     target = target_for(pg_database())
 
     result = runner.upgrade(target, script_location=recording_chain(tmp_path / "recording"))
 
-    # The revision ran under these timeouts.
+    # The revision ran under these timeouts, and with the server's keepalives on its session
+    # ending it within 3/4 of RUN_STALE_AFTER_SECONDS of silence (20s, then 4 probes 10s apart).
     assert result.applied == ["s001_seen"]
-    assert seen_timeouts(target) == {"lock_timeout": "3s", "statement_timeout": "1min"}
+    assert seen_timeouts(target) == {
+        "lock_timeout": "3s",
+        "statement_timeout": "1min",
+        "tcp_keepalives_idle": "20",
+        "tcp_keepalives_interval": "10",
+        "tcp_keepalives_count": "4",
+        "tcp_user_timeout": "60000",  # milliseconds
+    }
 
 
 # --- Errors ---------------------------------------------------------------------------------

@@ -14,6 +14,11 @@ module here (and its choice in ``tenants.models.Provider``, which a test checks 
 registry), and reading one provider's behaviour is reading one file.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy.engine import Connection
+
 from migrator.exceptions import UnknownProvider
 from migrator.providers import mysql, postgresql, sqlite, sqlserver
 from migrator.providers.base import LOCK_NAMESPACE, BackupTool, Provider
@@ -22,6 +27,7 @@ __all__ = [
     "LOCK_NAMESPACE",
     "BackupTool",
     "Provider",
+    "autocommit",
     "find",
     "for_dialect",
     "get",
@@ -80,3 +86,25 @@ def for_dialect(dialect: str) -> Provider | None:
     """The provider whose SQLAlchemy dialect is ``dialect`` (``connection.dialect.name``: an
     ``alembic`` CLI URL may name any); None for a dialect no provider speaks."""
     return _BY_DIALECT.get(dialect)
+
+
+@contextmanager
+def autocommit(connection: Connection) -> Iterator[None]:
+    """Run the block's statements in autocommit where the provider's driver switches for free
+    (psycopg): the server commits each one as it runs, so a read or the lock costs one round
+    trip instead of three (BEGIN, the statement, COMMIT or ROLLBACK). Elsewhere the block runs
+    in transactions, as before. The connection is back in the mode it was in when the block
+    ends, so Alembic still opens one transaction per revision.
+
+    For the engine's own statements between transactions (the lock, ``alembic_version`` read,
+    SET ROLE), never for a revision's. Commits and rollbacks in the block cost nothing on a
+    switched connection; keep them, for the providers that do not switch.
+    """
+    provider = for_dialect(connection.dialect.name)
+    switch = provider.autocommit if provider is not None else None
+    before = switch(connection, True) if switch is not None else None
+    try:
+        yield
+    finally:
+        if before is not None:
+            switch(connection, before)

@@ -94,6 +94,12 @@ class Provider:
     refresh_default_schema: Callable[[Connection], None]
     # The session may switch to an ``owner_role`` named by the secret (SET ROLE).
     owner_role: bool
+    # Switches the connection's driver into autocommit (True) or back to transactions (False)
+    # between transactions, and returns the mode it was in; None when it did not switch (in a
+    # transaction, a lost connection). ``providers.autocommit`` runs the engine's own statements
+    # so. None on a provider whose driver pays a round trip to switch (PyMySQL's SET
+    # AUTOCOMMIT): there they run in transactions.
+    autocommit: Callable[[Connection, bool], bool | None] | None
 
     # --- The migration lock (``migrator.locks``)
     # Takes the lock within ``timeout`` seconds, setting ``session_settings`` for the session;

@@ -350,6 +350,8 @@ PROVIDER = Provider(
     schema_is_database=True,
     refresh_default_schema=no_schema_refresh,
     owner_role=False,
+    # PyMySQL sends SET AUTOCOMMIT to switch: a round trip each way, what it would save.
+    autocommit=None,
     take_lock=_take_lock,
     lock_held=_lock_held,
     session_lock=True,

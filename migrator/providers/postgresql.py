@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from django.conf import settings
+from psycopg.pq import TransactionStatus
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
@@ -115,13 +116,28 @@ def _lock_wait(error: BaseException) -> tuple[str, str] | None:
     return "MIGRATION_PG_LOCK_TIMEOUT", str(settings.MIGRATION_PG_LOCK_TIMEOUT)
 
 
+def _autocommit(connection: Connection, on: bool) -> bool | None:
+    # psycopg switches without a word to the server, between transactions only: a connection
+    # in one, or lost, stays as it is (so does one of another driver, an `alembic` CLI URL's).
+    if connection.closed or connection.invalidated:
+        return None
+    driver = connection.connection.dbapi_connection
+    status = getattr(getattr(driver, "info", None), "transaction_status", None)
+    if status != TransactionStatus.IDLE:
+        return None
+    before = driver.autocommit
+    if before != on:
+        driver.autocommit = on
+    return before
+
+
 def _take_lock(
     connection: Connection, timeout: float, session_settings: Mapping[str, str]
 ) -> Release | None:
     # A session-level advisory lock outlives the per-revision transactions. Nobody else holds
-    # it, the usual case: one statement takes it and sets the session's settings. Otherwise the
-    # wait is bounded by lock_timeout rather than by polling pg_try_advisory_lock, so waiting
-    # runs queue fairly.
+    # it, the usual case: one statement takes it and sets the session's settings (in autocommit,
+    # ``providers.autocommit``: one round trip). Otherwise the wait is bounded by lock_timeout
+    # rather than by polling pg_try_advisory_lock, so waiting runs queue fairly.
     params = {"key": LOCK_KEY}
     assignments = ""
     for index, (name, value) in enumerate(session_settings.items()):
@@ -131,9 +147,23 @@ def _take_lock(
         text(f"SELECT pg_catalog.pg_try_advisory_lock(:key){assignments}"), params
     ).scalar()
     if not got and timeout > 0:
-        # SET LOCAL: the bounded wait ends with this transaction, which target_lock commits (or
-        # rolls back) right after; the session's own lock_timeout and statement_timeout are back
-        # then. The statement timeout is off for the wait alone: lock_timeout bounds it.
+        if not _wait_for_lock(connection, timeout):
+            return None
+        got = True
+    if not got:
+        return None
+    return lambda: connection.execute(
+        text("SELECT pg_catalog.pg_advisory_unlock(:key)"), {"key": LOCK_KEY}
+    )
+
+
+def _wait_for_lock(connection: Connection, timeout: float) -> bool:
+    # SET LOCAL, in a transaction of its own (a connection in autocommit leaves it for the
+    # wait): the bounded wait ends with it, and the session's own lock_timeout and
+    # statement_timeout are back. The statement timeout is off for the wait alone: lock_timeout
+    # bounds it. False when lock_timeout ended the wait.
+    before = _autocommit(connection, False)
+    try:
         connection.execute(
             text(
                 "SELECT pg_catalog.set_config('lock_timeout', :value, true), "
@@ -147,13 +177,12 @@ def _take_lock(
             if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
                 raise
             connection.rollback()
-            return None
-        got = True
-    if not got:
-        return None
-    return lambda: connection.execute(
-        text("SELECT pg_catalog.pg_advisory_unlock(:key)"), {"key": LOCK_KEY}
-    )
+            return False
+        connection.commit()
+        return True
+    finally:
+        if before is not None:
+            _autocommit(connection, before)
 
 
 def _lock_held(connection: Connection) -> bool:
@@ -244,11 +273,19 @@ _NESTED_LOOPS = (
 
 def _catalog_digest(connection: Connection) -> str:
     """sha256 of the catalog lines of ``_CATALOG``; sets the dialect's default schema.
-    Leaves the connection in the transaction the query ran in (with nested loops set)."""
+    Leaves the connection in the transaction the query ran in (with nested loops set), if it
+    is not in autocommit."""
     # Nested loops over the catalog indexes: a new backend plans and runs the query in half the
     # time it takes with hash joins, which need statistics read for every catalog it touches.
-    connection.exec_driver_sql(_NESTED_LOOPS)
-    lines = sorted(connection.exec_driver_sql(_CATALOG).scalars())
+    # Both statements in one query string, one round trip: the server runs them in one
+    # transaction, even in autocommit, and plans the catalog query after the settings are set.
+    result = connection.exec_driver_sql(f"{_NESTED_LOOPS};{_CATALOG}")
+    try:
+        cursor = result.cursor
+        cursor.nextset()  # past the settings' row, to the catalog's
+        lines = sorted(row[0] for row in cursor.fetchall())
+    finally:
+        result.close()
     connection.dialect.default_schema_name = next(
         line.removeprefix("schema ") for line in lines if line.startswith("schema ")
     )
@@ -551,6 +588,7 @@ PROVIDER = Provider(
     schema_is_database=False,
     refresh_default_schema=_refresh_default_schema,
     owner_role=True,
+    autocommit=_autocommit,
     take_lock=_take_lock,
     lock_held=_lock_held,
     session_lock=True,

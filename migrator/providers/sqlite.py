@@ -185,6 +185,7 @@ PROVIDER = Provider(
     schema_is_database=False,
     refresh_default_schema=no_schema_refresh,
     owner_role=False,
+    autocommit=None,
     take_lock=_take_lock,
     lock_held=_lock_held,
     # A lock file: released at the block's end, never left to the session.

@@ -210,6 +210,7 @@ PROVIDER = Provider(
     schema_is_database=False,
     refresh_default_schema=no_schema_refresh,
     owner_role=False,
+    autocommit=None,
     take_lock=_take_lock,
     lock_held=_lock_held,
     session_lock=True,

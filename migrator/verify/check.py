@@ -82,7 +82,14 @@ def verify_target(
     admin connection to ``target``, left open) when given, else on a connection of its own.
 
     Raises nothing for what goes wrong on the way: it is in ``not_verified`` or the grant check.
+    Catalog reads only: in autocommit where that is free (``providers.autocommit``), each
+    without a BEGIN and a ROLLBACK around it.
     """
+    with _autocommit(connection):
+        return _verify_target(target, revision, app, script_location, connection)
+
+
+def _verify_target(target, revision, app, script_location, connection) -> Verification:
     started = time.monotonic()
     verification = Verification(target.name, target.provider, revision)
     try:
@@ -121,5 +128,9 @@ def _admin_connection(target: Target, connection=None) -> Iterator:
     if connection is not None:
         yield connection
         return
-    with engines.connect(target) as opened:
+    with engines.connect(target) as opened, providers.autocommit(opened):
         yield opened
+
+
+def _autocommit(connection):
+    return providers.autocommit(connection) if connection is not None else contextlib.nullcontext()
