@@ -222,6 +222,9 @@ def server_engine(info: ConnectionInfo) -> Engine:
     engine = create_engine(
         URL.create(provider.drivername, host=info.host, port=info.port, query=query),
         poolclass=NullPool,
+        # The pool's reset before it closes a connection: a ROLLBACK round trip (PyMySQL sends
+        # one whatever the connection did) for what the server does itself on disconnect.
+        pool_reset_on_return=None,
         connect_args=provider.connect_args(timeout),
         query_cache_size=SERVER_ENGINE_STATEMENT_CACHE,
         **provider.server_engine_options,

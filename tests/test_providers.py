@@ -129,6 +129,42 @@ def test_every_provider_locks_a_target_against_a_second_run(name, lock_connectio
         assert locks.is_held(second) is False
 
 
+@pytest.mark.mysql
+@pytest.mark.parametrize(
+    "database, lock_name",
+    [
+        ("t_lockname_short", "tenant_migrations:t_lockname_short"),
+        # Longer than GET_LOCK's 64 characters with the prefix: the name's sha256, shortened.
+        ("t_lockname_é" + "x" * 40, None),
+    ],
+)
+def test_a_mysql_lock_has_the_name_every_version_gives_it(
+    database, lock_name, mysql_server, target_for
+):
+    """GET_LOCK names are server-wide: a run holds its target's under the name that other
+    control planes (of any version) and the `alembic` CLI ask for, its database's."""
+    import hashlib
+
+    lock_name = lock_name or (
+        "tenant_migrations:" + hashlib.sha256(database.encode()).hexdigest()[:40]
+    )
+    db = mysql_server.create_database(database)
+    target = target_for(db)
+    root = mysql_server.connect()
+    try:
+        with engines.connect(target) as connection:
+            with locks.target_lock(connection, timeout=0, target_name=target.name):
+                with root.cursor() as cursor:
+                    cursor.execute("SELECT IS_USED_LOCK(%s)", (lock_name,))
+                    assert cursor.fetchone()[0] is not None
+        with root.cursor() as cursor:
+            cursor.execute("SELECT IS_USED_LOCK(%s)", (lock_name,))
+            assert cursor.fetchone()[0] is None
+    finally:
+        root.close()
+        mysql_server.drop_database(db)
+
+
 @pytest.mark.postgres
 @pytest.mark.mysql
 @pytest.mark.parametrize("name", ["postgresql", "mysql"])

@@ -4,7 +4,6 @@ information_schema, mysqldump's SQL (the password in an option file only this us
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
@@ -42,7 +41,6 @@ if TYPE_CHECKING:
     from migrator.targets import Target
     from migrator.verify import GrantCheck
 
-_MAX_LOCK_NAME = 64
 # ER_LOCK_WAIT_TIMEOUT: lock_wait_timeout ended a wait (also for metadata locks).
 LOCK_WAIT_TIMEOUT = 1205
 # The session variables a migration sets (their names go into the SQL).
@@ -82,13 +80,19 @@ def _lock_wait(error: BaseException) -> tuple[str, str] | None:
     return "MIGRATION_MYSQL_LOCK_WAIT_TIMEOUT", f"{settings.MIGRATION_MYSQL_LOCK_WAIT_TIMEOUT} s"
 
 
-def _lock_name(connection: Connection) -> str:
-    # GET_LOCK names are server-wide, not per database: the name carries the database.
-    database = connection.execute(text("SELECT DATABASE()")).scalar() or ""
-    name = f"{LOCK_NAMESPACE}:{database}"
-    if len(name) > _MAX_LOCK_NAME:
-        name = f"{LOCK_NAMESPACE}:{hashlib.sha256(database.encode()).hexdigest()[:40]}"
-    return name
+# GET_LOCK names are server-wide, not per database: the name carries the database,
+# "tenant_migrations:<database>", or when that is longer than MySQL allows (64 characters)
+# "tenant_migrations:" and the first 40 hex digits of the database name's sha256. The server
+# makes it from DATABASE() in the statement that uses it (no round trip to ask for the name
+# first); the name is the same whoever asks, a control plane of any version or the `alembic`
+# CLI.
+_LOCK_NAME = (
+    "(SELECT IF(CHAR_LENGTH(CONCAT(:namespace, ':', d.name)) > 64, "
+    "CONCAT(:namespace, ':', LEFT(SHA2(d.name, 256), 40)), CONCAT(:namespace, ':', d.name)) "
+    "FROM (SELECT COALESCE(DATABASE(), '') AS name) d)"
+)
+_GET_LOCK = f"SELECT GET_LOCK(l.name, :timeout), l.name FROM (SELECT {_LOCK_NAME} AS name) l"  # noqa: S608
+_IS_USED_LOCK = f"SELECT IS_USED_LOCK({_LOCK_NAME})"
 
 
 def _take_lock(
@@ -97,11 +101,10 @@ def _take_lock(
     unknown = set(session_settings) - set(SESSION_SETTINGS)
     if unknown:
         raise ValueError(f"unknown MySQL session settings: {', '.join(sorted(unknown))}")
-    name = _lock_name(connection)
-    got = connection.execute(
-        text("SELECT GET_LOCK(:name, :timeout)"),
-        {"name": name, "timeout": max(0, math.ceil(timeout))},
-    ).scalar()
+    got, lock_name = connection.execute(
+        text(_GET_LOCK),
+        {"namespace": LOCK_NAMESPACE, "timeout": max(0, math.ceil(timeout))},
+    ).one()
     if got != 1:
         return None
     if session_settings:
@@ -114,13 +117,12 @@ def _take_lock(
                 for name, value in session_settings.items()
             },
         )
-    return lambda: connection.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": name})
+    return lambda: connection.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": lock_name})
 
 
 def _lock_held(connection: Connection) -> bool:
-    name = _lock_name(connection)
     return (
-        connection.execute(text("SELECT IS_USED_LOCK(:name)"), {"name": name}).scalar() is not None
+        connection.execute(text(_IS_USED_LOCK), {"namespace": LOCK_NAMESPACE}).scalar() is not None
     )
 
 
