@@ -18,6 +18,8 @@ One module per concern; every action is importable from here (``actions.do_enque
 - ``restores``: restoring a target from a run's backup.
 - ``holds``, ``cancellation``: keeping runs off a target.
 - ``decommission``: retiring tenants and targets.
+- ``saves``: ``save(update_fields=...)`` for the writes a worker makes on every run, in an
+  UPDATE built once instead of compiled each time.
 """
 
 from tenants.actions.backups import do_record_backup

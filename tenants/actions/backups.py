@@ -1,12 +1,14 @@
 """The backup a run took before it changed anything, on the run's record."""
 
+from tenants.actions.saves import save_fields
+
 
 def do_record_backup(run, backup):
     """Record on ``run`` the backup taken before it changed anything (a
     ``migrator.backups.Backup``): path, size, sha256, duration, and the revision it holds as the
     run's ``revision_before``. Saved at once, so the backup stays on record whatever the run
     does next."""
-    run.save(update_fields=take_backup(run, backup))
+    save_fields(run, take_backup(run, backup))
     return run
 
 

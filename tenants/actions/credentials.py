@@ -2,13 +2,15 @@
 revoked).
 """
 
+from tenants.actions.saves import save_fields
+
 
 def do_record_admin_credentials(run, use):
     """Record on ``run`` where its admin user came from (a ``migrator.secrets.CredentialsUse``):
     the mode, the user, the lease's safe form and whether it was revoked. Saved at once when the
     user is issued, so a run whose worker dies shows the lease it left, and again after the
     revocation."""
-    run.save(update_fields=take_credentials(run, use))
+    save_fields(run, take_credentials(run, use))
     return run
 
 

@@ -9,6 +9,7 @@ from migrator.redaction import redact
 from tenants.actions.backups import take_backup
 from tenants.actions.credentials import take_credentials
 from tenants.actions.retries import do_schedule_retry
+from tenants.actions.saves import save_fields
 from tenants.actions.statuses import save_status, target_status_for
 from tenants.actions.verification import take_verification
 from tenants.models import MigrationTarget, RunStatus, TargetStatus
@@ -48,7 +49,7 @@ def record_success(run, result, *, status, heads, changed, run_fields=(), target
         verified_fields, run.drift_report = take_verification(target, verification, now)
         fields += verified_fields
         run_fields.append("drift_report")
-    run.save(update_fields=run_fields)
+    save_fields(run, run_fields)
     target.revision = run.revision_after
     target.last_error = ""
     target.last_checked_at = now
@@ -132,7 +133,7 @@ def _record_failure(run, error, *, heads, result, duration_ms, run_fields=(), ta
     elif duration_ms is not None:
         run.duration_ms = duration_ms
         fields.append("duration_ms")
-    run.save(update_fields=fields)
+    save_fields(run, fields)
 
     target = run.target
     target.last_error = message

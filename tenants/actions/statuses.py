@@ -8,6 +8,7 @@ from django.db import models
 from django.utils import timezone
 
 from migrator import process
+from tenants.actions.saves import save_fields
 from tenants.models import MigrationTarget, TargetStatus
 
 logger = logging.getLogger(__name__)
@@ -25,8 +26,8 @@ def unless_held(status):
 
 def save_status(target, status, fields):
     """Save ``fields`` of ``target`` with ``status``, or ``held`` when it is held by then."""
-    target.status = unless_held(status)
-    target.save(update_fields=fields)
+    target.status = status
+    save_fields(target, fields, unless_held=True)
     target.status = TargetStatus.HELD if target.held else status
 
 
