@@ -117,6 +117,60 @@ def test_a_target_held_while_its_run_is_queued_is_not_migrated(registered_tenant
     assert runner.current(_target_of(target)).revision is None  # the database was not touched
 
 
+@pytest.fixture(params=["update-returning", "sqlite-before-3.35"])
+def control_plane(request, monkeypatch):
+    """The control-plane database as it is, and as a SQLite older than 3.35 would be (no
+    UPDATE ... RETURNING: the start goes through the ORM's statements)."""
+    from django.db import connection
+
+    if request.param == "sqlite-before-3.35":
+        if connection.vendor != "sqlite":
+            pytest.skip("a SQLite control plane only")
+        monkeypatch.setattr(type(connection.features), "can_return_rows_from_bulk_insert", False)
+    return request.param
+
+
+@pytest.mark.django_db
+def test_the_start_takes_only_queued_runs_and_keeps_migrations_off_held_targets(
+    control_plane, target_factory
+):
+    from tenants.models import MigrationRun
+
+    free, held, restored = (target_factory(name=f"start-{n}") for n in range(3))
+    dispatches = actions.do_enqueue_runs([free, held], trigger=Trigger.COMMAND, enqueue=False)
+    run, stopped = (dispatch.run for dispatch in dispatches)
+    restore = MigrationRun.objects.create(target=restored, kind="restore", trigger="command")
+    for target in (held, restored):
+        actions.do_set_held(target, held=True)
+
+    started = actions.do_start_run(run.pk, worker_host="worker-1:7")
+    assert (started.status, started.worker_host, started.target.status) == (
+        "running",
+        "worker-1:7",
+        "migrating",
+    )
+    assert started.started_at == started.heartbeat_at is not None
+    assert MigrationTarget.objects.get(pk=free.pk).status == "migrating"
+    # A second worker given the same run does nothing.
+    assert actions.do_start_run(run.pk, worker_host="worker-2:7") is None
+    run.refresh_from_db()
+    assert (run.status, run.worker_host, run.started_at) == (
+        "running",
+        "worker-1:7",
+        started.started_at,
+    )
+
+    assert actions.do_start_run(stopped.pk, worker_host="worker-1:7") is None
+    stopped.refresh_from_db()
+    assert (stopped.status, stopped.error) == ("cancelled", actions.HELD_BEFORE_START)
+    assert MigrationTarget.objects.get(pk=held.pk).status == "held"
+
+    # Holding keeps migrations off a target, not the operator's restore: it runs, held.
+    started = actions.do_start_run(restore.pk, worker_host="worker-1:7")
+    assert (started.status, started.kind, started.target.status) == ("running", "restore", "held")
+    assert MigrationTarget.objects.get(pk=restored.pk).status == "held"
+
+
 def _target_of(record):
     from migrator.secrets import get_secrets_manager
     from migrator.targets import Target
