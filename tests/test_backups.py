@@ -559,6 +559,26 @@ def test_restore_refuses_while_the_target_has_an_active_run(sqlite_tenant, backu
     assert version(tenant.engine) == HEAD
 
 
+def test_a_held_target_is_restored_and_stays_held(sqlite_tenant, backup_dir):
+    # Holding a target keeps migrations off it, not the operator's restore.
+    tenant = sqlite_tenant()
+    run = with_backup(tenant)
+    actions.do_set_held(tenant.target, held=True)
+
+    code, _, err = restore("--run", str(run.pk), "--yes")
+
+    assert code == 0, err
+    assert emails(tenant.engine) == ["ada@example.com", "grace@example.com"]
+    assert version(tenant.engine) == "0002_projects"
+    assert MigrationRun.objects.get(kind="restore").status == "succeeded"
+    tenant.target.refresh_from_db()
+    assert (tenant.target.revision, tenant.target.held, tenant.target.status) == (
+        "0002_projects",
+        True,
+        "held",
+    )
+
+
 def test_restore_needs_a_run_with_a_backup(sqlite_tenant, backup_dir):
     tenant = sqlite_tenant()
     plain = migrate_once(tenant.target)
