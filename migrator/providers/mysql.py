@@ -133,6 +133,20 @@ def _quote(name: str) -> str:
 # --- The app user's grants (verify) -----------------------------------------------------------
 
 
+# The app user's privileges (and its enabled roles'), in three scopes: global, on the database,
+# on its tables.
+_PRIVILEGES = (
+    "SELECT 'global', NULL, PRIVILEGE_TYPE FROM information_schema.USER_PRIVILEGES "
+    "WHERE GRANTEE IN :grantees "
+    "UNION ALL "
+    "SELECT 'database', NULL, PRIVILEGE_TYPE FROM information_schema.SCHEMA_PRIVILEGES "
+    "WHERE GRANTEE IN :grantees AND :database LIKE TABLE_SCHEMA "
+    "UNION ALL "
+    "SELECT 'table', TABLE_NAME, PRIVILEGE_TYPE FROM information_schema.TABLE_PRIVILEGES "
+    "WHERE GRANTEE IN :grantees AND TABLE_SCHEMA = :database"
+)
+
+
 def _app_grants(
     connection: Connection,
     check: GrantCheck,
@@ -156,34 +170,19 @@ def _app_grants(
         grantees += [f"'{role}'" for role in roles]
     except sa_exc.DBAPIError:
         connection.rollback()  # a server without roles
-    grantee_filter = bindparam("grantees", expanding=True)
-
-    def privileges(query, **params):
-        statement = text(query).bindparams(grantee_filter)
-        rows = connection.execute(statement, {"grantees": grantees, **params}).all()
-        return [row[0] if len(row) == 1 else tuple(row) for row in rows]
-
-    global_ = set(
-        privileges(
-            "SELECT PRIVILEGE_TYPE FROM information_schema.USER_PRIVILEGES "
-            "WHERE GRANTEE IN :grantees"
-        )
-    )
-    # A database-level grant may name its database with wildcards (`t\_my\_%`.*).
-    on_database = set(
-        privileges(
-            "SELECT PRIVILEGE_TYPE FROM information_schema.SCHEMA_PRIVILEGES "
-            "WHERE GRANTEE IN :grantees AND :database LIKE TABLE_SCHEMA",
-            database=database,
-        )
-    )
+    # The three scopes in one statement, one round trip. A database-level grant may name its
+    # database with wildcards (`t\_my\_%`.*).
+    statement = text(_PRIVILEGES).bindparams(bindparam("grantees", expanding=True))
+    global_: set = set()
+    on_database: set = set()
     on_table: dict[str, set] = {}
-    for table, privilege in privileges(
-        "SELECT TABLE_NAME, PRIVILEGE_TYPE FROM information_schema.TABLE_PRIVILEGES "
-        "WHERE GRANTEE IN :grantees AND TABLE_SCHEMA = :database",
-        database=database,
+    for scope, table, privilege in connection.execute(
+        statement, {"grantees": grantees, "database": database}
     ):
-        on_table.setdefault(table, set()).add(privilege)
+        if scope == "table":
+            on_table.setdefault(table, set()).add(privilege)
+        else:
+            (global_ if scope == "global" else on_database).add(privilege)
 
     for table in tables:
         granted = global_ | on_database | on_table.get(table, set())
