@@ -230,6 +230,7 @@ def server_engine(info: ConnectionInfo) -> Engine:
         **provider.server_engine_options,
     )
     event.listen(engine, "do_connect", _connect_as_target)
+    provider.prepare_engine(engine)  # after: its own do_connect listeners see the login
     engines[key] = engine
     while len(engines) > SERVER_ENGINES_KEPT:
         engines.popitem(last=False)

@@ -84,7 +84,8 @@ class Provider:
     connect_denied: Callable[[BaseException], bool]
     # One engine per server: the driver takes database, user and password per connection.
     server_engine: bool
-    # What a new engine needs before its first connection (SQLite's transactional DDL).
+    # What a new engine needs before its first connection (SQLite's transactional DDL, the
+    # TLS context PyMySQL's connections share).
     prepare_engine: Callable[[Engine], None]
     # SQLAlchemy ``create_engine`` keywords for a server engine.
     server_engine_options: Mapping[str, object]

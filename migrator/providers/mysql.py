@@ -4,6 +4,7 @@ information_schema, mysqldump's SQL (the password in an option file only this us
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -15,9 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from django.conf import settings
-from sqlalchemy import bindparam, text
+from sqlalchemy import bindparam, event, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 
 from migrator.exceptions import BackupFailed, RestoreFailed
 from migrator.providers import toolchain
@@ -28,7 +29,6 @@ from migrator.providers.base import (
     Provider,
     Release,
     never,
-    no_engine_preparation,
     no_schema_refresh,
     server_url,
     url_query,
@@ -62,6 +62,41 @@ def _auth_failed(error: BaseException) -> bool:
 def _database_missing(error: BaseException) -> bool:
     # ER_BAD_DB_ERROR.
     return bool(getattr(error, "args", None)) and error.args[0] == 1049
+
+
+# PyMySQL (from 1.2) tries TLS on every connection whose URL asks nothing of it ("preferred":
+# TLS when the server offers it, no certificate checked) and builds a new TLS context for each:
+# ssl.create_default_context() loads the system's CA bundle, about 20 ms of CPU per connection
+# here, most of what a run that finds nothing to do costs, for a context that checks no
+# certificate. That context is the same for every connection, so it is built once per process
+# and shared (an SSLContext is made to be shared; nothing changes it once built). TLS options
+# from the URL (ssl_ca, ssl_cert...) still get a context of their own, as PyMySQL builds it.
+_preferred_tls: list = []  # [the context], once built
+
+
+@functools.cache
+def _connection_class():
+    import pymysql.connections  # here: a control plane without MySQL targets never needs it
+
+    class SharedTlsConnection(pymysql.connections.Connection):
+        def _create_ssl_ctx(self, sslp):
+            if sslp != {}:  # TLS options from the URL: as PyMySQL builds them
+                return super()._create_ssl_ctx(sslp)
+            if not _preferred_tls:
+                _preferred_tls.append(super()._create_ssl_ctx(sslp))
+            return _preferred_tls[0]
+
+    return SharedTlsConnection
+
+
+def _shared_tls_connect(dialect, connection_record, cargs, cparams):
+    # Registered after the server engine's own do_connect listener, which completes the
+    # arguments with the target's login: this one opens the connection with them.
+    return _connection_class()(*cargs, **cparams)
+
+
+def _prepare_engine(engine: Engine) -> None:
+    event.listen(engine, "do_connect", _shared_tls_connect)
 
 
 def _session_settings(dialect: Dialect) -> dict[str, str]:
@@ -346,7 +381,7 @@ PROVIDER = Provider(
     # Access to a database is a grant: refused at login as 1044, which auth_failed covers.
     connect_denied=never,
     server_engine=True,
-    prepare_engine=no_engine_preparation,
+    prepare_engine=_prepare_engine,
     server_engine_options={},
     schema_is_database=True,
     refresh_default_schema=no_schema_refresh,
