@@ -1079,6 +1079,7 @@ class _Collect(logging.Handler):
 
 
 _collector: _Collect | None = None
+_configured: tuple[int, bool] | None = None  # the logger's level and propagate before it
 
 
 def _collecting(alembic_logger: logging.Logger) -> None:
@@ -1086,7 +1087,7 @@ def _collecting(alembic_logger: logging.Logger) -> None:
     cached levels of every logger of the process (hundreds in a worker), which cost a run
     about half a millisecond when it was set and restored around each one. Done again if a
     logging configuration (``dictConfig``) has reset the logger since."""
-    global _collector
+    global _collector, _configured
     if (
         _collector in alembic_logger.handlers
         and alembic_logger.level == logging.INFO
@@ -1095,10 +1096,27 @@ def _collecting(alembic_logger: logging.Logger) -> None:
         return
     if _collector is not None:
         alembic_logger.removeHandler(_collector)
+    else:
+        _configured = alembic_logger.level, alembic_logger.propagate
     _collector = _Collect(alembic_logger.parent)
     alembic_logger.addHandler(_collector)
     alembic_logger.setLevel(logging.INFO)
     alembic_logger.propagate = False
+
+
+def _stop_collecting() -> None:
+    """Give Alembic's migration logger back its own level and propagation (``process.reset()``)."""
+    global _collector, _configured
+    if _collector is None:
+        return
+    alembic_logger = logging.getLogger(_ALEMBIC_LOGGER)
+    alembic_logger.removeHandler(_collector)
+    alembic_logger.setLevel(_configured[0])
+    alembic_logger.propagate = _configured[1]
+    _collector = _configured = None
+
+
+process.register("runner.alembic_log", reset=_stop_collecting)
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from django.db import connection, models
 from django.utils import timezone
 
 from tenants import routing
+from tenants.actions.saves import unless_held_sql
 from tenants.actions.statuses import unless_held
 from tenants.models import MigrationRun, MigrationTarget, RunKind, RunStatus, TargetStatus
 
@@ -112,7 +113,7 @@ def _start_sql(vendor):
     )
     mark = (
         f"UPDATE {target_table} "  # noqa: S608
-        f"SET {quote('status')} = CASE WHEN {quote('held')} THEN %s ELSE %s END "
+        f"SET {quote('status')} = {unless_held_sql()} "
         f"WHERE {quote('id')} = %s RETURNING {returning(target)}"
     )
     return take, mark

@@ -37,6 +37,12 @@ def save_fields(instance, fields, *, unless_held=False):
             raise DatabaseError("Save with update_fields did not affect any rows.")
 
 
+def unless_held_sql():
+    """``statuses.unless_held`` as SQL for a target's row: its two parameters are ``held`` and
+    the status to write when the target is not held."""
+    return f"CASE WHEN {connection.ops.quote_name('held')} THEN %s ELSE %s END"
+
+
 @functools.cache
 def _update(model, names, unless_held, vendor):
     """The UPDATE of ``names`` of ``model`` (quoted for ``vendor``), and its fields in the
@@ -47,9 +53,9 @@ def _update(model, names, unless_held, vendor):
     columns = [field for field in meta.local_concrete_fields if field.name in names]
     if {field.name for field in columns} != names or any(field.primary_key for field in columns):
         raise ValueError(f"Cannot save {sorted(names)} of {meta.label} this way")
-    # A target's status, unless it is held by the time of the write (``statuses.unless_held``
-    # as SQL): the record of a run that ends after its target was held says so.
-    held = f"CASE WHEN {quote('held')} THEN %s ELSE %s END"
+    # A target's status, unless it is held by the time of the write: the record of a run that
+    # ends after its target was held says so.
+    held = unless_held_sql()
     assignments = ", ".join(
         f"{quote(field.column)} = " + (held if unless_held and field.attname == "status" else "%s")
         for field in columns
